@@ -1,0 +1,1 @@
+"""The trainer job: `llm-train` (plain, under torchrun, or as a PyTorchJob)."""

@@ -1,0 +1,3 @@
+from llm_trainer.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpus sources and datasets."""

@@ -1,0 +1,3 @@
+from llm.models.decoder import DecoderModel
+
+__all__ = ["DecoderModel"]

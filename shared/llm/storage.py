@@ -1,0 +1,330 @@
+"""Object storage over fsspec, with an atomic commit protocol for checkpoint directories.
+
+Local paths, ``file://`` and ``s3://`` URIs all go through fsspec. S3 credentials and the
+endpoint come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``), as Kubernetes secrets provide them.
+
+Commit protocol: a checkpoint directory is written file by file, then ``manifest.json`` is
+written LAST, listing every file with its size and sha256. Rename is not atomic on S3 (and
+``fs.mv`` is broken there), so the manifest, not a rename, is what makes a directory exist:
+readers ignore any directory without a valid manifest, and deletion removes the manifest
+first so a half-deleted directory is never seen as committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+CHECKPOINTS = "checkpoints"
+_CHUNK = 1 << 20  # hash in 1 MiB chunks so multi-GB weight files never sit in memory
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # leftovers of an interrupted write_bytes
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, incomplete or corrupt; the message names the path and why."""
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem for ``uri`` and the path inside it.
+
+    S3 settings are passed explicitly (not only left to botocore) so that fsspec's instance
+    cache keys on them: a changed endpoint or key gets a fresh client. Listing caching is
+    off because other processes (trainer, retention) change the directories we list.
+    """
+    protocol, _ = fsspec.core.split_protocol(uri)
+    kwargs: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        kwargs["use_listings_cache"] = False
+        if endpoint := os.environ.get("AWS_ENDPOINT_URL"):
+            kwargs["endpoint_url"] = endpoint
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            kwargs["key"], kwargs["secret"] = key, secret
+            if token := os.environ.get("AWS_SESSION_TOKEN"):
+                kwargs["token"] = token
+        # No region_name: with it, bucket creation on S3-compatible stores fails.
+    fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+    return fs, path.rstrip("/") or path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto ``uri`` with ``/``, keeping its scheme (``s3://b/run`` stays a URL)."""
+    out = uri.rstrip("/") or uri
+    for part in filter(None, (p.strip("/") for p in parts)):
+        out = out + part if out.endswith("/") else f"{out}/{part}"
+    return out
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers never see a partial file where the store allows it.
+
+    Locally: temp file in the same directory, fsync, ``os.replace`` (atomic on POSIX).
+    Remotely: a single PUT, which S3 makes visible all at once (no rename there).
+    """
+    fs, path = url_to_fs(uri)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    parent, name = os.path.split(path)
+    os.makedirs(parent or ".", exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable too (POSIX only)
+        dfd = os.open(parent or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole (small) object; use for manifests and configs, not weights."""
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory (prefix, on S3) exists at ``uri``."""
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """Stream a file through sha256; return (bytes read, hex digest)."""
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    """Map relative path -> size for every file under ``root`` (recursively)."""
+    found = fs.find(root, detail=True)
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    out: dict[str, int] = {}
+    for full, info in found.items():
+        full = fs._strip_protocol(full)
+        if info.get("type") == "directory" or not full.startswith(prefix):
+            continue
+        out[full[len(prefix) :]] = int(info["size"])
+    return out
+
+
+def commit(dir_uri: str, *, extra: dict | None = None) -> dict:
+    """Hash every file under ``dir_uri`` and write ``manifest.json`` last, making it exist.
+
+    Call only after every other file of the checkpoint is fully written.
+    """
+    extra = dict(extra or {})
+    reserved = {"version", "files", "created"} & extra.keys()
+    if reserved:
+        raise ValueError(f"commit extra may not override manifest keys {sorted(reserved)}")
+    fs, root = url_to_fs(dir_uri)
+    rels = sorted(
+        r
+        for r in _list_files(fs, root)
+        if r != MANIFEST and not _TMP_RE.match(posixpath.basename(r))
+    )
+    if not rels:
+        raise CheckpointError(f"{dir_uri}: cannot commit, no files in directory")
+    files: dict[str, dict[str, Any]] = {}
+    for rel in rels:
+        size, digest = _sha256(fs, posixpath.join(root, rel))
+        files[rel] = {"size": size, "sha256": digest}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": files,
+        **extra,
+    }
+    write_bytes(join(dir_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    total = sum(f["size"] for f in files.values())
+    logger.info("committed %s (%d files, %d bytes)", dir_uri, len(files), total)
+    return manifest
+
+
+def read_manifest(dir_uri: str) -> dict:
+    """Read and shape-check ``manifest.json``; any problem is a CheckpointError."""
+    uri = join(dir_uri, MANIFEST)
+    try:
+        raw = read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"{dir_uri}: no {MANIFEST} (not committed or incomplete)") from None
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise CheckpointError(f"{uri}: not a version {MANIFEST_VERSION} manifest object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{uri}: 'files' must be a non-empty object")
+    for rel, entry in files.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or ".." in parts or "" in parts or rel == MANIFEST:
+            raise CheckpointError(f"{uri}: invalid file path {rel!r}")
+        ok = isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+        if not ok or not _SHA256_RE.match(str(entry.get("sha256"))):
+            raise CheckpointError(f"{uri}: bad entry for {rel!r} (need size and sha256)")
+    return manifest
+
+
+def verify(dir_uri: str, *, check_hashes: bool = True) -> dict:
+    """Check every file listed in the manifest is present with its size (and sha256).
+
+    Sizes come from one recursive listing (cheap on S3); hashes re-read every byte, so
+    callers that only need "is this complete?" pass ``check_hashes=False``.
+    """
+    manifest = read_manifest(dir_uri)
+    fs, root = url_to_fs(dir_uri)
+    present = _list_files(fs, root)
+    for rel, entry in sorted(manifest["files"].items()):
+        where = join(dir_uri, rel)
+        if rel not in present:
+            raise CheckpointError(f"{where}: missing (listed in manifest)")
+        if present[rel] != entry["size"]:
+            raise CheckpointError(
+                f"{where}: size {present[rel]} != manifest {entry['size']} (truncated?)"
+            )
+        if check_hashes:
+            _, digest = _sha256(fs, posixpath.join(root, rel))
+            if digest != entry["sha256"]:
+                raise CheckpointError(
+                    f"{where}: sha256 {digest} != manifest {entry['sha256']} (corrupted)"
+                )
+    return manifest
+
+
+def is_committed(dir_uri: str) -> bool:
+    """Whether ``dir_uri`` has a valid manifest and every listed file has its size."""
+    try:
+        verify(dir_uri, check_hashes=False)
+    except CheckpointError:
+        return False
+    return True
+
+
+def checkpoint_dir(run_uri: str, step: int) -> str:
+    """Where step ``step`` of a run is saved; zero-padded so names sort like steps."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return join(run_uri, CHECKPOINTS, f"step-{step:08d}")
+
+
+def _scan(run_uri: str) -> list[tuple[int, str, str | None]]:
+    """(step, uri, reason it is not committed or None) for each step dir, by step ascending."""
+    fs, path = url_to_fs(join(run_uri, CHECKPOINTS))
+    if not fs.isdir(path):
+        return []
+    out = []
+    for entry in fs.ls(path, detail=True):
+        name = posixpath.basename(fs._strip_protocol(entry["name"]).rstrip("/"))
+        m = _STEP_RE.match(name)
+        if entry.get("type") != "directory" or not m:
+            continue
+        uri = join(run_uri, CHECKPOINTS, name)
+        try:
+            verify(uri, check_hashes=False)
+            reason = None
+        except CheckpointError as e:
+            reason = str(e)
+        out.append((int(m.group(1)), uri, reason))
+    return sorted(out)
+
+
+def list_checkpoints(run_uri: str) -> list[str]:
+    """Committed checkpoint dirs of a run, oldest step first; others are skipped with a warning."""
+    committed = []
+    for _, uri, reason in _scan(run_uri):
+        if reason is None:
+            committed.append(uri)
+        else:
+            logger.warning("skipping uncommitted checkpoint %s: %s", uri, reason)
+    return committed
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest committed checkpoint of a run, or None if it has none."""
+    found = list_checkpoints(run_uri)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(uri: str, *, check_hashes: bool = False) -> str:
+    """Turn a checkpoint dir or a run dir into a committed checkpoint dir to load.
+
+    A dir with a manifest is verified (sizes; hashes too if asked, which re-reads every
+    byte) and returned; it never silently falls back to another checkpoint. Otherwise
+    ``uri`` is taken as a run dir and its newest committed checkpoint is returned.
+    """
+    if exists(join(uri, MANIFEST)):
+        verify(uri, check_hashes=check_hashes)
+        return uri
+    latest = latest_checkpoint(uri)
+    if latest is None:
+        raise CheckpointError(
+            f"{uri}: neither a committed checkpoint nor a run dir with committed checkpoints"
+        )
+    return latest
+
+
+def _delete(uri: str) -> None:
+    """Remove the manifest first, so a half-deleted dir is never seen as committed."""
+    fs, path = url_to_fs(uri)
+    manifest = posixpath.join(path, MANIFEST)
+    if fs.exists(manifest):
+        fs.rm_file(manifest)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def retain(run_uri: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` committed checkpoints; return deleted uris.
+
+    Incomplete dirs older than the newest committed one are debris of crashed saves and go
+    too; newer ones may be a save in progress and are left alone.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (the newest is never deleted), got {keep_last}")
+    scanned = _scan(run_uri)
+    committed = [(step, uri) for step, uri, reason in scanned if reason is None]
+    if not committed:
+        return []
+    newest_step = committed[-1][0]
+    doomed = {uri for _, uri in committed[:-keep_last]}
+    doomed |= {uri for step, uri, reason in scanned if reason is not None and step < newest_step}
+    deleted = []
+    for step, uri, _ in scanned:
+        if uri in doomed:
+            _delete(uri)
+            logger.info("retain: deleted %s (step %d)", uri, step)
+            deleted.append(uri)
+    return deleted

@@ -1,0 +1,67 @@
+"""A checkpoint is read only when its manifest vouches for every byte."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm import storage
+from llm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from llm.config import ModelConfig
+from llm.data.tokenizers import SimpleCharacterTokenizer
+from llm.models import DecoderModel
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, DecoderModel]:
+    tok = SimpleCharacterTokenizer.train("hello world")
+    model = DecoderModel(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    save_checkpoint(str(ckpt), model, tok, meta={"step": 1})
+    return ckpt, model
+
+
+def test_round_trip_gives_same_logits(saved: tuple[Path, DecoderModel]) -> None:
+    ckpt, model = saved
+    loaded = load_checkpoint(str(ckpt))
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight  # tie restored
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("hello")) == "hello"
+
+
+def test_run_dir_resolves_to_newest_committed(saved: tuple[Path, DecoderModel]) -> None:
+    ckpt, _ = saved
+    newer = ckpt.parent / "step-00000002"
+    shutil.copytree(ckpt, newer)
+    (newer / storage.MANIFEST).unlink()  # written but never committed
+    assert load_checkpoint(str(ckpt.parent.parent)).uri == str(ckpt)
+
+
+def test_directory_without_manifest_is_never_loaded(saved: tuple[Path, DecoderModel]) -> None:
+    ckpt, _ = saved
+    (ckpt / storage.MANIFEST).unlink()
+    with pytest.raises(storage.CheckpointError):
+        load_checkpoint(str(ckpt))
+    with pytest.raises(storage.CheckpointError):
+        load_checkpoint(str(ckpt.parent.parent))
+
+
+def test_truncated_weights_are_detected(saved: tuple[Path, DecoderModel]) -> None:
+    ckpt, _ = saved
+    data = (ckpt / WEIGHTS).read_bytes()
+    (ckpt / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(storage.CheckpointError, match=WEIGHTS):
+        load_checkpoint(str(ckpt))
+
+
+def test_flipped_byte_is_detected(saved: tuple[Path, DecoderModel]) -> None:
+    ckpt, _ = saved
+    data = bytearray((ckpt / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(storage.CheckpointError, match="sha256"):
+        load_checkpoint(str(ckpt))
