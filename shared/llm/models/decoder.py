@@ -67,6 +67,13 @@ class DecoderModel(nn.Module):
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
         self.rope_cos, self.rope_sin = cos, sin
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        # `.to(bfloat16)` would round the rope tables too; angles stay fp32 as in HF.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
+            self.reset_buffers(self.rope_cos.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 init: N(0, std) everywhere, residual output projections scaled by depth."""
@@ -124,6 +131,10 @@ class DecoderModel(nn.Module):
             logits: (B, T, vocab_size)
         """
         B, T = tokens.shape
+        if (input_pos is not None) != (self.cache_max_seq_len > 0):
+            raise ValueError(
+                "input_pos needs a KV cache (call setup_cache) and a set-up cache needs input_pos"
+            )
         if input_pos is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
             mask = None

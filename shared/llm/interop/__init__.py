@@ -1,0 +1,1 @@
+"""Conversions between `DecoderModel` and other ecosystems' checkpoints (Hugging Face)."""
