@@ -46,7 +46,7 @@ def train(
 
     from llm.config import ModelConfig
     from llm.data.corpus import load_corpus
-    from llm.data.dataset import tokenize_documents
+    from llm.data.dataset import TokenWindows, tokenize_documents
     from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer
     from llm.training.trainer import TrainConfig
     from llm.training.trainer import train as run_training
@@ -74,11 +74,12 @@ def train(
             checkpoint_interval=checkpoint_interval, keep_last=keep_last, seed=seed,
             device=device, log_interval=log_interval,
         )  # fmt: skip
+        tokens = tokenize_documents(docs, tok)
+        TokenWindows(tokens, block_size, cfg.val_fraction)  # fail now if the corpus is too small
     except (ValueError, FileNotFoundError, ValidationError) as e:
         typer.echo(f"llm-train: error: {e}", err=True)
         raise typer.Exit(2) from None
 
-    tokens = tokenize_documents(docs, tok)
     logging.getLogger("llm_trainer").info(
         "model %s: %.2fM parameters, %d tokens", preset, _n_params(model_cfg) / 1e6, len(tokens)
     )

@@ -1,0 +1,50 @@
+"""`llm-train` as a user runs it: a real process, real files, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llm import storage
+from llm.data.corpus import default_corpus
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_trainer", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(default_corpus()[:20]))
+    out = tmp_path / "run"
+    proc = run_train(
+        "--out", str(out), "--data", str(corpus), "--preset", "tiny", "--max-steps", "30",
+        "--batch-size", "4", "--block-size", "32", "--eval-interval", "30", "--eval-batches", "2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["event"] == "train_done" and summary["step"] == 30
+    assert summary["val_loss"] < 4.0  # ln(vocab) is ~4.5 before training
+    assert storage.latest_checkpoint(str(out)).endswith("step-00000030")
+
+
+def test_bad_input_exits_2_naming_the_problem(tmp_path: Path) -> None:
+    proc = run_train("--out", str(tmp_path / "r"), "--preset", "huge")
+    assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr
+    proc = run_train("--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2 and "missing.txt: no such file" in proc.stderr
+    proc = run_train("--out", str(tmp_path / "r"), "--preset", "tiny", "--n-kv-heads", "3")
+    assert proc.returncode == 2 and "n_kv_heads=3" in proc.stderr
+    proc = run_train("--out", str(tmp_path / "r"), "--preset", "tiny", "--lr", "-1")
+    assert proc.returncode == 2 and "lr" in proc.stderr
+
+
+def test_too_small_corpus_is_a_clear_error(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("just a few words")
+    proc = run_train("--out", str(tmp_path / "r"), "--data", str(corpus), "--block-size", "64")
+    assert proc.returncode == 2 and "split has" in proc.stderr and "block_size" in proc.stderr
