@@ -83,17 +83,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--data", default="default", help="text file or directory to train on")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--question", default=QUESTION)
     args = parser.parse_args()
 
     t0 = time.monotonic()
     print(f"==> training the 'small' preset on {args.data!r} for {args.steps} steps", flush=True)
     subprocess.run(
-        [tool("llm-train"), "--out", args.run_dir, "--data", args.data, "--preset", "small",
-         "--max-steps", str(args.steps), "--batch-size", "16", "--block-size", "128",
-         "--lr", "2e-3", "--warmup-steps", "50", "--eval-interval", "100",
-         "--checkpoint-interval", "200", "--log-interval", "50"],
+        [tool("llm-train"), "--checkpoint.run-dir", args.run_dir, "--data.source", args.data,
+         "--model.preset", "small", "--training.max-steps", str(args.steps),
+         "--training.batch-size", "16", "--training.block-size", "128",
+         "--optimization.lr", "2e-3", "--optimization.warmup-steps", "50",
+         "--training.eval-interval", "100", "--checkpoint.interval", "200",
+         "--training.log-interval", "50"],
         check=True,
     )  # fmt: skip
     print(f"==> trained in {time.monotonic() - t0:.0f} s; serving {args.run_dir}", flush=True)

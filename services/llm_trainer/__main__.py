@@ -1,3 +1,5 @@
+import sys
+
 from llm_trainer.cli import main
 
-main()
+sys.exit(main())

@@ -1,105 +1,120 @@
-"""`llm-train`: train a decoder model on a text corpus and write committed checkpoints."""
+"""`llm-train`: the trainer job's entrypoint (plain, under torchrun, or in a PyTorchJob).
+
+Every setting is a field of `llm.settings.TrainerSettings`, settable as a flag
+(`--optimization.lr 3e-4`), an environment variable (`LLM_OPTIMIZATION__LR=3e-4`) or in a
+YAML file (`--config run.yaml`); precedence CLI > env > YAML > defaults.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
-import typer
+from pydantic import Field, ValidationError
+from pydantic_settings import CliSettingsSource
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+from llm.settings import TrainerSettings, load_settings, sources_of
+
+log = logging.getLogger("llm_trainer")
 
 
-@app.command()
-def train(
-    out: Annotated[str, typer.Option(help="run directory (local path or s3://...)")] = "runs/default",
-    data: Annotated[
-        str, typer.Option(help="text file or directory; 'default' = Python's reference docs")
-    ] = "default",
-    preset: Annotated[str, typer.Option(help="ModelConfig preset")] = "small",
-    tokenizer: Annotated[
-        str, typer.Option(help="'char' (built from the corpus) or a local HF tokenizer directory")
-    ] = "char",
-    dim: Annotated[int | None, typer.Option(help="override the preset's dim")] = None,
-    n_layers: Annotated[int | None, typer.Option()] = None,
-    n_heads: Annotated[int | None, typer.Option()] = None,
-    n_kv_heads: Annotated[int | None, typer.Option()] = None,
-    max_steps: Annotated[int, typer.Option()] = 1000,
-    batch_size: Annotated[int, typer.Option()] = 16,
-    block_size: Annotated[int, typer.Option()] = 128,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option()] = 50,
-    eval_interval: Annotated[int, typer.Option()] = 200,
-    eval_batches: Annotated[int, typer.Option()] = 20,
-    checkpoint_interval: Annotated[int, typer.Option()] = 500,
-    keep_last: Annotated[int, typer.Option()] = 2,
-    seed: Annotated[int, typer.Option()] = 1337,
-    device: Annotated[str, typer.Option()] = "cpu",
-    log_interval: Annotated[int, typer.Option()] = 50,
-) -> None:
-    """Train on a corpus; resume from the run directory's newest committed checkpoint."""
-    import torch
-    from pydantic import ValidationError
+class TrainCli(TrainerSettings):
+    """llm-train: train a decoder model and write committed checkpoints to the run directory."""
 
-    from llm.config import ModelConfig
+    config: str | None = Field(default=None, description="YAML file with any of the sections below")
+    print_config: bool = Field(default=False, description="print the resolved settings and exit")
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
+    parsed = CliSettingsSource(
+        TrainCli, cli_parse_args=argv, cli_prog_name="llm-train", cli_kebab_case=True,
+        cli_implicit_flags=True, cli_avoid_json=True,
+    )()  # fmt: skip
+    config = parsed.pop("config", None)
+    print_config = bool(parsed.pop("print_config", False))
+    return parsed, config, print_config
+
+
+def format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def render_config(settings: TrainerSettings, sources: dict[str, str]) -> str:
+    """YAML of the resolved settings, each value annotated with where it came from."""
+    env_name = lambda key: "LLM_" + key.upper().replace(".", "__")  # noqa: E731
+    out = []
+    for section, values in settings.model_dump(mode="json").items():
+        out.append(f"{section}:")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            origin = sources.get(key, "default")
+            note = f"env {env_name(key)}" if origin == "env" else origin
+            out.append(f"  {name}: {json.dumps(value)}  # {note}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=os.environ.get("LLM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cli, config, print_config = parse_args(argv)
+        settings = load_settings(cli, config)
+    except ValidationError as e:
+        print(f"llm-train: {format_errors(e)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llm-train: error: {e}", file=sys.stderr)
+        return 2
+    if print_config:
+        print(render_config(settings, sources_of(cli, config)))
+        return 0
+    return train(settings)
+
+
+def train(settings: TrainerSettings) -> int:
     from llm.data.corpus import load_corpus
     from llm.data.dataset import TokenWindows, tokenize_documents
     from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer
-    from llm.training.trainer import TrainConfig
-    from llm.training.trainer import train as run_training
+    from llm.training.distributed import destroy_distributed, init_distributed
+    from llm.training.lm_data import RandomWindowData
+    from llm.training.run import run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(torch.get_num_threads())
+    t, d = settings.training, settings.data
     try:
-        docs = load_corpus(data)
+        docs = load_corpus(d.source)
         tok = (
             SimpleCharacterTokenizer.train("".join(docs))
-            if tokenizer == "char"
-            else HFTokenizer(Path(tokenizer))
+            if d.tokenizer == "char"
+            else HFTokenizer(Path(d.tokenizer))
         )
-        overrides = {
-            k: v
-            for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads).items()
-            if v is not None
-        }
-        model_cfg = ModelConfig.from_preset(
-            preset, vocab_size=tok.vocab_size, max_seq_len=max(block_size, 256), **overrides
-        )
-        cfg = TrainConfig(
-            run_dir=out, max_steps=max_steps, batch_size=batch_size, block_size=block_size, lr=lr,
-            warmup_steps=warmup_steps, eval_interval=eval_interval, eval_batches=eval_batches,
-            checkpoint_interval=checkpoint_interval, keep_last=keep_last, seed=seed,
-            device=device, log_interval=log_interval,
-        )  # fmt: skip
-        tokens = tokenize_documents(docs, tok)
-        TokenWindows(tokens, block_size, cfg.val_fraction)  # fail now if the corpus is too small
+        settings.model.build(vocab_size=tok.vocab_size)  # fail now on a bad model config
+        windows = TokenWindows(tokenize_documents(docs, tok), t.block_size, d.val_fraction)
     except (ValueError, FileNotFoundError, ValidationError) as e:
-        typer.echo(f"llm-train: error: {e}", err=True)
-        raise typer.Exit(2) from None
+        print(f"llm-train: error: {e}", file=sys.stderr)
+        return 2
 
-    logging.getLogger("llm_trainer").info(
-        "model %s: %.2fM parameters, %d tokens", preset, _n_params(model_cfg) / 1e6, len(tokens)
-    )
-    result = run_training(model_cfg, cfg, tok, tokens)
-    summary = {"event": "train_done", "run_dir": out, "step": result.step,
-               "train_loss": result.train_loss, "val_loss": result.val_loss}  # fmt: skip
-    print(json.dumps(summary), flush=True)
-
-
-def _n_params(cfg) -> int:  # noqa: ANN001
-    import torch
-
-    from llm.models.decoder import DecoderModel
-
-    with torch.device("meta"):
-        return DecoderModel(cfg).num_params()
-
-
-def main() -> None:
-    app(prog_name="llm-train")
+    info = init_distributed(t.device, settings.distributed.backend, settings.distributed.timeout_s)
+    try:
+        data = RandomWindowData(windows, t.batch_size, t.seed, info.rank, info.world_size, t.eval_batches)
+        engine = run_training(settings, tok, data, info)
+    finally:
+        destroy_distributed()
+    if info.is_main:
+        summary = {"event": "train_done", "run_dir": settings.checkpoint.run_dir, "step": engine.step,
+                   "val_loss": engine.last_val_loss, "skipped_steps": engine.skipped_steps}  # fmt: skip
+        print(json.dumps(summary), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

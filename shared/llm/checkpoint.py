@@ -40,10 +40,12 @@ class LoadedModel:
     name: str  # the run's name, e.g. "demo" for runs/demo
 
 
-def _weights(model: DecoderModel) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+def _weights(
+    model: DecoderModel, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    sd = dict(state if state is not None else model.state_dict())
     if model.config.tie_embeddings:
-        sd.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
@@ -53,12 +55,16 @@ def save_checkpoint(
     tokenizer: BaseTokenizer,
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write every file of a checkpoint, then commit it with its manifest."""
+    """Write every file of a checkpoint, then commit it with its manifest.
+
+    `model_state` overrides `model.state_dict()` (a full state gathered from DDP/FSDP).
+    """
     fs, root = storage.url_to_fs(uri)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
-        save_file(_weights(model), staging / WEIGHTS, metadata={"format": "pt"})
+        save_file(_weights(model, model_state), staging / WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG).write_text(model.config.model_dump_json(indent=2))
         tokenizer.save(staging)
         if trainer_state is not None:
@@ -74,7 +80,7 @@ def save_checkpoint(
 def _local_copy(uri: str, tmp: str) -> Path:
     """Checkpoint files as a local directory (remote ones are downloaded to `tmp`)."""
     fs, root = storage.url_to_fs(uri)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+    if storage.is_local(uri):
         return Path(root)
     manifest = storage.read_manifest(uri)
     for rel in manifest["files"]:

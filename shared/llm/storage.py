@@ -65,6 +65,12 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+def is_local(uri: str) -> bool:
+    """True for plain paths and ``file://`` URLs (where a rename is atomic)."""
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return protocol in (None, "file", "local")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto ``uri`` with ``/``, keeping its scheme (``s3://b/run`` stays a URL)."""
     out = uri.rstrip("/") or uri

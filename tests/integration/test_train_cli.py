@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from llm import storage
 from llm.data.corpus import default_corpus
 
 
-def run_train(*args: str) -> subprocess.CompletedProcess:
+def run_train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llm_trainer", *args], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "llm_trainer", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
@@ -22,8 +24,10 @@ def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
     corpus.write_text("\n\n".join(default_corpus()[:20]))
     out = tmp_path / "run"
     proc = run_train(
-        "--out", str(out), "--data", str(corpus), "--preset", "tiny", "--max-steps", "30",
-        "--batch-size", "4", "--block-size", "32", "--eval-interval", "30", "--eval-batches", "2",
+        "--data.source", str(corpus), "--model.preset", "tiny", "--training.max-steps", "30",
+        "--training.batch-size", "4", "--training.block-size", "32",
+        "--training.eval-interval", "30", "--training.eval-batches", "2",
+        env={"LLM_CHECKPOINT__RUN_DIR": str(out)},  # settings from the environment work too
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -33,18 +37,22 @@ def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_bad_input_exits_2_naming_the_problem(tmp_path: Path) -> None:
-    proc = run_train("--out", str(tmp_path / "r"), "--preset", "huge")
+    run_dir = ("--checkpoint.run-dir", str(tmp_path / "r"))
+    proc = run_train(*run_dir, "--model.preset", "huge")
     assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr
-    proc = run_train("--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing.txt"))
+    proc = run_train(*run_dir, "--data.source", str(tmp_path / "missing.txt"))
     assert proc.returncode == 2 and "missing.txt: no such file" in proc.stderr
-    proc = run_train("--out", str(tmp_path / "r"), "--preset", "tiny", "--n-kv-heads", "3")
+    proc = run_train(*run_dir, "--model.preset", "tiny", "--model.n-kv-heads", "3")
     assert proc.returncode == 2 and "n_kv_heads=3" in proc.stderr
-    proc = run_train("--out", str(tmp_path / "r"), "--preset", "tiny", "--lr", "-1")
-    assert proc.returncode == 2 and "lr" in proc.stderr
+    proc = run_train(*run_dir, "--optimization.lr", "-1")
+    assert proc.returncode == 2 and "optimization.lr" in proc.stderr
 
 
 def test_too_small_corpus_is_a_clear_error(tmp_path: Path) -> None:
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("just a few words")
-    proc = run_train("--out", str(tmp_path / "r"), "--data", str(corpus), "--block-size", "64")
+    proc = run_train(
+        "--checkpoint.run-dir", str(tmp_path / "r"), "--data.source", str(corpus),
+        "--training.block-size", "64",
+    )  # fmt: skip
     assert proc.returncode == 2 and "split has" in proc.stderr and "block_size" in proc.stderr

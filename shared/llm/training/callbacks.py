@@ -1,0 +1,204 @@
+"""Training callbacks: everything around the loop that is not the loop.
+
+Each hook receives the engine; callbacks run on every rank and gate their own output on
+`engine.dist.is_main`. Files go to `engine.local_dir` (the run directory itself when it is
+local, a staging copy that `RunFiles` uploads when it is `s3://`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from llm import storage
+
+if TYPE_CHECKING:
+    from llm.training.engine import TrainingEngine
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_train_start(self, engine: TrainingEngine) -> None: ...
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, engine: TrainingEngine) -> None: ...
+
+
+class JsonlMetrics(Callback):
+    """One JSON object per logged step and per evaluation in `metrics.jsonl`."""
+
+    def __init__(self, log_interval: int) -> None:
+        self.log_interval = log_interval
+
+    def _write(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
+        if engine.dist.is_main:
+            with open(engine.local_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        self._write(engine, {"event": "start", "step": engine.step, "world_size": engine.dist.world_size})
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if engine.step % self.log_interval == 0:
+            self._write(engine, {"event": "train", **metrics})
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        self._write(engine, {"event": "eval", **metrics})
+
+
+class ConsoleLogger(Callback):
+    """Log lines for files and non-interactive consoles; a tqdm bar on a terminal."""
+
+    def __init__(self, log_interval: int, progress: bool) -> None:
+        self.log_interval, self.progress, self.bar = log_interval, progress, None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.dist.is_main and self.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=engine.max_steps, initial=engine.step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if not engine.dist.is_main:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
+            )  # fmt: skip
+        elif engine.step % self.log_interval == 0:
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.1f%%",
+                engine.step, engine.max_steps, metrics["loss"], metrics["lr"],
+                metrics.get("tokens_per_s", 0), 100 * metrics.get("mfu", 0),
+            )  # fmt: skip
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if engine.dist.is_main:
+            msg = f"step {engine.step} val_loss {metrics['val_loss']:.4f}"
+            self.bar.write(msg) if self.bar is not None else log.info(msg)
+
+    def on_train_end(self, engine: TrainingEngine) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Throughput(Callback):
+    """Tokens/s and model FLOPs utilisation (6N + attention FLOPs per token, PaLM appendix B)."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float) -> None:
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.t0 = self.tokens0 = None
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:  # the first step includes compile/warm-up: start the clock after it
+            self.t0, self.tokens0 = now, engine.tokens_seen
+            return
+        dt = now - self.t0
+        if dt > 0:
+            tps = (engine.tokens_seen - self.tokens0) / dt
+            metrics["tokens_per_s"] = tps
+            if self.peak_flops > 0:
+                metrics["mfu"] = tps * self.flops_per_token / self.peak_flops
+
+
+class LRMonitor(Callback):
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        for i, group in enumerate(engine.optimizer.param_groups):
+            metrics[f"lr/group{i}"] = group["lr"]
+
+
+class TensorBoard(Callback):
+    def __init__(self, log_interval: int) -> None:
+        self.log_interval, self.writer = log_interval, None
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(engine.local_dir / "tensorboard"))
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self.writer is not None and engine.step % self.log_interval == 0:
+            for k, v in metrics.items():
+                if k != "step" and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, engine.step)
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", metrics["val_loss"], engine.step)
+            self.writer.flush()
+
+    def on_train_end(self, engine: TrainingEngine) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class LossPlot(Callback):
+    """`loss.png`: train and validation loss, redrawn from metrics.jsonl at each evaluation."""
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if not engine.dist.is_main:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train, val = ([], []), ([], [])
+        with open(engine.local_dir / "metrics.jsonl") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("event") == "train":
+                    train[0].append(r["step"]), train[1].append(r["loss"])
+                elif r.get("event") == "eval":
+                    val[0].append(r["step"]), val[1].append(r["val_loss"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*train, label="train", alpha=0.7)
+        ax.plot(*val, "o-", label="validation")
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(engine.local_dir / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+class EarlyStopping(Callback):
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.bad = patience, math.inf, 0
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if metrics["val_loss"] < self.best:
+            self.best, self.bad = metrics["val_loss"], 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                log.info("early stopping: no improvement in %d evaluations", self.patience)
+                engine.should_stop = True
+
+
+class RunFiles(Callback):
+    """Mirror metrics.jsonl, loss.png and TensorBoard events to a remote run directory."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def _sync(self, engine: TrainingEngine) -> None:
+        if not engine.dist.is_main:
+            return
+        for path in sorted(engine.local_dir.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(engine.local_dir).as_posix()
+                storage.write_bytes(storage.join(self.run_dir, rel), path.read_bytes())
+
+    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        self._sync(engine)
+
+    def on_train_end(self, engine: TrainingEngine) -> None:
+        self._sync(engine)

@@ -1,0 +1,60 @@
+"""Save the whole training state as one committed checkpoint, and restore it.
+
+`torch.distributed.checkpoint.state_dict` gives full (unsharded, unprefixed) model and
+optimizer state for plain, DDP and FSDP2 models alike; rank 0 writes, every rank waits,
+and the manifest goes last (llm.storage), so a job killed mid-write resumes from the
+previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from llm import storage
+from llm.checkpoint import save_checkpoint
+from llm.data.tokenizers import BaseTokenizer
+from llm.training.distributed import barrier
+
+if TYPE_CHECKING:
+    import torch
+
+    from llm.training.engine import TrainingEngine
+
+log = logging.getLogger(__name__)
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Checkpointer:
+    def __init__(
+        self, run_dir: str, model: nn.Module, tokenizer: BaseTokenizer, keep_last: int, settings: Any
+    ) -> None:
+        self.run_dir, self.model, self.tokenizer, self.keep_last = run_dir, model, tokenizer, keep_last
+        self.settings = settings
+
+    def __call__(self, engine: TrainingEngine) -> None:
+        model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=_FULL)
+        state = {**engine.state_dict(), "optimizer": optim_sd}  # collective: gathers RNG states
+        if engine.dist.is_main:
+            uri = storage.checkpoint_dir(self.run_dir, engine.step)
+            meta = {"step": engine.step, "val_loss": engine.last_val_loss,
+                    "settings": self.settings.model_dump(mode="json")}  # fmt: skip
+            save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
+            deleted = storage.retain(self.run_dir, self.keep_last)
+            log.info("checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else "")
+        barrier()
+
+
+def restore_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any]
+) -> None:
+    """Load a full optimizer state saved by `Checkpointer` into a plain, DDP or FSDP model."""
+    set_state_dict(model, optimizer, model_state_dict={}, optim_state_dict=optim_state, options=_FULL)

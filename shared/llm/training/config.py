@@ -1,0 +1,66 @@
+"""Training-side configuration sections (plain pydantic; `llm.settings` reads them from env/YAML/CLI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainingConfig(_Section):
+    task: Literal["lm", "sft"] = "lm"
+    max_steps: int = Field(default=1000, gt=0, description="optimizer steps")
+    batch_size: int = Field(default=16, gt=0, description="sequences per micro-batch per rank")
+    grad_accum_steps: int = Field(default=1, gt=0)
+    block_size: int = Field(default=128, gt=1, description="tokens per sequence")
+    eval_interval: int = Field(default=200, gt=0)
+    eval_batches: int = Field(default=20, gt=0)
+    log_interval: int = Field(default=50, gt=0)
+    seed: int = 1337
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    early_stopping_patience: int = Field(
+        default=0, ge=0, description="evaluations without improvement before stopping; 0 = off"
+    )
+    max_bad_steps: int = Field(
+        default=5, gt=0, description="consecutive non-finite losses tolerated (each skipped)"
+    )
+    progress: bool = Field(default=True, description="progress bar on an interactive console")
+
+
+class OptimizationConfig(_Section):
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=50, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="max grad norm; 0 = off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast dtype; fp16 uses a grad scaler (GPU only)"
+    )
+    compile: bool = Field(default=False, description="torch.compile each block")
+    peak_tflops: float = Field(
+        default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
+    )
+
+
+class DistributedConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    timeout_s: int = Field(default=600, gt=0)
+
+
+class CheckpointConfig(_Section):
+    run_dir: str = Field(default="runs/default", description="local directory or s3:// URI")
+    interval: int = Field(default=500, gt=0, description="steps between checkpoints")
+    keep_last: int = Field(default=2, gt=0)
+    resume: bool = Field(default=True, description="continue from the newest committed checkpoint")
+    init_from: str | None = Field(
+        default=None, description="start from these weights (our checkpoint or an HF directory)"
+    )

@@ -1,0 +1,219 @@
+"""TrainingEngine: the loop, with everything else (logging, checkpoints, plots) in callbacks.
+
+One step = `grad_accum_steps` micro-batches (DDP syncs gradients on the last one only),
+autocast in the configured precision, gradient clipping, a NaN/inf guard that skips the
+step (and stops after `max_bad_steps` in a row), then optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llm.training.callbacks import Callback
+from llm.training.config import OptimizationConfig, TrainingConfig
+from llm.training.distributed import DistInfo, all_reduce_mean
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainData(Protocol):
+    """What the engine needs from a data module (rank-aware, resumable)."""
+
+    def next_batch(self) -> Batch: ...
+    def val_batches(self) -> Iterable[Batch]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (lm and sft alike)."""
+    logits = model(batch["input_ids"])  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+
+class TrainingEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        data: TrainData,
+        training: TrainingConfig,
+        optimization: OptimizationConfig,
+        dist_info: DistInfo,
+        local_dir: Path,
+        callbacks: list[Callback] | None = None,
+        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
+        checkpointer: Callable[[TrainingEngine], None] | None = None,
+        checkpoint_interval: int = 0,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.cfg, self.optim_cfg, self.dist = training, optimization, dist_info
+        self.local_dir, self.callbacks, self.loss_fn = local_dir, callbacks or [], loss_fn
+        self.checkpointer, self.checkpoint_interval = checkpointer, checkpoint_interval
+        self.max_steps = training.max_steps
+        self.step = self.tokens_seen = self.bad_steps = self.skipped_steps = 0
+        self.should_stop = False
+        self.last_val_loss = math.nan
+        self.history: list[dict[str, float]] = []
+        self.autocast_dtype = AUTOCAST[optimization.precision]
+        use_scaler = optimization.precision == "fp16"
+        if use_scaler and dist_info.device.type != "cuda":
+            raise ValueError("optimization.precision=fp16 needs a GPU (use bf16 on the CPU)")
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    # -- state that a checkpoint carries ------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loop state for a checkpoint; the Checkpointer adds model and optimizer (full form)."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "data": self.data.state_dict(),
+            "rng": _gather_rng_states(self.dist),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from llm.training.checkpointing import restore_optimizer
+
+        restore_optimizer(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.data.load_state_dict(state["data"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def _forward_backward(self, batch: Batch, sync: bool) -> torch.Tensor:
+        batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        no_sync = getattr(self.model, "no_sync", None)
+        ctx = contextlib.nullcontext() if sync or no_sync is None else no_sync()
+        with ctx:
+            with self._autocast():
+                loss = self.loss_fn(self.model, batch) / self.cfg.grad_accum_steps
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.tokens_seen += batch["input_ids"].numel() * self.dist.world_size
+        return loss.detach()
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        accum = self.cfg.grad_accum_steps
+        loss = sum(self._forward_backward(self.data.next_batch(), sync=i == accum - 1) for i in range(accum))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
+        # Gradients are already averaged over ranks, so every rank sees the same norm and
+        # takes the same skip decision without another collective.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss/gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} consecutive non-finite steps (training.max_bad_steps="
+                    f"{self.cfg.max_bad_steps}): lower optimization.lr or check the data"
+                )
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": all_reduce_mean(loss.item(), self.dist.device),
+            "grad_norm": grad_norm.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": self.tokens_seen,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in self.data.val_batches():
+            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+            with self._autocast():
+                total += self.loss_fn(self.model, batch).item()
+            n += 1
+        self.model.train()
+        return all_reduce_mean(total / max(n, 1), self.dist.device)
+
+    def fit(self) -> list[dict[str, float]]:
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        t_start = time.perf_counter()
+        while self.step < self.max_steps and not self.should_stop:
+            metrics = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step_end(self, metrics)
+            last = self.step == self.max_steps
+            if self.step % self.cfg.eval_interval == 0 or last:
+                self.last_val_loss = self.evaluate()
+                record = {"step": self.step, "train_loss": metrics["loss"], "val_loss": self.last_val_loss}
+                self.history.append(record)
+                for cb in self.callbacks:
+                    cb.on_eval(self, record)
+            if self.checkpointer is not None and (
+                self.step % self.checkpoint_interval == 0 or last or self.should_stop
+            ):
+                self.checkpointer(self)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        log.info("training done at step %d in %.1f s", self.step, time.perf_counter() - t_start)
+        return self.history
+
+
+def _gather_rng_states(info: DistInfo) -> list[dict[str, Any]]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,146 @@
+"""Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
+
+The order of `apply_*` calls is fixed here (STYLE.md 5): build on the device ->
+(optional) load initial weights -> compile blocks -> DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm import storage
+from llm.checkpoint import load_checkpoint, load_trainer_state
+from llm.config import ModelConfig
+from llm.data.tokenizers import BaseTokenizer
+from llm.models.decoder import DecoderModel
+from llm.settings import TrainerSettings
+from llm.training import callbacks as cb
+from llm.training.checkpointing import Checkpointer
+from llm.training.distributed import (
+    DistInfo,
+    apply_compile,
+    apply_ddp,
+    apply_fsdp,
+    barrier,
+    init_distributed,
+)
+from llm.training.engine import TrainData, TrainingEngine
+from llm.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM, app. B)."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def default_peak_flops(device: torch.device, precision: str) -> float:
+    """A stated peak for MFU: the GPU's datasheet number, or a measured matmul rate on the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+        return next((v for k, v in table.items() if k in name), 100e12)
+    from torch.utils.benchmark import Timer
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
+    timing = Timer("a @ a", globals={"a": a}).blocked_autorange(min_run_time=0.2)
+    return 2 * 1024**3 / timing.median
+
+
+def run_training(
+    settings: TrainerSettings,
+    tokenizer: BaseTokenizer,
+    data: TrainData,
+    info: DistInfo | None = None,
+) -> TrainingEngine:
+    """Train per `settings`; resumes from the run directory's newest committed checkpoint."""
+    t, o, c = settings.training, settings.optimization, settings.checkpoint
+    info = info or init_distributed(t.device, settings.distributed.backend, settings.distributed.timeout_s)
+    torch.manual_seed(t.seed)
+    model_cfg = settings.model.build(vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256))
+    model = DecoderModel(model_cfg).to(info.device)
+    if c.init_from:
+        _load_initial_weights(model, c.init_from, info.device)
+
+    latest = storage.latest_checkpoint(c.run_dir) if c.resume else None
+    if latest is not None:
+        loaded = load_checkpoint(latest, device=info.device)
+        if loaded.config != model_cfg:
+            raise ValueError(
+                f"{latest}: its model config differs from the requested one;"
+                " use a new checkpoint.run_dir or the same model settings"
+            )
+        model.load_state_dict(loaded.model.state_dict())
+
+    if o.compile:
+        apply_compile(model)
+    wrapped = model
+    if info.enabled:
+        if settings.distributed.strategy == "fsdp":
+            wrapped = apply_fsdp(model)
+        else:
+            wrapped = apply_ddp(model, info)
+
+    optimizer = build_optimizer(wrapped, o.lr, o.weight_decay, (o.beta1, o.beta2), o.optimizer)
+    scheduler = build_scheduler(optimizer, o.warmup_steps, t.max_steps, o.schedule, o.min_lr_ratio)
+
+    local_dir = _local_run_dir(c.run_dir)
+    peak = o.peak_tflops * 1e12 if o.peak_tflops > 0 else default_peak_flops(info.device, o.precision)
+    callbacks: list[cb.Callback] = [
+        cb.LRMonitor(),
+        cb.Throughput(flops_per_token(model_cfg, model.num_params(), t.block_size), peak),
+        cb.JsonlMetrics(t.log_interval),
+        cb.ConsoleLogger(t.log_interval, t.progress),
+        cb.TensorBoard(t.log_interval),
+        cb.LossPlot(),
+    ]
+    if t.early_stopping_patience > 0:
+        callbacks.append(cb.EarlyStopping(t.early_stopping_patience))
+    if not storage.is_local(c.run_dir):
+        callbacks.append(cb.RunFiles(c.run_dir))
+
+    checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings)
+    engine = TrainingEngine(
+        wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
+        checkpointer=checkpointer, checkpoint_interval=c.interval,
+    )  # fmt: skip
+    if latest is not None:
+        engine.load_state_dict(load_trainer_state(latest))
+        log.info("resumed from %s at step %d", latest, engine.step)
+    barrier()
+    if info.is_main:
+        log.info(
+            "model %.2fM parameters, world size %d, %s, peak %.1f TFLOP/s for MFU",
+            model.num_params() / 1e6, info.world_size, info.device, peak / 1e12,
+        )  # fmt: skip
+    engine.fit()
+    return engine
+
+
+def _local_run_dir(run_dir: str) -> Path:
+    if storage.is_local(run_dir):
+        path = Path(storage.url_to_fs(run_dir)[1])
+    else:  # metrics/plots are staged locally and mirrored by callbacks.RunFiles
+        path = Path(tempfile.mkdtemp(prefix="llm-run-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_initial_weights(model: DecoderModel, uri: str, device: torch.device) -> None:
+    """Fine-tuning start: our checkpoint (run or step dir) or a Hugging Face directory."""
+    if Path(uri, "config.json").exists() and not storage.exists(storage.join(uri, storage.MANIFEST)):
+        from llm.interop.hf import from_hf
+
+        source: Any = from_hf(uri, device=device)
+    else:
+        source = load_checkpoint(uri, device=device).model
+    if source.config != model.config:
+        raise ValueError(f"checkpoint.init_from={uri}: its model config differs from the requested one")
+    model.load_state_dict(source.state_dict())
