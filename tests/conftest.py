@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,38 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingEn
 def tiny_checkpoint(tiny_run: tuple[Path, TrainingEngine]) -> str:
     """A run directory holding committed checkpoints of a briefly trained `tiny` model."""
     return str(tiny_run[0])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """A bucket on a real S3-API server (moto) on 127.0.0.1, with the env a Kubernetes
+    secret would provide (inherited by subprocesses the test starts)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # env only; never region_name
+    try:
+        fs = s3fs.S3FileSystem(
+            key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True
+        )
+        fs.mkdir("ckpts")
+        yield "s3://ckpts"
+    finally:
+        server.stop()

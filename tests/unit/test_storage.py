@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -148,41 +147,6 @@ def test_retain_keep_last_one(run: str) -> None:
 
 
 # --- a real S3 API (moto server), through s3fs ----------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A bucket on a local moto S3 server, with the env a Kubernetes secret would provide."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import s3fs
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # env only; never region_name
-    try:
-        fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True
-        )
-        fs.mkdir("ckpts")
-        yield "s3://ckpts"
-    finally:
-        server.stop()
 
 
 def test_s3_commit_resolve_and_reject_truncated(s3_bucket: str) -> None:

@@ -48,7 +48,7 @@ class DecoderModel(nn.Module):
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.cache_max_seq_len = 0
+        self.cache_max_seq_len = self.cache_batch_size = 0
         if self.embed_tokens.weight.device.type != "meta":
             self.reset_buffers()
             self.init_weights()
@@ -111,12 +111,12 @@ class DecoderModel(nn.Module):
             attn.kv_cache = KVCache(
                 batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype=dtype, device=device
             )
-        self.cache_max_seq_len = max_seq_len
+        self.cache_max_seq_len, self.cache_batch_size = max_seq_len, batch_size
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.cache_max_seq_len = 0
+        self.cache_max_seq_len = self.cache_batch_size = 0
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class Callback:
     def on_train_start(self, engine: TrainingEngine) -> None: ...
     def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
     def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, engine: TrainingEngine) -> None: ...  # just before it is written
     def on_train_end(self, engine: TrainingEngine) -> None: ...
 
 
@@ -184,10 +185,19 @@ class EarlyStopping(Callback):
 
 
 class RunFiles(Callback):
-    """Mirror metrics.jsonl, loss.png and TensorBoard events to a remote run directory."""
+    """Mirror metrics.jsonl, loss.png and TensorBoard events to a remote run directory.
+
+    Runs first: on start it fetches the metrics an earlier attempt of the job wrote, so a
+    restarted job appends to the same history instead of replacing it.
+    """
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        remote = storage.join(self.run_dir, "metrics.jsonl")
+        if engine.dist.is_main and storage.exists(remote):
+            (engine.local_dir / "metrics.jsonl").write_bytes(storage.read_bytes(remote))
 
     def _sync(self, engine: TrainingEngine) -> None:
         if not engine.dist.is_main:
@@ -198,6 +208,10 @@ class RunFiles(Callback):
                 storage.write_bytes(storage.join(self.run_dir, rel), path.read_bytes())
 
     def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        self._sync(engine)
+
+    def on_checkpoint(self, engine: TrainingEngine) -> None:
+        # Before the commit: whoever sees the checkpoint also sees the metrics that led to it.
         self._sync(engine)
 
     def on_train_end(self, engine: TrainingEngine) -> None:

@@ -194,6 +194,8 @@ class TrainingEngine:
             if self.checkpointer is not None and (
                 self.step % self.checkpoint_interval == 0 or last or self.should_stop
             ):
+                for cb in self.callbacks:
+                    cb.on_checkpoint(self)
                 self.checkpointer(self)
         for cb in self.callbacks:
             cb.on_train_end(self)

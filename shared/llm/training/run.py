@@ -104,7 +104,7 @@ def run_training(
     if t.early_stopping_patience > 0:
         callbacks.append(cb.EarlyStopping(t.early_stopping_patience))
     if not storage.is_local(c.run_dir):
-        callbacks.append(cb.RunFiles(c.run_dir))
+        callbacks.insert(0, cb.RunFiles(c.run_dir))
 
     checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings)
     engine = TrainingEngine(

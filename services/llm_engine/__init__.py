@@ -1,0 +1,1 @@
+"""The gRPC inference engine: owns the model, the tokenizer and the scheduler thread."""

@@ -1,0 +1,6 @@
+"""`python -m llm_engine` runs the `llm-engine` CLI."""
+
+from llm_engine.cli import main
+
+if __name__ == "__main__":
+    main()

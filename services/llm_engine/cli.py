@@ -1,0 +1,105 @@
+"""`llm-engine`: serve one checkpoint over gRPC.
+
+    llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
+               [--max-queue 64] [--device cpu] [--dtype auto] [--threads 0]
+
+Prints one JSON line on stdout once the port is bound,
+`{"event": "engine_listening", "host": ..., "port": N}` (with `--port 0` the port the OS
+picked); everything else is JSON logs on stderr. Health turns SERVING once the model is
+loaded. SIGTERM/SIGINT stop gracefully. Exit code 1 when the checkpoint cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Annotated
+
+import torch
+import typer
+from pydantic import ValidationError
+
+from llm_engine.jsonlog import announce, setup_logging
+from llm_engine.server import start_engine
+from llm_engine.settings import EngineSettings
+
+log = logging.getLogger("llm_engine")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+async def serve(settings: EngineSettings) -> int:
+    """Run the engine until SIGTERM/SIGINT; return the process exit code."""
+    try:
+        engine = await start_engine(settings.host, settings.port)
+    except RuntimeError as e:  # grpc raises RuntimeError when the port cannot be bound
+        log.error(
+            "bind_failed", extra={"host": settings.host, "port": settings.port, "error": str(e)}
+        )
+        return 1
+    announce("engine_listening", host=settings.host, port=engine.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    load = asyncio.create_task(
+        engine.load(
+            settings.checkpoint,
+            model_name=settings.model_name,
+            device=settings.device,
+            dtype=settings.torch_dtype,
+            max_queue=settings.max_queue,
+        )
+    )
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if load.done() and load.exception() is not None:
+        e = load.exception()
+        log.error("model_load_failed", extra={"checkpoint": settings.checkpoint, "error": str(e)})
+        code = 1
+    elif not stop.is_set():
+        await stopped
+    stopped.cancel()
+    await engine.stop(settings.shutdown_grace_s)
+    return code
+
+
+@app.command()
+def run(
+    checkpoint: Annotated[
+        str | None, typer.Option(help="run dir or checkpoint dir (or s3:// URI)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind; 0 picks a free one")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="served model id (default: run name)")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
+) -> None:
+    """Serve a checkpoint over the llm.engine.v1 gRPC API."""
+    flags = dict(
+        checkpoint=checkpoint, host=host, port=port, model_name=model_name, max_queue=max_queue,
+        device=device, dtype=dtype, threads=threads, log_level=log_level,
+    )  # fmt: skip
+    try:
+        settings = EngineSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        typer.echo(f"llm-engine: invalid settings:\n{e}", err=True)
+        raise typer.Exit(2) from None
+    setup_logging(settings.log_level)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    sys.exit(asyncio.run(serve(settings)))
+
+
+def main() -> None:
+    app()

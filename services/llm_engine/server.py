@@ -1,0 +1,231 @@
+"""The grpc.aio server: Engine servicer, standard health service, model loading.
+
+The server binds and answers health checks (NOT_SERVING) before the model is loaded,
+so a supervisor sees a live process during a long load; Engine RPCs answer UNAVAILABLE
+until the model is ready, then health turns SERVING. Handlers never touch the model:
+they validate, hand a request to the scheduler thread and relay its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from llm.checkpoint import LoadedModel, load_checkpoint
+from llm_engine import validation
+from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_engine.scheduler import Event, Failed, Finished, GenerationRequest, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class EngineState:
+    """Everything that exists once the model is loaded."""
+
+    loaded: LoadedModel
+    scheduler: Scheduler
+    model_id: str
+    dtype: str
+    created: int
+
+
+class EngineServicer(pb_grpc.EngineServicer):
+    def __init__(self) -> None:
+        self.state: EngineState | None = None
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> EngineState:
+        if self.state is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        assert self.state is not None
+        return self.state
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        state = await self._ready(context)
+        config = state.loaded.config
+        try:
+            spec = validation.generation_spec(
+                request,
+                state.loaded.tokenizer,
+                vocab_size=config.vocab_size,
+                context_length=config.max_seq_len,
+            )
+        except validation.InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # called on the scheduler thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = GenerationRequest(spec, sink)
+        if request.request_id:
+            job.request_id = request.request_id
+        try:
+            state.scheduler.submit(job)
+        except QueueFull as e:
+            log.warning("queue_full", extra={"request_id": job.request_id, "reason": str(e)})
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"engine queue is full: {e}")
+
+        decode = state.loaded.tokenizer.decode
+        done = False
+        try:
+            while not done:
+                # Relay everything that is ready as one chunk: a slow reader gets fewer,
+                # larger chunks instead of an ever longer backlog.
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                chunk, failure = _merge(batch, decode)
+                done = failure is not None or chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                if failure is None or chunk.token_ids:
+                    yield chunk
+                if failure is not None:
+                    code = (
+                        grpc.StatusCode.UNAVAILABLE
+                        if failure.unavailable
+                        else grpc.StatusCode.INTERNAL
+                    )
+                    await context.abort(code, failure.message)
+        except asyncio.CancelledError:
+            # The client went away or the deadline passed (context.cancelled() stays False
+            # in grpc.aio, so the exception is the signal): free the slot at the next token.
+            log.info("request_cancel_requested", extra={"request_id": job.request_id})
+            raise
+        finally:
+            if not done:
+                job.cancel()
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        state = await self._ready(context)
+        try:
+            ids = validation.tokenize(request, state.loaded.tokenizer)
+        except validation.InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        state = await self._ready(context)
+        loaded = state.loaded
+        return pb.ModelInfoResponse(
+            model_id=state.model_id,
+            context_length=loaded.config.max_seq_len,
+            vocab_size=loaded.config.vocab_size,
+            slots=state.scheduler.n_slots,
+            dtype=state.dtype,
+            has_chat_template=loaded.tokenizer.has_chat_template,
+            n_params=loaded.model.num_params(),
+            created=state.created,
+        )
+
+
+def _merge(
+    events: list[Event], decode: Callable[[list[int]], str]
+) -> tuple[pb.GenerateChunk, Failed | None]:
+    """Fold scheduler events into one chunk; stop at a failure or the finish."""
+    chunk = pb.GenerateChunk()
+    for event in events:
+        if isinstance(event, Failed):
+            return chunk, event
+        if isinstance(event, Finished):
+            chunk.token_ids.extend(event.token_ids)
+            chunk.text += event.text
+            chunk.finish_reason = _FINISH[event.reason]
+            chunk.usage.prompt_tokens = event.prompt_tokens
+            chunk.usage.completion_tokens = event.completion_tokens
+            return chunk, None
+        chunk.token_ids.append(event.token_id)
+        chunk.text += event.text
+        if event.logprob is not None:
+            lp = pb.TokenLogprob(
+                token_id=event.token_id, token=decode([event.token_id]), logprob=event.logprob
+            )
+            chunk.logprobs.append(lp)
+    return chunk, None
+
+
+@dataclass
+class RunningEngine:
+    server: grpc.aio.Server
+    port: int
+    servicer: EngineServicer
+    health: health.aio.HealthServicer
+
+    async def load(
+        self,
+        checkpoint: str,
+        *,
+        model_name: str | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_queue: int = 64,
+    ) -> EngineState:
+        """Load the checkpoint (off the event loop), start the scheduler, go SERVING."""
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
+        scheduler = Scheduler(loaded.model, loaded.tokenizer, max_queue=max_queue)
+        scheduler.start()
+        state = EngineState(
+            loaded=loaded,
+            scheduler=scheduler,
+            model_id=model_name or loaded.name,
+            dtype=str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            created=int(time.time()),
+        )
+        self.servicer.state = state
+        for service in ("", ENGINE_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "model_loaded",
+            extra={
+                "model_id": state.model_id,
+                "checkpoint": loaded.uri,
+                "n_params": loaded.model.num_params(),
+                "device": device,
+                "dtype": state.dtype,
+                "load_s": round(time.monotonic() - started, 3),
+            },
+        )
+        return state
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, let running streams finish for `grace` s, stop the thread."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.servicer.state is not None:
+            await asyncio.to_thread(self.servicer.state.scheduler.stop)
+        log.info("engine_stopped")
+
+
+async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
+    """Bind and start the server (health NOT_SERVING, no model yet); port 0 picks a free one."""
+    # so_reuseport=0: a second engine on a taken port must fail, not silently share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    servicer = EngineServicer()
+    pb_grpc.add_EngineServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", ENGINE_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("engine_started", extra={"host": host, "port": bound})
+    return RunningEngine(server, bound, servicer, health_servicer)

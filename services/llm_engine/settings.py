@@ -1,0 +1,34 @@
+"""Engine settings: defaults < `LLM_ENGINE_*` environment variables < CLI flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_ENGINE_", extra="ignore")
+
+    checkpoint: str = Field(
+        description="run directory (newest committed checkpoint) or one checkpoint"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
+    model_name: str | None = Field(default=None, description="served model id; default: run name")
+    max_queue: int = Field(
+        default=64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED"
+    )
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0: torch's default")
+    log_level: str = "INFO"
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES.get(self.dtype)

@@ -1,0 +1,163 @@
+"""Turn `GenerateRequest`/`TokenizeRequest` protos into checked engine inputs.
+
+Every problem raises `InvalidArgument` whose message starts with the proto field path
+(`sampling.temperature: must be >= 0`), which the servicer returns as INVALID_ARGUMENT
+and the gateway maps back to an OpenAI `param`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llm.data.tokenizers import BaseTokenizer
+from llm.inference import SamplingParams, max_new_tokens_for
+from llm_engine.proto.v1 import engine_pb2 as pb
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_STOP_STRINGS = 16  # each one is searched on every token
+
+
+class InvalidArgument(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated request: what the scheduler needs, nothing from the wire."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int  # already capped by the context, >= 1
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    logprobs: bool
+
+
+def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
+    if not chat.messages:
+        raise InvalidArgument(field, "at least one message is required")
+    out = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"{field}.messages[{i}].role", f"{m.role!r} is not one of {sorted(CHAT_ROLES)}"
+            )
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def encode_chat(
+    tokenizer: BaseTokenizer, chat: pb.ChatMessages, field: str, add_generation_prompt: bool
+) -> list[int]:
+    messages = chat_messages(chat, field)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template may raise anything (jinja, transformers)
+        raise InvalidArgument(field, f"the chat template rejected the messages: {e}") from e
+    return tokenizer.encode(text)
+
+
+def prompt_ids(request: pb.GenerateRequest, tokenizer: BaseTokenizer, vocab_size: int) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("input", "one of text, chat or token_ids is required")
+    if kind == "text":
+        if not request.text:
+            raise InvalidArgument("text", "must not be empty")
+        return tokenizer.encode(request.text)
+    if kind == "chat":
+        return encode_chat(tokenizer, request.chat, "chat", add_generation_prompt=True)
+    ids = list(request.token_ids.ids)
+    if not ids:
+        raise InvalidArgument("token_ids.ids", "must not be empty")
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise InvalidArgument(
+                f"token_ids.ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})"
+            )
+    return ids
+
+
+def sampling_params(s: pb.SamplingParams) -> SamplingParams:
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InvalidArgument("sampling.temperature", f"must be >= 0, got {s.temperature}")
+    # proto3 floats have no presence: 0 means "not set", i.e. no nucleus filtering.
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1] (0: unset), got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
+    # Accepted by the API, not implemented yet: refuse rather than silently ignore.
+    if s.min_p != 0:
+        raise InvalidArgument("sampling.min_p", "is not supported by this engine yet")
+    if s.repetition_penalty not in (0.0, 1.0):
+        raise InvalidArgument("sampling.repetition_penalty", "is not supported by this engine yet")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(s, name) != 0:
+            raise InvalidArgument(f"sampling.{name}", "is not supported by this engine yet")
+    return SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p or 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+
+
+def generation_spec(
+    request: pb.GenerateRequest,
+    tokenizer: BaseTokenizer,
+    *,
+    vocab_size: int,
+    context_length: int,
+) -> GenerationSpec:
+    sampling = sampling_params(request.sampling)
+    stopping = request.stopping
+    if stopping.max_tokens < 0:
+        raise InvalidArgument("stopping.max_tokens", f"must be >= 0, got {stopping.max_tokens}")
+    if len(stopping.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, s in enumerate(stopping.stop):
+        if not s:
+            raise InvalidArgument(f"stopping.stop[{i}]", "must not be empty")
+    for i, t in enumerate(stopping.stop_token_ids):
+        if not 0 <= t < vocab_size:
+            raise InvalidArgument(
+                f"stopping.stop_token_ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})"
+            )
+    if request.top_logprobs < 0:
+        raise InvalidArgument("top_logprobs", f"must be >= 0, got {request.top_logprobs}")
+    if request.top_logprobs > 0:
+        raise InvalidArgument("top_logprobs", "is not supported by this engine yet")
+
+    ids = prompt_ids(request, tokenizer, vocab_size)
+    if not ids:
+        raise InvalidArgument("input", "the input encodes to no tokens")
+    if len(ids) >= context_length:
+        raise InvalidArgument(
+            "input",
+            f"the prompt has {len(ids)} tokens but the context length is {context_length}; "
+            f"at most {context_length - 1} leave room for a new token",
+        )
+    stop_ids = set(stopping.stop_token_ids)
+    if tokenizer.eos_id is not None and not stopping.ignore_eos:
+        stop_ids.add(tokenizer.eos_id)
+    wanted = stopping.max_tokens or context_length  # 0: up to the context length
+    return GenerationSpec(
+        prompt_ids=ids,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens_for(context_length, len(ids), wanted),
+        stop=tuple(stopping.stop),
+        stop_token_ids=frozenset(stop_ids),
+        logprobs=request.logprobs,
+    )
+
+
+def tokenize(request: pb.TokenizeRequest, tokenizer: BaseTokenizer) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        return tokenizer.encode(request.text)
+    if kind == "chat":
+        return encode_chat(tokenizer, request.chat, "chat", request.add_generation_prompt)
+    raise InvalidArgument("input", "one of text or chat is required")

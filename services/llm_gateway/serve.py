@@ -1,0 +1,113 @@
+"""`llm-serve`: engine and gateway in one process, for one machine or a demo.
+
+    llm-serve --checkpoint runs/demo --host 127.0.0.1 --port 8000
+
+The engine's grpc.aio server listens on an ephemeral 127.0.0.1 port and shares the event
+loop with the gateway (the model itself runs on the scheduler thread, so HTTP stays
+responsive). HTTP is up at once: /healthz answers while the model loads, /readyz once it
+is SERVING. Prints `{"event": "gateway_listening", "host", "port": N, "engine_port": M}`.
+Exit code 1 when the checkpoint cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Annotated
+
+import torch
+import typer
+
+from llm_engine.jsonlog import setup_logging
+from llm_engine.server import start_engine
+from llm_engine.settings import EngineSettings
+from llm_gateway.app import create_app
+from llm_gateway.cli import HttpServer, settings_from_flags
+from llm_gateway.settings import GatewaySettings
+
+log = logging.getLogger("llm_gateway.serve")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettings) -> int:
+    engine = await start_engine("127.0.0.1", 0)
+    gateway_settings = gateway_settings.model_copy(update={"engine": f"127.0.0.1:{engine.port}"})
+    try:
+        http = HttpServer(
+            create_app(gateway_settings), gateway_settings.host, gateway_settings.port
+        )
+    except OSError as e:
+        log.error("bind_failed", extra={"port": gateway_settings.port, "error": str(e)})
+        await engine.stop(0)
+        return 1
+    failed = False
+
+    async def load() -> None:
+        nonlocal failed
+        try:
+            await engine.load(
+                engine_settings.checkpoint,
+                model_name=engine_settings.model_name,
+                device=engine_settings.device,
+                dtype=engine_settings.torch_dtype,
+                max_queue=engine_settings.max_queue,
+            )
+        except Exception as e:
+            log.error(
+                "model_load_failed",
+                extra={"checkpoint": engine_settings.checkpoint, "error": str(e)},
+            )
+            failed = True
+            http.stop()
+
+    loading = asyncio.create_task(load())
+    try:
+        await http.serve(engine_port=engine.port)
+    finally:
+        loading.cancel()
+        await engine.stop(engine_settings.shutdown_grace_s)
+    return 1 if failed else 0
+
+
+@app.command()
+def run(
+    checkpoint: Annotated[
+        str | None, typer.Option(help="run dir or checkpoint dir (or s3:// URI)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port; 0 picks a free one")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="served model id (default: run name)")
+    ] = None,
+    max_queue: Annotated[int | None, typer.Option(help="waiting requests before 429")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="accepted Bearer key (repeatable)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
+) -> None:
+    """Serve a checkpoint with the OpenAI API, engine and gateway in one process."""
+    engine_flags = dict(
+        checkpoint=checkpoint, model_name=model_name, max_queue=max_queue, device=device,
+        dtype=dtype, threads=threads, log_level=log_level,
+    )  # fmt: skip
+    gateway_flags = dict(host=host, port=port, api_keys=api_key or None, log_level=log_level)
+    engine_settings = settings_from_flags(EngineSettings, engine_flags)
+    gateway_settings = settings_from_flags(GatewaySettings, gateway_flags)
+    assert isinstance(engine_settings, EngineSettings)
+    assert isinstance(gateway_settings, GatewaySettings)
+    setup_logging(gateway_settings.log_level)
+    if engine_settings.threads:
+        torch.set_num_threads(engine_settings.threads)
+    sys.exit(asyncio.run(serve(engine_settings, gateway_settings)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

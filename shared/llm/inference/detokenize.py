@@ -1,0 +1,97 @@
+"""Incremental detokenization with stop strings.
+
+Tokens are not characters: a byte-level BPE token can end in the middle of a UTF-8
+sequence, and SentencePiece-style tokens decode differently depending on what precedes
+them. So text is produced by decoding a short window of ids twice (with and without the
+newest ids) and emitting the difference, and only once it does not end in the U+FFFD
+replacement character that marks an incomplete sequence (the offsets scheme of
+vLLM's `detokenize_incrementally` and HF's `TextStreamer`).
+
+Stop strings are matched on the text, not on tokens, so one split across tokens still
+stops. Text that could be the beginning of a stop string is held back until the next
+tokens decide it; the stop string itself is never emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+_INCOMPLETE = "\ufffd"
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas.
+
+    Args:
+        tokenizer: anything with `decode(ids) -> str`.
+        stop: stop strings; generation text ends before the earliest one found.
+        context_ids: ids that precede the generated ones (e.g. the prompt's last few):
+            decoded only as context so the first generated token gets its leading space
+            right; never emitted.
+    """
+
+    def __init__(
+        self, tokenizer: _Decoder, *, stop: Sequence[str] = (), context_ids: Sequence[int] = ()
+    ) -> None:
+        if any(not s for s in stop):
+            raise ValueError("stop: stop strings must be non-empty")
+        self._tokenizer = tokenizer
+        self._stop = tuple(stop)
+        self._ids = list(context_ids)
+        self._prefix = 0  # start of the decode window
+        self._read = len(self._ids)  # ids before this are already turned into text
+        self._pending = ""  # decoded but held back: it may start a stop string
+        self.text = ""  # everything emitted so far
+        self.stopped = False  # a stop string was found; further tokens are ignored
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append generated ids; return the new text that is safe to emit (maybe "")."""
+        if self.stopped:
+            return ""
+        self._ids.extend(token_ids)
+        return self._release(self._decode_new(final=False), final=False)
+
+    def flush(self) -> str:
+        """Generation ended without a stop string: emit everything still held back."""
+        if self.stopped:
+            return ""
+        return self._release(self._decode_new(final=True), final=True)
+
+    def _decode_new(self, *, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        full_text = self._tokenizer.decode(self._ids[self._prefix :])
+        if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(_INCOMPLETE)):
+            return ""  # half a character (or nothing visible yet): wait for more ids
+        self._prefix, self._read = self._read, len(self._ids)
+        return full_text[len(prefix_text) :]
+
+    def _release(self, new_text: str, *, final: bool) -> str:
+        pending = self._pending + new_text
+        # Earlier emitted text cannot hold the start of a stop string (it would have been
+        # held back), so searching only the pending text finds every match.
+        hits = [i for s in self._stop if (i := pending.find(s)) >= 0]
+        if hits:
+            out, self._pending, self.stopped = pending[: min(hits)], "", True
+        elif final:
+            out, self._pending = pending, ""
+        else:
+            hold = self._stop_prefix_len(pending)
+            out, self._pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+        self.text += out
+        return out
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        longest = max((len(s) for s in self._stop), default=0)
+        for k in range(min(len(text), longest - 1), 0, -1):
+            suffix = text[-k:]
+            if any(s.startswith(suffix) for s in self._stop):
+                return k
+        return 0

@@ -1,0 +1,69 @@
+"""Start the real services as processes (`python -m ...`) on 127.0.0.1 ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from llm_engine.jsonlog import read_announcement
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    announcement: dict
+
+    def logs(self) -> list[dict]:
+        return [
+            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
+        ]
+
+
+def start(module: str, args: list[str], log: Path, event: str) -> Service:
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=ENV,
+        )
+    try:
+        announcement = read_announcement(proc.stdout, event, timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"{module} did not start:\n{log.read_text()[-3000:]}") from None
+    return Service(proc, announcement["port"], log, announcement)
+
+
+def stop(service: Service) -> int:
+    service.proc.terminate()
+    try:
+        return service.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        service.proc.kill()
+        return service.proc.wait()
+
+
+def wait_ready(base_url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url} did not become ready")

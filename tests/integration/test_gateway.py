@@ -1,0 +1,224 @@
+"""The gateway app in-process: request validation, auth, and engine status -> HTTP mapping.
+
+The engine side is a real gRPC server on 127.0.0.1 whose servicer answers with the status
+a test asks for (the model-backed engine is exercised in test_engine.py and tests/e2e).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_gateway.app import create_app
+from llm_gateway.settings import GatewaySettings
+
+MODEL = "stub-model"
+
+
+class ScriptedEngine(pb_grpc.EngineServicer):
+    """Answers Generate according to the prompt text, and remembers the last request."""
+
+    def __init__(self) -> None:
+        self.last: pb.GenerateRequest | None = None
+
+    def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        return pb.ModelInfoResponse(model_id=MODEL, context_length=64, created=1700000000)
+
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateChunk]:
+        self.last = request
+        text = request.text if request.WhichOneof("input") == "text" else ""
+        if text.startswith("abort:"):
+            code = grpc.StatusCode[text.removeprefix("abort:")]
+            context.abort(code, "stopping.max_tokens: must be >= 0, got -3")
+        if text == "slow":
+            time.sleep(2)
+        if text == "midstream":
+            yield pb.GenerateChunk(token_ids=[1], text="partial")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
+        yield pb.GenerateChunk(token_ids=[5], text="ok")
+        yield pb.GenerateChunk(
+            finish_reason=pb.FINISH_REASON_LENGTH,
+            usage=pb.Usage(prompt_tokens=3, completion_tokens=1),
+        )
+
+
+@pytest.fixture(scope="module")
+def stub_engine() -> Iterator[tuple[int, ScriptedEngine]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = ScriptedEngine()
+    pb_grpc.add_EngineServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, servicer
+    server.stop(0)
+
+
+@pytest.fixture
+def client(stub_engine: tuple[int, ScriptedEngine]) -> Iterator[TestClient]:
+    settings = GatewaySettings(engine=f"127.0.0.1:{stub_engine[0]}", request_timeout_s=1.0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def completion(**overrides: object) -> dict:
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 4, **overrides}
+
+
+def chat(**overrides: object) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **overrides}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", completion(temperature=-1), "temperature"),
+        ("/v1/completions", completion(temperature="hot"), "temperature"),
+        ("/v1/completions", completion(top_p=0), "top_p"),
+        ("/v1/completions", completion(max_tokens=-5), "max_tokens"),
+        ("/v1/completions", completion(n=2), "n"),
+        ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"]), "stop"),
+        ("/v1/completions", completion(stop=""), "stop"),
+        ("/v1/completions", completion(echo=True), "echo"),
+        ("/v1/completions", completion(logprobs=2), "logprobs"),
+        ("/v1/completions", completion(prompt=["a", "b"]), "prompt"),
+        ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/completions", {"prompt": "x"}, "model"),
+        ("/v1/chat/completions", chat(messages=[]), "messages"),
+        ("/v1/chat/completions", chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content"),
+        ("/v1/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens"),
+        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
+        ("/v1/chat/completions", chat(top_logprobs=3, logprobs=True), "top_logprobs"),
+        ("/v1/chat/completions", chat(seed="x"), "seed"),
+    ],
+)  # fmt: skip
+def test_invalid_parameters_are_openai_400s(
+    client: TestClient, path: str, body: dict, param: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"', b""])
+def test_malformed_bodies_are_400_not_500(client: TestClient, raw: bytes) -> None:
+    response = client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    response = client.post("/v1/completions", json=completion(model="gpt-nope"))
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "model_not_found"
+    assert client.get("/v1/models/gpt-nope").status_code == 404
+    assert client.get("/v1/models/" + MODEL).json()["id"] == MODEL
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("prompt", "status", "param"),
+    [
+        ("abort:INVALID_ARGUMENT", 400, "max_tokens"),
+        ("abort:RESOURCE_EXHAUSTED", 429, None),
+        ("abort:UNAVAILABLE", 503, None),
+        ("abort:INTERNAL", 500, None),
+        ("slow", 504, None),
+    ],
+)
+def test_engine_status_maps_to_http(client: TestClient, prompt: str, status: int, param: str | None, stream: bool) -> None:  # fmt: skip
+    response = client.post("/v1/completions", json=completion(prompt=prompt, stream=stream))
+    assert response.status_code == status, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    if status == 500:  # an engine failure is reported without its internals
+        assert "max_tokens" not in error["message"]
+
+
+def test_mid_stream_engine_error_is_reported_in_band(client: TestClient) -> None:
+    response = client.post("/v1/completions", json=completion(prompt="midstream", stream=True))
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert json.loads(events[0])["choices"][0]["text"] == "partial"
+    assert "error" in json.loads(events[-1])
+    assert "[DONE]" not in events
+
+
+def test_requests_map_onto_the_engine_api(
+    client: TestClient, stub_engine: tuple[int, ScriptedEngine]
+) -> None:
+    servicer = stub_engine[1]
+    body = chat(
+        messages=[{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        max_tokens=9, max_completion_tokens=7, stop="END", seed=-1, temperature=0.5, top_p=0.9,
+    )  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    sent = servicer.last
+    assert [(m.role, m.content) for m in sent.chat.messages] == [("system", "s"), ("user", "ab")]
+    assert sent.stopping.max_tokens == 7  # max_completion_tokens wins over the legacy name
+    assert list(sent.stopping.stop) == ["END"]
+    assert sent.sampling.seed == (1 << 64) - 1  # int64 -1 as the engine's uint64
+    assert sent.sampling.temperature == pytest.approx(0.5)
+    assert sent.sampling.top_p == pytest.approx(0.9)
+    assert sent.request_id.startswith("chatcmpl-")
+    reply = response.json()
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
+    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+    client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3]})
+    assert list(servicer.last.token_ids.ids) == [1, 2, 3]
+    assert servicer.last.stopping.max_tokens == 16  # OpenAI's completions default
+    assert servicer.last.sampling.temperature == pytest.approx(1.0)
+
+
+def test_api_keys(stub_engine: tuple[int, ScriptedEngine]) -> None:
+    settings = GatewaySettings(engine=f"127.0.0.1:{stub_engine[0]}", api_keys=["k1", "k2"])
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/healthz").status_code == 200  # probes need no key
+        assert c.get("/v1/models").status_code == 401
+        wrong = c.get("/v1/models", headers={"Authorization": "Bearer k3"})
+        assert wrong.status_code == 401
+        assert error_of(wrong)["code"] == "invalid_api_key"
+        assert (
+            c.get("/v1/models", headers={"Authorization": "Bearer k2"}).json()["data"][0]["id"]
+            == MODEL
+        )
+
+
+def test_engine_down_is_503_and_not_ready() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with TestClient(create_app(GatewaySettings(engine=f"127.0.0.1:{port}"))) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503
+        response = c.post("/v1/completions", json=completion())
+        assert response.status_code == 503
+        assert error_of(response)["code"] == "engine_unavailable"
+        assert c.get("/v1/models").status_code == 503

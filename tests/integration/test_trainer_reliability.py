@@ -1,0 +1,205 @@
+"""The trainer survives crashes: real torchrun workers, a real S3 API, real SIGKILLs.
+
+- A worker killed mid-run: torchrun restarts the group, which resumes from the newest
+  committed checkpoint in S3 and ends with weights bitwise equal to an uninterrupted run
+  (CPU, fp32, gloo: every op is deterministic, so equality is exact).
+- The whole job killed while a checkpoint is being written (its manifest upload held by a
+  proxy in front of S3): the partial checkpoint is ignored, the restart resumes from the
+  previous one and still ends bitwise equal.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+from llm import storage
+from llm.checkpoint import load_checkpoint
+from llm.data.corpus import default_corpus
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 120
+
+
+def trainer_args(corpus: Path, run_dir: str) -> list[str]:
+    return [
+        "--data.source", str(corpus), "--model.preset", "tiny",
+        "--training.max-steps", str(MAX_STEPS), "--training.batch-size", "4",
+        "--training.block-size", "32", "--training.eval-interval", "60",
+        "--training.eval-batches", "2", "--training.log-interval", "10",
+        "--checkpoint.interval", "20", "--checkpoint.keep-last", "3",
+        "--checkpoint.run-dir", run_dir,
+    ]  # fmt: skip
+
+
+def torchrun(corpus: Path, run_dir: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-conf=last_call_timeout=1", "--max-restarts=3", "--monitor-interval=0.5",
+        "-m", "llm_trainer", *trainer_args(corpus, run_dir),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(default_corpus()[:15]))
+    return path
+
+
+def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    loaded = load_checkpoint(run_dir)
+    assert loaded.uri.endswith(f"step-{MAX_STEPS:08d}")
+    return loaded.model.state_dict()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def start_events(run_dir: str) -> list[int]:
+    lines = storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["event"] == "start"]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def worker_with_rank(agent_pid: int, rank: int) -> int | None:
+    for pid in children(agent_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def wait_for_checkpoint(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = storage.latest_checkpoint(run_dir)
+        if latest is not None and int(latest.rsplit("-", 1)[1]) >= step:
+            return
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint >= {step} in {run_dir}")
+
+
+def test_killed_worker_restarts_and_resumes_exactly(s3_bucket: str, corpus: Path) -> None:
+    reference = f"{s3_bucket}/reference"
+    subprocess.run(torchrun(corpus, reference), check=True, capture_output=True, timeout=400)
+
+    run = f"{s3_bucket}/killed"
+    proc = subprocess.Popen(torchrun(corpus, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_checkpoint(run, 40, proc)
+        victim = worker_with_rank(proc.pid, 1)
+        assert victim is not None, "rank 1 worker not found"
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()[-3000:]
+    starts = start_events(run)
+    assert starts[0] == 0 and len(starts) >= 2 and starts[-1] >= 40, starts  # it resumed
+    assert_same_weights(final_weights(run), final_weights(reference))
+
+
+class _HoldManifest(ThreadingHTTPServer):
+    """A pass-through proxy to S3 that holds the upload of one checkpoint's manifest."""
+
+    def __init__(self, upstream: str, hold: str) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream, self.hold = upstream, hold
+        self.holding, self.release = threading.Event(), threading.Event()
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HoldManifest
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        if self.command == "PUT" and self.server.hold in self.path and not self.server.release.is_set():
+            self.server.holding.set()
+            self.server.release.wait(120)
+            self.close_connection = True
+            return  # the client never gets an answer: its process is gone by now
+        host, port = self.server.upstream.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request(self.command, self.path, body or None, dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", resp.getheader("Content-Length") or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+def test_job_killed_while_writing_a_checkpoint_resumes_from_the_previous(
+    s3_bucket: str, corpus: Path
+) -> None:
+    single = lambda run: [sys.executable, "-m", "llm_trainer", *trainer_args(corpus, run)]  # noqa: E731
+    reference = f"{s3_bucket}/reference-1p"
+    subprocess.run(single(reference), check=True, capture_output=True, timeout=400)
+
+    run = f"{s3_bucket}/partial"
+    upstream = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
+    proxy = _HoldManifest(upstream, hold="partial/checkpoints/step-00000040/manifest.json")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    try:
+        proc = subprocess.Popen(single(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proxy.holding.wait(240), "the step-40 manifest upload never started"
+        proc.kill()  # the whole job dies with step 40's files written but not committed
+        proc.wait(30)
+    finally:
+        proxy.release.set()
+    partial = storage.checkpoint_dir(run, 40)
+    assert storage.exists(storage.join(partial, "model.safetensors"))
+    assert not storage.is_committed(partial)
+    assert storage.latest_checkpoint(run).endswith("step-00000020")
+
+    subprocess.run(single(run), check=True, capture_output=True, timeout=400, env=env)
+    proxy.shutdown()
+    assert start_events(run)[-1] == 20  # the restart skipped the partial step 40
+    assert_same_weights(final_weights(run), final_weights(reference))
