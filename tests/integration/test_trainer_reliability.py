@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import free_port
 
-from conftest import free_port
 from llm import storage
 from llm.checkpoint import load_checkpoint
 from llm.data.corpus import default_corpus
@@ -102,7 +102,9 @@ def worker_with_rank(agent_pid: int, rank: int) -> int | None:
     return None
 
 
-def wait_for_checkpoint(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_checkpoint(
+    run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 240
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         latest = storage.latest_checkpoint(run_dir)
@@ -152,7 +154,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        if self.command == "PUT" and self.server.hold in self.path and not self.server.release.is_set():
+        if (
+            self.command == "PUT"
+            and self.server.hold in self.path
+            and not self.server.release.is_set()
+        ):
             self.server.holding.set()
             self.server.release.wait(120)
             self.close_connection = True
@@ -188,7 +194,9 @@ def test_job_killed_while_writing_a_checkpoint_resumes_from_the_previous(
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
     try:
-        proc = subprocess.Popen(single(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            single(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         assert proxy.holding.wait(240), "the step-40 manifest upload never started"
         proc.kill()  # the whole job dies with step 40's files written but not committed
         proc.wait(30)

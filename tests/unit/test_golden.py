@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-
-from conftest import train_tiny
+from support import train_tiny
 
 GOLDEN = [
     4.58443, 4.46262, 4.5641, 4.38565, 4.39485, 4.28013, 4.21723, 4.06913, 4.00011, 4.00242,

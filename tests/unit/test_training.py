@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import train_tiny
 
-from conftest import train_tiny
 from llm import storage
 from llm.checkpoint import load_checkpoint, load_trainer_state
 from llm.config import ModelConfig
-from llm.training.optim import build_optimizer, build_scheduler, lr_factor
 from llm.training.engine import TrainingEngine
+from llm.training.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def test_short_run_lowers_validation_loss(tiny_run: tuple[Path, TrainingEngine]) -> None:

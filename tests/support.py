@@ -1,0 +1,53 @@
+"""Helpers shared by tests (a module, not conftest, so tests can import it by name)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.data.corpus import default_corpus
+from llm.data.dataset import TokenWindows, tokenize_documents
+from llm.data.tokenizers import SimpleCharacterTokenizer
+from llm.settings import load_settings
+from llm.training.distributed import DistInfo
+from llm.training.engine import TrainingEngine
+from llm.training.lm_data import RandomWindowData
+from llm.training.run import run_training
+
+TINY_STEPS = 300
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def tiny_settings(run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[str, Any]) -> Any:
+    """Settings for the `tiny` preset on Python's reference docs (seconds on 2 cores)."""
+    base: dict[str, dict[str, Any]] = {
+        "model": {"preset": "tiny"},
+        "training": {"max_steps": max_steps, "batch_size": 16, "block_size": 64,
+                     "eval_interval": 100, "eval_batches": 10, "log_interval": 100},
+        "optimization": {"lr": 3e-3, "warmup_steps": 20},
+        "checkpoint": {"run_dir": str(run_dir), "interval": 100},
+    }  # fmt: skip
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_settings(base)
+
+
+def train_tiny(
+    run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[str, Any]
+) -> TrainingEngine:
+    settings = tiny_settings(run_dir, max_steps, **sections)
+    docs = default_corpus()
+    tok = SimpleCharacterTokenizer.train("".join(docs))
+    t = settings.training
+    windows = TokenWindows(tokenize_documents(docs, tok), t.block_size, settings.data.val_fraction)
+    data = RandomWindowData(windows, t.batch_size, t.seed, eval_batches=t.eval_batches)
+    return run_training(settings, tok, data, CPU)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
