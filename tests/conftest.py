@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         fs = s3fs.S3FileSystem(
             key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True
         )
-        fs.mkdir("ckpts")
-        yield "s3://ckpts"
+        # moto keeps its buckets per process, shared by every server it runs: a fresh name
+        # per test keeps tests independent.
+        bucket = f"ckpts-{uuid.uuid4().hex[:12]}"
+        fs.mkdir(bucket)
+        yield f"s3://{bucket}"
     finally:
         server.stop()

@@ -42,6 +42,8 @@ def trainer_args(corpus: Path, run_dir: str) -> list[str]:
         "--training.eval-batches", "2", "--training.log-interval", "10",
         "--checkpoint.interval", "20", "--checkpoint.keep-last", "3",
         "--checkpoint.run-dir", run_dir,
+        # A collective whose peer was killed fails fast instead of waiting the default 10 min.
+        "--distributed.timeout-s", "60",
     ]  # fmt: skip
 
 
@@ -115,22 +117,26 @@ def wait_for_checkpoint(
     raise TimeoutError(f"no checkpoint >= {step} in {run_dir}")
 
 
-def test_killed_worker_restarts_and_resumes_exactly(s3_bucket: str, corpus: Path) -> None:
+def test_killed_worker_restarts_and_resumes_exactly(
+    s3_bucket: str, corpus: Path, tmp_path: Path
+) -> None:
     reference = f"{s3_bucket}/reference"
     subprocess.run(torchrun(corpus, reference), check=True, capture_output=True, timeout=400)
 
     run = f"{s3_bucket}/killed"
-    proc = subprocess.Popen(torchrun(corpus, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_checkpoint(run, 40, proc)
-        victim = worker_with_rank(proc.pid, 1)
-        assert victim is not None, "rank 1 worker not found"
-        os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out.decode()[-3000:]
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:  # a file, not a pipe: a full pipe would stall the workers
+        proc = subprocess.Popen(torchrun(corpus, run), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_checkpoint(run, 40, proc)
+            victim = worker_with_rank(proc.pid, 1)
+            assert victim is not None, "rank 1 worker not found"
+            os.kill(victim, signal.SIGKILL)
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, log.read_text()[-3000:]
     starts = start_events(run)
     assert starts[0] == 0 and len(starts) >= 2 and starts[-1] >= 40, starts  # it resumed
     assert_same_weights(final_weights(run), final_weights(reference))

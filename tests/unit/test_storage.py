@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from llm import storage
 from llm.storage import CheckpointError
 
@@ -152,7 +153,7 @@ def test_retain_keep_last_one(run: str) -> None:
 def test_s3_commit_resolve_and_reject_truncated(s3_bucket: str) -> None:
     run = storage.join(s3_bucket, "run")
     ckpt = storage.checkpoint_dir(run, 1)
-    assert ckpt == "s3://ckpts/run/checkpoints/step-00000001"
+    assert ckpt == f"{s3_bucket}/run/checkpoints/step-00000001"
     _write_ckpt(ckpt, commit=False)
     _write_ckpt(storage.checkpoint_dir(run, 2), commit=False)  # never committed
     assert storage.latest_checkpoint(run) is None
