@@ -54,7 +54,7 @@ def wait_engine_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
     raise TimeoutError("llm-engine did not start listening in time")
 
 
-def drain(stream) -> None:  # noqa: ANN001
+def drain(stream) -> None:
     for _ in stream:
         pass
 

@@ -141,8 +141,8 @@ def generation_spec(
             f"at most {context_length - 1} leave room for a new token",
         )
     stop_ids = set(stopping.stop_token_ids)
-    if tokenizer.eos_id is not None and not stopping.ignore_eos:
-        stop_ids.add(tokenizer.eos_id)
+    if not stopping.ignore_eos:  # EOS, and <|im_end|> for ChatML-tuned models
+        stop_ids.update(tokenizer.stop_ids)
     wanted = stopping.max_tokens or context_length  # 0: up to the context length
     return GenerationSpec(
         prompt_ids=ids,

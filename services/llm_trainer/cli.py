@@ -106,7 +106,9 @@ def train(settings: TrainerSettings) -> int:
 
     info = init_distributed(t.device, settings.distributed.backend, settings.distributed.timeout_s)
     try:
-        data = RandomWindowData(windows, t.batch_size, t.seed, info.rank, info.world_size, t.eval_batches)
+        data = RandomWindowData(
+            windows, t.batch_size, t.seed, info.rank, info.world_size, t.eval_batches
+        )
         engine = run_training(settings, tok, data, info)
     finally:
         destroy_distributed()

@@ -115,7 +115,9 @@ def load_checkpoint(
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
-            raise storage.CheckpointError(f"{ckpt}/{WEIGHTS}: weights do not match config: {e}") from e
+            raise storage.CheckpointError(
+                f"{ckpt}/{WEIGHTS}: weights do not match config: {e}"
+            ) from e
     model.tie_weights()
     model.reset_buffers(device)
     if dtype is not None:
@@ -138,4 +140,6 @@ def _run_name(ckpt_uri: str) -> str:
 
 
 def read_config(ckpt_uri: str) -> ModelConfig:
-    return ModelConfig.model_validate(json.loads(storage.read_bytes(storage.join(ckpt_uri, CONFIG))))
+    return ModelConfig.model_validate(
+        json.loads(storage.read_bytes(storage.join(ckpt_uri, CONFIG)))
+    )

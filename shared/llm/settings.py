@@ -51,7 +51,9 @@ ModelSection = create_model(
 
 class DataSection(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    source: str = Field(default="default", description="text file or directory; 'default' = Python's docs")
+    source: str = Field(
+        default="default", description="text file or directory; 'default' = Python's docs"
+    )
     tokenizer: str = Field(default="char", description="'char' or a local HF tokenizer directory")
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
 

@@ -10,26 +10,69 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.config import ModelConfig
+from llm.config import PRESETS, ModelConfig
 from llm.models.decoder import DecoderModel
 
 B = 2
 TOL = dict(atol=1e-5, rtol=1e-5)
+VOCAB = 97
 
-PRESETS = {
-    "tiny": {},
-    "tiny-mlp-layer_norm": dict(mlp_impl="mlp", norm_impl="layer_norm"),
-    "tiny-untied-bias": dict(
+
+def shrink(preset: str) -> dict[str, object]:
+    """Overrides that keep a preset's features (GQA, MoE, MLA, windows, scaling) at test size."""
+    p = PRESETS[preset]
+    o: dict[str, object] = dict(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=4, max_seq_len=64)
+    o["n_kv_heads"] = 4 if p.get("n_kv_heads", p["n_heads"]) == p["n_heads"] else 2
+    if "head_dim" in p:
+        o["head_dim"] = 10  # deliberately not dim / n_heads
+    if "hidden_dim" in p:
+        o["hidden_dim"] = 40
+    if p.get("mlp_impl") == "moe":
+        o.update(n_experts=4, n_experts_per_tok=2, moe_hidden_dim=24)
+        if p.get("shared_expert_hidden_dim"):
+            o["shared_expert_hidden_dim"] = 32
+    if p.get("attn_impl") == "mla":
+        o.update(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    if p.get("sliding_window"):
+        o["sliding_window"] = 5
+    if p.get("rope_scaling"):
+        o["rope_scaling"] = {**p["rope_scaling"], "original_max_seq_len": 16}
+    return o
+
+
+# name -> (preset, overrides on top of the shrunk preset)
+CASES: dict[str, tuple[str, dict[str, object]]] = {
+    **{name: (name, {}) for name in PRESETS if name not in ("tiny", "tiny-moe", "small")},
+    "tiny": ("tiny", {}),
+    "tiny-moe": ("tiny-moe", {}),
+    "tiny-mlp-layer_norm": ("tiny", dict(mlp_impl="mlp", norm_impl="layer_norm")),
+    "tiny-untied-bias": ("tiny", dict(
         tie_embeddings=False, attn_bias=True, attn_out_bias=True, mlp_bias=True
-    ),
-}
+    )),
+    "tiny-post-ln-geglu": ("tiny", dict(norm_position="post", mlp_impl="geglu")),
+    "tiny-nope-layer_norm-nobias": ("tiny", dict(
+        position="none", norm_impl="layer_norm", norm_bias=False
+    )),
+    "tiny-eager-sliding-layers": ("tiny", dict(
+        attn_backend="eager", sliding_window=3, sliding_window_layers=(1,)
+    )),
+    "tiny-moe-topk_softmax-groups-shared": ("tiny-moe", dict(
+        router_order="topk_softmax", router_n_groups=2, router_topk_groups=1, router_scale=2.0,
+        shared_expert_hidden_dim=40, shared_expert_gate=True, moe_dense_layers=(0,),
+    )),
+    "mla-low-rank-q": ("deepseek-v2-lite", dict(q_lora_rank=12, attn_bias=True, attn_out_bias=True)),
+}  # fmt: skip
+COMPILE_CASES = ("tiny", "tiny-moe", "deepseek-v2-lite", "bloom", "mistral")
 
 
-def build(name: str) -> DecoderModel:
-    torch.manual_seed(0)
+def build(name: str, **extra: object) -> DecoderModel:
+    preset, overrides = CASES[name]
+    shrunk = {} if preset.startswith("tiny") else shrink(preset)
     # A larger init than training uses, so logits are far from zero and a wrong cache
     # entry or position shows up well above the tolerance.
-    model = DecoderModel(ModelConfig.from_preset("tiny", init_std=0.1, **PRESETS[name])).eval()
+    config = ModelConfig.from_preset(preset, init_std=0.1, **{**shrunk, **overrides, **extra})
+    torch.manual_seed(0)
+    model = DecoderModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:  # norm weights and biases: not their trivial 1 / 0 init
@@ -38,10 +81,10 @@ def build(name: str) -> DecoderModel:
 
 
 def _tokens(*shape: int) -> torch.Tensor:
-    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", CASES)
 @torch.no_grad()
 def test_cached_decode_matches_full_forward(name: str) -> None:
     model = build(name)
@@ -59,9 +102,10 @@ def test_cached_decode_matches_full_forward(name: str) -> None:
         )
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "bloom", "mistral", "deepseek-v2-lite"])
 @torch.no_grad()
-def test_rows_decode_at_different_positions() -> None:
-    model = build("tiny")
+def test_rows_decode_at_different_positions(name: str) -> None:
+    model = build(name)
     steps, starts = 4, (3, 7)
     seqs = [_tokens(1, start + steps)[0] for start in starts]
     refs = [model(s[None])[0] for s in seqs]  # (L, V) each, no cache
@@ -82,7 +126,7 @@ def test_rows_decode_at_different_positions() -> None:
             torch.testing.assert_close(step[row, 0], refs[row][pos[row, 0]], **TOL)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", COMPILE_CASES)
 def test_decode_step_has_no_graph_break(name: str) -> None:
     model = build(name)
     model.setup_cache(B, max_seq_len=32)
@@ -102,6 +146,49 @@ def test_decode_step_has_no_graph_break(name: str) -> None:
         (dict(attn_impl="flash9000"), "attn_impl"),
         (dict(mlp_impl="moe9000"), "mlp_impl"),
         (dict(norm_impl="batch_norm"), "norm_impl"),
+        (dict(norm_bias=True), "norm_bias"),
+        (dict(sliding_window_layers=(0,)), "sliding_window_layers"),
+        (dict(sliding_window=4, sliding_window_layers=(1,)), "sliding_window_layers"),
+        (dict(mlp_impl="moe", n_experts=4), "n_experts_per_tok"),
+        (
+            dict(mlp_impl="moe", n_experts=4, n_experts_per_tok=5, moe_hidden_dim=8),
+            "n_experts_per_tok",
+        ),
+        (
+            dict(
+                mlp_impl="moe",
+                n_experts=4,
+                n_experts_per_tok=2,
+                moe_hidden_dim=8,
+                router_n_groups=3,
+                router_topk_groups=1,
+            ),
+            "router_n_groups",
+        ),
+        (
+            dict(
+                mlp_impl="moe",
+                n_experts=4,
+                n_experts_per_tok=2,
+                moe_hidden_dim=8,
+                moe_dense_layers=(1,),
+            ),
+            "moe_dense_layers",
+        ),
+        (dict(attn_impl="mla", kv_lora_rank=8), "qk_rope_head_dim"),
+        (
+            dict(
+                attn_impl="mla",
+                kv_lora_rank=8,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=4,
+                v_head_dim=8,
+                head_dim=16,
+            ),
+            "head_dim",
+        ),
+        (dict(position="alibi", rope_scaling=dict(kind="linear", factor=2.0)), "rope_scaling"),
+        (dict(rope_scaling=dict(kind="yarn", factor=2.0)), "original_max_seq_len"),
     ],
 )
 def test_config_errors_name_the_field(overrides: dict[str, object], field: str) -> None:
@@ -161,3 +248,42 @@ def test_rope_tables_stay_fp32_under_dtype_casts() -> None:
     assert model.rope_cos.dtype == torch.float32
     fresh = DecoderModel(ModelConfig.from_preset("tiny"))
     torch.testing.assert_close(model.rope_sin, fresh.rope_sin, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "bloom", "mistral", "deepseek-v2-lite"])
+@torch.no_grad()
+def test_eager_attention_matches_sdpa(name: str) -> None:
+    sdpa, eager = build(name), build(name, attn_backend="eager")
+    tokens = _tokens(B, 9)
+    torch.testing.assert_close(eager(tokens), sdpa(tokens), **TOL)
+    for model in (sdpa, eager):
+        model.setup_cache(B, max_seq_len=16)
+    pos = torch.arange(9).expand(B, 9)
+    torch.testing.assert_close(eager(tokens, pos), sdpa(tokens, pos), **TOL)
+
+
+def test_mla_cache_holds_the_latent_not_full_kv() -> None:
+    model = build("deepseek-v2-lite")
+    model.setup_cache(B, max_seq_len=16)
+    c, cache = model.config, model.layers[0].self_attn.kv_cache
+    assert cache.latent_cache.shape == (B, 16, c.kv_lora_rank)
+    assert cache.k_rope_cache.shape == (B, 16, c.qk_rope_head_dim)
+    assert model.cache_batch_size == B
+
+
+def test_router_losses_follow_the_last_forward() -> None:
+    dense = build("tiny")
+    dense(_tokens(B, 5))
+    assert dense.aux_loss() == 0
+    model = build("tiny-moe").train()
+    logits = model(_tokens(B, 7))
+    losses = model.router_losses()
+    # Perfect balance gives load_balance == top_k; anything else more. z >= 0 always.
+    assert losses["load_balance"] >= model.config.n_experts_per_tok - 1e-5
+    assert losses["z"] > 0
+    c = model.config
+    expected = c.router_aux_loss_coef * losses["load_balance"] + c.router_z_loss_coef * losses["z"]
+    torch.testing.assert_close(model.aux_loss(), expected)
+    # Differentiable: the router gets gradient from the aux loss alone.
+    (logits.sum() * 0 + model.aux_loss()).backward()
+    assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0

@@ -20,7 +20,9 @@ def yaml_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_precedence_cli_over_env_over_yaml(yaml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precedence_cli_over_env_over_yaml(
+    yaml_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLM_TRAINING__MAX_STEPS", "7")
     monkeypatch.setenv("LLM_OPTIMIZATION__LR", "0.02")
     cli, config, _ = parse_args(["--config", str(yaml_file), "--optimization.lr", "0.5"])
@@ -45,7 +47,9 @@ def test_every_model_field_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None
     assert cfg.n_layers == 3 and cfg.vocab_size == 99 and cfg.dim == 192  # rest from "small"
 
 
-def test_print_config_names_sources(yaml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+def test_print_config_names_sources(
+    yaml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.setenv("LLM_TRAINING__SEED", "42")
     assert main(["--config", str(yaml_file), "--training.max-steps", "9", "--print-config"]) == 0
     out = capsys.readouterr().out
@@ -59,7 +63,11 @@ def test_print_config_names_sources(yaml_file: Path, monkeypatch: pytest.MonkeyP
     ("argv", "env", "expected"),
     [
         (["--optimization.lr", "-1"], {}, "optimization.lr: Input should be greater than 0"),
-        (["--training.max-steps", "ten"], {}, "training.max_steps: Input should be a valid integer"),
+        (
+            ["--training.max-steps", "ten"],
+            {},
+            "training.max_steps: Input should be a valid integer",
+        ),
         ([], {"LLM_TRAINING__BATCH_SIZE": "0"}, "training.batch_size"),
         ([], {"LLM_OPTIMIZATION__SCHEDULE": "cosin"}, "optimization.schedule"),
         ([], {"LLM_TRAINING__NOPE": "1"}, "training.nope"),
@@ -67,7 +75,7 @@ def test_print_config_names_sources(yaml_file: Path, monkeypatch: pytest.MonkeyP
     ],
 )
 def test_invalid_values_exit_2_naming_the_field(
-    argv: list[str], env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys  # noqa: ANN001
+    argv: list[str], env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)

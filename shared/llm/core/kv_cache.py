@@ -1,13 +1,26 @@
-"""A preallocated KV cache written in place at device-side positions (gpt-fast style).
+"""Preallocated caches written in place at device-side positions (gpt-fast style).
 
-Shapes stay static: the buffers are (B, n_kv_heads, max_seq_len, head_dim) for the
-whole generation, and each step scatters its new keys/values at `input_pos`.
+Shapes stay static for the whole generation and each step scatters its new entries at
+`input_pos` (B, T), so rows of a batch may sit at different positions.
+
+- `KVCache` holds full keys and values per KV head (MHA/GQA/MQA).
+- `LatentKVCache` holds what multi-head latent attention needs: the normalised
+  compressed latent and the shared rotated key, (kv_lora_rank + rope_dim) numbers per
+  token instead of 2 * n_heads * head_dim (DeepSeek-V2, section 2.1).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def _scatter_at(cache: torch.Tensor, input_pos: torch.Tensor, new: torch.Tensor, dim: int) -> None:
+    """Write `new` into `cache` along `dim` at per-row positions `input_pos` (B, T)."""
+    shape = [1] * cache.ndim
+    shape[0], shape[dim] = input_pos.shape
+    idx = input_pos.view(shape).expand(new.shape)
+    cache.scatter_(dim, idx, new.to(cache.dtype))
 
 
 class KVCache(nn.Module):
@@ -22,18 +35,55 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
 
     def update(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at positions input_pos (B, T); return the full caches."""
-        idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, n_kv, T, hd)
-        self.k_cache.scatter_(2, idx, k.to(self.k_cache.dtype))
-        self.v_cache.scatter_(2, idx, v.to(self.v_cache.dtype))
+        _scatter_at(self.k_cache, input_pos, k, dim=2)
+        _scatter_at(self.v_cache, input_pos, v, dim=2)
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
+
+
+class LatentKVCache(nn.Module):
+    def __init__(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.register_buffer(
+            "latent_cache",
+            torch.zeros(batch_size, max_seq_len, kv_lora_rank, **kw),
+            persistent=False,
+        )
+        self.register_buffer(
+            "k_rope_cache", torch.zeros(batch_size, max_seq_len, rope_dim, **kw), persistent=False
+        )
+
+    def update(
+        self, input_pos: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write latent (B, T, r) and k_rope (B, T, dr) at input_pos (B, T); return the caches."""
+        _scatter_at(self.latent_cache, input_pos, latent, dim=1)
+        _scatter_at(self.k_rope_cache, input_pos, k_rope, dim=1)
+        return self.latent_cache, self.k_rope_cache
+
+    def reset(self) -> None:
+        self.latent_cache.zero_()
+        self.k_rope_cache.zero_()

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: GELU MLP (GPT-2) and SwiGLU (Shazeer 2020, LLaMA)."""
+"""Feed-forward blocks: GELU MLP (GPT-2, BLOOM), SwiGLU (LLaMA) and GeGLU (Shazeer 2020)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from llm.core.registry import MLP_REGISTRY
 
 @MLP_REGISTRY.register("mlp")
 class MLP(nn.Module):
-    """up -> GELU -> down."""
+    """up -> GELU (tanh approximation, GPT-2's `gelu_new`) -> down."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
@@ -23,9 +23,8 @@ class MLP(nn.Module):
         return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
 
 
-@MLP_REGISTRY.register("swiglu")
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+class _GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); subclasses pick the activation."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
@@ -34,5 +33,24 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.dropout(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+@MLP_REGISTRY.register("swiglu")
+class SwiGLU(_GatedMLP):
+    """down(silu(gate(x)) * up(x))."""
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
+@MLP_REGISTRY.register("geglu")
+class GeGLU(_GatedMLP):
+    """down(gelu(gate(x)) * up(x)), tanh-approximated GELU as Gemma uses."""
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")

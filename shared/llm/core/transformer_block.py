@@ -1,4 +1,8 @@
-"""A pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""A transformer block, pre-LN (GPT-2 onwards) or post-LN (Vaswani et al. 2017).
+
+pre:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+post: x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ class TransformerBlock(nn.Module):
         input_layernorm: nn.Module,
         post_attention_layernorm: nn.Module,
         dropout: float = 0.0,
+        pre_norm: bool = True,
     ) -> None:
         super().__init__()
         self.input_layernorm = input_layernorm
@@ -23,14 +28,22 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
         self.resid_dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: (B, T, dim) -> (B, T, dim); the other arguments go to attention."""
+        if self.pre_norm:
+            h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+            x = x + self.resid_dropout(h)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.input_layernorm(
+            x + self.resid_dropout(self.self_attn(x, cos, sin, input_pos, mask))
+        )
+        return self.post_attention_layernorm(x + self.mlp(x))

@@ -42,7 +42,9 @@ class JsonlMetrics(Callback):
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
     def on_train_start(self, engine: TrainingEngine) -> None:
-        self._write(engine, {"event": "start", "step": engine.step, "world_size": engine.dist.world_size})
+        self._write(
+            engine, {"event": "start", "step": engine.step, "world_size": engine.dist.world_size}
+        )
 
     def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if engine.step % self.log_interval == 0:
@@ -62,7 +64,9 @@ class ConsoleLogger(Callback):
         if engine.dist.is_main and self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=engine.max_steps, initial=engine.step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=engine.max_steps, initial=engine.step, unit="step", dynamic_ncols=True
+            )
 
     def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if not engine.dist.is_main:

@@ -35,9 +35,19 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 class Checkpointer:
     def __init__(
-        self, run_dir: str, model: nn.Module, tokenizer: BaseTokenizer, keep_last: int, settings: Any
+        self,
+        run_dir: str,
+        model: nn.Module,
+        tokenizer: BaseTokenizer,
+        keep_last: int,
+        settings: Any,
     ) -> None:
-        self.run_dir, self.model, self.tokenizer, self.keep_last = run_dir, model, tokenizer, keep_last
+        self.run_dir, self.model, self.tokenizer, self.keep_last = (
+            run_dir,
+            model,
+            tokenizer,
+            keep_last,
+        )
         self.settings = settings
 
     def __call__(self, engine: TrainingEngine) -> None:
@@ -49,7 +59,9 @@ class Checkpointer:
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
             save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
             deleted = storage.retain(self.run_dir, self.keep_last)
-            log.info("checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else "")
+            log.info(
+                "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""
+            )
         barrier()
 
 
@@ -57,4 +69,6 @@ def restore_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any]
 ) -> None:
     """Load a full optimizer state saved by `Checkpointer` into a plain, DDP or FSDP model."""
-    set_state_dict(model, optimizer, model_state_dict={}, optim_state_dict=optim_state, options=_FULL)
+    set_state_dict(
+        model, optimizer, model_state_dict={}, optim_state_dict=optim_state, options=_FULL
+    )

@@ -46,8 +46,15 @@ class NonFiniteLossError(RuntimeError):
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100 (lm and sft alike)."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    # Packed SFT rows carry per-sample positions and document ids; plain windows do not.
+    logits = model(
+        batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        document_ids=batch.get("document_ids"),
+    )  # (B, T, V)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
+    )
 
 
 class TrainingEngine:
@@ -129,7 +136,10 @@ class TrainingEngine:
     def train_step(self) -> dict[str, float]:
         self.model.train()
         accum = self.cfg.grad_accum_steps
-        loss = sum(self._forward_backward(self.data.next_batch(), sync=i == accum - 1) for i in range(accum))
+        loss = sum(
+            self._forward_backward(self.data.next_batch(), sync=i == accum - 1)
+            for i in range(accum)
+        )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
@@ -148,7 +158,11 @@ class TrainingEngine:
         else:
             self.bad_steps += 1
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss/gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
+            log.warning(
+                "step %d: non-finite loss/gradients, step skipped (%d in a row)",
+                self.step + 1,
+                self.bad_steps,
+            )
             if self.bad_steps >= self.cfg.max_bad_steps:
                 raise NonFiniteLossError(
                     f"{self.bad_steps} consecutive non-finite steps (training.max_bad_steps="
@@ -187,7 +201,11 @@ class TrainingEngine:
             last = self.step == self.max_steps
             if self.step % self.cfg.eval_interval == 0 or last:
                 self.last_val_loss = self.evaluate()
-                record = {"step": self.step, "train_loss": metrics["loss"], "val_loss": self.last_val_loss}
+                record = {
+                    "step": self.step,
+                    "train_loss": metrics["loss"],
+                    "val_loss": self.last_val_loss,
+                }
                 self.history.append(record)
                 for cb in self.callbacks:
                     cb.on_eval(self, record)

@@ -53,7 +53,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_factor(
-    step: int, warmup_steps: int, max_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.1
+    step: int,
+    warmup_steps: int,
+    max_steps: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
 ) -> float:
     """Multiplier of the peak lr at `step`: linear warmup, then cosine/linear decay or constant."""
     if schedule not in SCHEDULES:
@@ -79,4 +83,3 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, schedule, min_lr_ratio)
     )
-

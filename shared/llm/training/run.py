@@ -62,9 +62,13 @@ def run_training(
 ) -> TrainingEngine:
     """Train per `settings`; resumes from the run directory's newest committed checkpoint."""
     t, o, c = settings.training, settings.optimization, settings.checkpoint
-    info = info or init_distributed(t.device, settings.distributed.backend, settings.distributed.timeout_s)
+    info = info or init_distributed(
+        t.device, settings.distributed.backend, settings.distributed.timeout_s
+    )
     torch.manual_seed(t.seed)
-    model_cfg = settings.model.build(vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256))
+    model_cfg = settings.model.build(
+        vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
+    )
     model = DecoderModel(model_cfg).to(info.device)
     if c.init_from:
         _load_initial_weights(model, c.init_from, info.device)
@@ -92,7 +96,9 @@ def run_training(
     scheduler = build_scheduler(optimizer, o.warmup_steps, t.max_steps, o.schedule, o.min_lr_ratio)
 
     local_dir = _local_run_dir(c.run_dir)
-    peak = o.peak_tflops * 1e12 if o.peak_tflops > 0 else default_peak_flops(info.device, o.precision)
+    peak = (
+        o.peak_tflops * 1e12 if o.peak_tflops > 0 else default_peak_flops(info.device, o.precision)
+    )
     callbacks: list[cb.Callback] = [
         cb.LRMonitor(),
         cb.Throughput(flops_per_token(model_cfg, model.num_params(), t.block_size), peak),
@@ -135,12 +141,16 @@ def _local_run_dir(run_dir: str) -> Path:
 
 def _load_initial_weights(model: DecoderModel, uri: str, device: torch.device) -> None:
     """Fine-tuning start: our checkpoint (run or step dir) or a Hugging Face directory."""
-    if Path(uri, "config.json").exists() and not storage.exists(storage.join(uri, storage.MANIFEST)):
+    if Path(uri, "config.json").exists() and not storage.exists(
+        storage.join(uri, storage.MANIFEST)
+    ):
         from llm.interop.hf import from_hf
 
         source: Any = from_hf(uri, device=device)
     else:
         source = load_checkpoint(uri, device=device).model
     if source.config != model.config:
-        raise ValueError(f"checkpoint.init_from={uri}: its model config differs from the requested one")
+        raise ValueError(
+            f"checkpoint.init_from={uri}: its model config differs from the requested one"
+        )
     model.load_state_dict(source.state_dict())

@@ -1,17 +1,21 @@
 """Multi-head attention with grouped KV heads (MHA, GQA, MQA via n_kv_heads).
 
-GQA: Ainslie et al. 2023. One fused QKV projection (one matmul instead of three), PyTorch
-SDPA for the kernel. Without a cache the pass is causal over the sequence (training);
-with a cache each query attends to cached positions <= its own (prefill and decode).
+GQA: Ainslie et al. 2023. One fused QKV projection (one matmul instead of three), an
+optional bias on it (Qwen2), optional per-head RMSNorm on q and k before rope (Qwen3,
+OLMo-2 style "QK-norm", Dehghani et al. 2023), and rope, ALiBi (via the mask) or no
+positions at all. Sliding windows arrive in the mask too. Without a cache the pass is
+causal over the sequence (training); with a cache each query attends to cached
+positions the mask allows (prefill and decode).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llm.core.attn.kernel import attend
 from llm.core.kv_cache import KVCache
+from llm.core.norm import RMSNorm
 from llm.core.registry import ATTENTION_REGISTRY
 from llm.core.rope import apply_rope
 
@@ -24,31 +28,50 @@ class Attention(nn.Module):
         n_heads: int,
         n_kv_heads: int,
         head_dim: int,
+        *,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        rope: bool = True,
+        scale: float | None = None,
+        eager: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.qkv_proj = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.rope = rope
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.eager = eager
         self.dropout = dropout
         self.kv_cache: KVCache | None = None
+
+    def setup_cache(
+        self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        self.kv_cache = KVCache(
+            batch_size, self.n_kv_heads, max_seq_len, self.head_dim, dtype=dtype, device=device
+        )
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             x: (B, T, dim) hidden states.
-            cos, sin: rope angles for these positions, (T, hd) or (B, T, hd).
+            cos, sin: rope angles for these positions, (T, hd) or (B, T, hd); unused without rope.
             input_pos: (B, T) absolute positions; required when a cache is set.
-            mask: (B, 1, T, L) boolean, True where attention is allowed (cached path).
+            mask: None for plain causal attention without a cache; else (B, 1|H, T, L),
+                boolean (True = attend) or an additive bias (ALiBi).
         Returns:
             (B, T, dim)
         """
@@ -58,16 +81,15 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
 
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, L, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=True,
-            )  # fmt: skip
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, mask, self.scale, dropout, eager=self.eager)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)

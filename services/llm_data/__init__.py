@@ -1,0 +1,1 @@
+"""`llm-data` and `llm-tokenizer`: prepare token shards and train tokenizers."""

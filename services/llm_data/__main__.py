@@ -1,0 +1,3 @@
+from llm_data.cli import data_main
+
+data_main()

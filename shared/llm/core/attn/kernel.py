@@ -1,0 +1,52 @@
+"""The attention kernel shared by every attention variant: SDPA or the eager reference.
+
+The eager path is the textbook formula (scores in the input dtype, softmax in fp32, as
+HF's `eager_attention_forward`); it exists to check the fused kernel and to run where
+SDPA cannot. Both take the same mask convention (`llm.core.attn.masks`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout: float = 0.0,
+    eager: bool = False,
+) -> torch.Tensor:
+    """
+    Args:
+        q: (B, H, T, dk) queries.
+        k: (B, Hkv, L, dk) keys; H must be a multiple of Hkv (GQA/MQA).
+        v: (B, Hkv, L, dv) values.
+        mask: None for plain causal attention with T == L; else a (B, 1|H, T, L) boolean
+            (True = attend) or an additive float bias.
+        scale: softmax scale.
+        dropout: attention dropout probability (pass 0.0 in eval).
+        eager: use the explicit reference formula instead of SDPA.
+    Returns:
+        (B, H, T, dv)
+    """
+    if not eager:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, L, dk)
+    v = v.repeat_interleave(groups, dim=1)  # (B, H, L, dv)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, L)
+    if mask is None:
+        T, L = scores.shape[-2:]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril()
+    # Boolean masks say where to attend; float ones are additive biases (ALiBi).
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, v)  # (B, H, T, dv)

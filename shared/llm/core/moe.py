@@ -1,0 +1,192 @@
+"""Mixture of experts: a top-k router over SwiGLU experts stored as fixed-shape tensors.
+
+Switch Transformer (Fedus et al. 2022) / Mixtral (Jiang et al. 2024) routing, with the
+options the open families differ in: softmax-then-top-k or top-k-then-softmax,
+renormalised or not, a routed-output scale and group-limited selection (DeepSeek-V2),
+and an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek).
+
+Experts run without a loop over experts or tokens and without host syncs: the (token,
+expert) assignments are laid out expert by expert in blocks of `b` rows (each expert's
+run padded to a whole block; the total block count has a static bound), each block
+fetches its expert's weights, and one `bmm` per projection does all experts at once.
+The FLOPs are those of the routed tokens plus at most `b - 1` padding rows per expert.
+
+Router statistics of the last forward stay on the module (`router_stats`) so
+`DecoderModel.router_losses()` can form the load-balancing loss and the z-loss without
+changing what `forward` returns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.core.mlp import SwiGLU
+from llm.core.registry import MLP_REGISTRY
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's routing in its last forward, over its N tokens."""
+
+    load: torch.Tensor  # (E,) routed (token, slot) pairs per expert / N: sums to top_k
+    prob: torch.Tensor  # (E,) mean router probability per expert
+    z: torch.Tensor  # () mean squared logsumexp of the router logits (ST-MoE z-loss)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`src.index_select(0, index)` whose backward sums rows back with `index_add_`: autograd's
+    own backward for it takes a `scatter_add` path that is several times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(grad.shape[0], -1)  # 2-D takes index_add_'s fast path
+        out = flat.new_zeros(ctx.n_rows, flat.shape[1]).index_add_(0, index, flat)
+        return out.view(ctx.n_rows, *grad.shape[1:]), None
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(src, index)
+
+
+def _block_rows(n_assignments: int, n_experts: int) -> int:
+    """Rows per block: about a quarter of an expert's average load, a power of two in
+    [1, 128]. Smaller wastes less padding, larger fetches expert weights less often."""
+    target = max(1, n_assignments // (4 * n_experts))
+    return min(128, 1 << (target.bit_length() - 1))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: `gate_up_proj` (E, 2*hidden, dim) and `down_proj` (E, dim, hidden),
+    the layout of transformers' fused MoE checkpoints."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts, self.hidden_dim = n_experts, hidden_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: (N, dim) tokens.
+            experts: (N, k) expert index of each of a token's k assignments.
+            weights: (N, k) their mixing weights.
+        Returns:
+            (N, dim): sum over k of weights * expert(x).
+        """
+        (N, D), k, E = x.shape, experts.shape[1], self.n_experts
+        M = N * k
+        b = _block_rows(M, E)
+        n_blocks = (M + E * (b - 1)) // b  # >= sum_e ceil(count_e / b) for any routing
+        flat = experts.reshape(M)  # (M,) token-major
+        onehot = F.one_hot(flat, E)  # (M, E)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (M,) index among the expert's assignments
+        blocks = (onehot.sum(0) + b - 1) // b  # (E,) blocks per expert
+        block_end = blocks.cumsum(0)  # (E,)
+        slot = (block_end - blocks)[flat] * b + rank  # (M,) row in the blocked layout
+        # Expert of each block; spare blocks at the end hold only zero rows.
+        block_ids = torch.arange(n_blocks, device=x.device)
+        block_expert = (block_ids[:, None] >= block_end[None, :]).sum(1).clamp(max=E - 1)  # (nb,)
+        token = torch.arange(M, device=x.device) // k  # (M,)
+        row_token = torch.full((n_blocks * b,), N, device=x.device).scatter(
+            0, slot, token
+        )  # (nb*b,)
+
+        x_rows = torch.cat([x, x.new_zeros(1, D)]).index_select(
+            0, row_token
+        )  # (nb*b, D), N -> zeros
+        x_rows = x_rows.view(n_blocks, b, D)  # (nb, b, D)
+        w_gate_up = _gather_rows(self.gate_up_proj, block_expert)  # (nb, 2H, D)
+        w_down = _gather_rows(self.down_proj, block_expert)  # (nb, D, H)
+        gate, up = torch.bmm(x_rows, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # (nb, b, H) each
+        y = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # (nb, b, D)
+        y = _gather_rows(y.view(n_blocks * b, D), slot).view(N, k, D)  # back to assignment order
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+
+
+@MLP_REGISTRY.register("moe")
+class MoE(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        router_order: str = "softmax_topk",
+        renormalize: bool = False,
+        router_scale: float = 1.0,
+        n_groups: int | None = None,
+        topk_groups: int | None = None,
+        shared_hidden_dim: int | None = None,
+        shared_gate: bool = False,
+    ) -> None:
+        super().__init__()
+        if router_order not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"router_order={router_order!r}: use 'softmax_topk' or 'topk_softmax'")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.softmax_first = router_order == "softmax_topk"
+        self.renormalize, self.router_scale = renormalize, router_scale
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.gate = nn.Linear(dim, n_experts, bias=False)  # the router
+        self.experts = GroupedExperts(dim, hidden_dim, n_experts)
+        self.shared_expert = SwiGLU(dim, shared_hidden_dim) if shared_hidden_dim else None
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self.router_stats: RouterStats | None = None
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) fp32 router logits -> (weights, experts), each (N, k)."""
+        scores = logits.softmax(-1) if self.softmax_first else logits
+        if self.n_groups is not None:
+            # Keep only experts in the `topk_groups` groups with the best single expert.
+            N, E = scores.shape
+            grouped = scores.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+            best_groups = (
+                grouped.amax(-1).topk(self.topk_groups, dim=-1).indices
+            )  # (N, topk_groups)
+            keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=scores.device)
+            keep = keep.scatter(1, best_groups, True)  # (N, G)
+            floor = 0.0 if self.softmax_first else float("-inf")
+            scores = grouped.masked_fill(~keep.unsqueeze(-1), floor).view(N, E)
+        weights, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
+        if not self.softmax_first:
+            weights = weights.softmax(-1)
+        elif self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.router_scale, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: (B, T, dim)
+        Returns:
+            (B, T, dim). Side effect: `self.router_stats` holds this pass's routing.
+        """
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D)
+        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E), routing in fp32
+        weights, experts = self.route(logits)
+        y = self.experts(x, experts, weights)  # (N, D)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        self.router_stats = RouterStats(
+            load=F.one_hot(experts, self.n_experts).sum((0, 1)).float() / (B * T),
+            prob=logits.softmax(-1).mean(0),
+            z=torch.logsumexp(logits, dim=-1).square().mean(),
+        )
+        return y.view(B, T, D)

@@ -1,0 +1,255 @@
+"""Shared machinery of the Hugging Face families: key maps, the conversion loop, rope fields.
+
+A family describes each of our parameters as a `Map`: the HF keys holding it, how to
+join them into our tensor (import) and how to split ours back (export). One
+description serves both directions, so importer and exporter cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+
+from llm.config import ModelConfig, RopeScaling
+from llm.models.decoder import DecoderModel
+
+Tensor = torch.Tensor
+
+# Buffers some checkpoints saved; we rebuild them from the config instead.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def _first(ts: Sequence[Tensor]) -> Tensor:
+    return ts[0]
+
+
+def _single(t: Tensor) -> list[Tensor]:
+    return [t]
+
+
+@dataclass(frozen=True)
+class Map:
+    """Where one of our tensors lives in a Hugging Face state dict."""
+
+    keys: tuple[str, ...]
+    join: Callable[[Sequence[Tensor]], Tensor] = _first  # HF tensors -> ours
+    split: Callable[[Tensor], Sequence[Tensor]] = _single  # ours -> HF tensors, in `keys` order
+    # A key holding our tensor as it is, tried first on import (transformers 5 keeps MoE
+    # experts fused in memory while checkpoints on disk store one tensor per expert).
+    fused: str | None = None
+
+
+Mapper = Callable[[str, ModelConfig], Map]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture: config translation both ways plus the key map."""
+
+    model_type: str
+    config_from_hf: Callable[[Any], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], transformers.PretrainedConfig]
+    mapper: Mapper
+    ignored: tuple[str, ...] = field(default=IGNORED_SUFFIXES)
+
+
+# -- key-map helpers --------------------------------------------------------------------------
+
+
+def concat(keys: Sequence[str], sizes: Sequence[int]) -> Map:
+    """Ours is the HF tensors concatenated along dim 0 (fused q/k/v)."""
+    return Map(
+        tuple(keys), join=lambda ts: torch.cat(list(ts)), split=lambda t: t.split(list(sizes))
+    )
+
+
+def permuted(key: str, perm: Tensor) -> Map:
+    """Ours is the HF tensor with its dim-0 rows reordered by `perm`."""
+    inverse = torch.argsort(perm)
+    return Map((key,), join=lambda ts: ts[0][perm], split=lambda t: [t[inverse]])
+
+
+def transposed(key: str) -> Map:
+    """Ours is the HF tensor transposed (GPT-2's Conv1D stores weights as (in, out))."""
+    return Map((key,), join=lambda ts: ts[0].t(), split=lambda t: [t.t()])
+
+
+def experts(n_experts: int, gate_up: tuple[str, str] | None, down: str | None, fused: str) -> Map:
+    """Ours is (E, 2H, D) gate|up or (E, D, H) down; HF stores one 2-D tensor per expert.
+
+    `gate_up` / `down` are format strings with `{e}` for the expert index.
+    """
+    if gate_up is not None:
+        keys = tuple(k.format(e=e) for e in range(n_experts) for k in gate_up)
+        return Map(
+            keys,
+            join=lambda ts: torch.stack(
+                [torch.cat([g, u]) for g, u in zip(ts[::2], ts[1::2], strict=True)]
+            ),
+            split=lambda t: [half for w in t for half in w.chunk(2)],
+            fused=fused,
+        )
+    return Map(
+        tuple(down.format(e=e) for e in range(n_experts)),
+        join=lambda ts: torch.stack(list(ts)),
+        split=lambda t: list(t.unbind(0)),
+        fused=fused,
+    )
+
+
+def qkv_sizes(config: ModelConfig) -> list[int]:
+    kv = config.n_kv_heads * config.head_dim
+    return [config.n_heads * config.head_dim, kv, kv]
+
+
+# -- conversion loop --------------------------------------------------------------------------
+
+
+def param_names(config: ModelConfig) -> list[str]:
+    """Our state-dict names for `config`, without a tied lm_head (it is the embedding)."""
+    with torch.device("meta"):  # names only: allocate nothing
+        names = list(DecoderModel(config).state_dict())
+    return [n for n in names if not (config.tie_embeddings and n == "lm_head.weight")]
+
+
+def to_hf_tensors(model: DecoderModel, family: Family) -> dict[str, Tensor]:
+    config, sd = model.config, model.state_dict()
+    out: dict[str, Tensor] = {}
+    for name in param_names(config):
+        m = family.mapper(name, config)
+        for key, t in zip(m.keys, m.split(sd[name]), strict=True):
+            out[key] = t.detach().contiguous()
+    return out
+
+
+def from_hf_tensors(
+    sd: Mapping[str, Tensor], config: ModelConfig, family: Family
+) -> dict[str, Tensor]:
+    """Map HF tensors to exactly `DecoderModel(config).state_dict()`'s keys.
+
+    A missing tensor raises `KeyError` naming the HF key; a tensor nothing maps to
+    raises `ValueError` (rather than silently dropping weights).
+    """
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for name in param_names(config):
+        m = family.mapper(name, config)
+        if m.fused is not None and m.fused in sd:
+            out[name], keys = sd[m.fused], (m.fused,)
+        else:
+            if missing := [k for k in m.keys if k not in sd]:
+                raise KeyError(
+                    f"Hugging Face checkpoint has no tensor {missing[0]!r} (for {name!r})"
+                )
+            out[name], keys = m.join([sd[k] for k in m.keys]), m.keys
+        used.update(keys)
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+        used.add("lm_head.weight")  # tied HF models may still list it (the same tensor)
+    if extra := sorted(k for k in sd if k not in used and not k.endswith(family.ignored)):
+        raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {extra}")
+    return out
+
+
+# -- config helpers ---------------------------------------------------------------------------
+
+
+def require(config: ModelConfig, family: str, **expected: Any) -> None:
+    """Raise `ValueError` naming the first field whose value `family` cannot express."""
+    for name, value in expected.items():
+        if getattr(config, name) != value:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} cannot be expressed as {family} (needs {value!r})"
+            )
+
+
+def check_act(hf_config: Any, *allowed: str, field_name: str = "hidden_act") -> None:
+    act = getattr(hf_config, field_name)
+    if act not in allowed:
+        raise ValueError(f"{field_name}={act!r} is not supported (expected one of {list(allowed)})")
+
+
+_SCALING_KEYS = (
+    "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+    "attention_factor", "truncate",
+)  # fmt: skip
+
+
+def rope_params(hf_config: Any) -> dict[str, Any]:
+    # transformers 5 keeps rope settings in `rope_parameters`; 4.x has a `rope_theta`
+    # attribute plus an optional `rope_scaling` dict (`type` in old configs).
+    return (
+        getattr(hf_config, "rope_parameters", None)
+        or getattr(hf_config, "rope_scaling", None)
+        or {}
+    )
+
+
+def rope_fields(hf_config: Any) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling` and `max_seq_len` from an HF config."""
+    params = rope_params(hf_config)
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    max_len = hf_config.max_position_embeddings
+    out: dict[str, Any] = dict(rope_theta=theta, max_seq_len=max_len)
+    if kind == "default":
+        return out
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise NotImplementedError(
+            f"rope_type={kind!r} is not supported (default, linear, dynamic, yarn, llama3)"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+    original = params.get("original_max_position_embeddings")
+    factor = params.get("factor") or max_len / original
+    if kind == "dynamic":
+        # HF stretches from max_position_embeddings by the current length; our tables are
+        # static, so they span factor * that (see `RopeScaling`).
+        original, out["max_seq_len"] = max_len, int(factor * max_len)
+    extra = {k: params[k] for k in _SCALING_KEYS if params.get(k) is not None}
+    out["rope_scaling"] = RopeScaling(
+        kind=kind, factor=factor, original_max_seq_len=original, **extra
+    )
+    return out
+
+
+def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling` and `max_position_embeddings` kwargs for an HF config."""
+    s = config.rope_scaling
+    if s is None:
+        return dict(rope_theta=config.rope_theta, max_position_embeddings=config.max_seq_len)
+    params: dict[str, Any] = dict(rope_type=s.kind, factor=s.factor, rope_theta=config.rope_theta)
+    max_len = config.max_seq_len
+    if s.kind == "dynamic":
+        max_len = s.original_max_seq_len
+    else:
+        params["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.kind == "llama3":
+        params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.kind == "yarn":
+        params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+        params.update(
+            {
+                k: getattr(s, k)
+                for k in ("mscale", "mscale_all_dim", "attention_factor")
+                if getattr(s, k) is not None
+            }
+        )
+    # `rope_scaling` is the spelling transformers 4 reads and 5 converts.
+    return dict(rope_theta=config.rope_theta, rope_scaling=params, max_position_embeddings=max_len)
+
+
+def common_hf_kwargs(config: ModelConfig, architecture: str) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        # Token ids belong to the tokenizer, not ModelConfig; family defaults would lie.
+        bos_token_id=None,
+        eos_token_id=None,
+        architectures=[architecture],
+    )
