@@ -126,7 +126,9 @@ def test_killed_worker_restarts_and_resumes_exactly(
     run = f"{s3_bucket}/killed"
     log = tmp_path / "torchrun.log"
     with log.open("w") as out:  # a file, not a pipe: a full pipe would stall the workers
-        proc = subprocess.Popen(torchrun(corpus, run), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            torchrun(corpus, run), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for_checkpoint(run, 40, proc)
             victim = worker_with_rank(proc.pid, 1)
@@ -134,8 +136,8 @@ def test_killed_worker_restarts_and_resumes_exactly(
             os.kill(victim, signal.SIGKILL)
             proc.wait(timeout=400)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # take the workers down with the agent
+                os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, log.read_text()[-3000:]
     starts = start_events(run)
     assert starts[0] == 0 and len(starts) >= 2 and starts[-1] >= 40, starts  # it resumed

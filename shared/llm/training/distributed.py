@@ -55,9 +55,27 @@ def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 6
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(rank, world_size, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         log.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, device)
     return DistInfo(rank, local_rank, world_size, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this restart attempt.
+
+    torchrun keeps one agent store for its whole life; a group restarted after a worker
+    died would otherwise read the addresses its dead predecessors published there, and
+    gloo waits on those dead peers forever (seen here as an intermittent hang).
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=not agent_store and rank == 0, timeout=timeout,
+        multi_tenant=not agent_store,
+    )  # fmt: skip
+    return dist.PrefixStore(f"llm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def destroy_distributed() -> None:
