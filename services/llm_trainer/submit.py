@@ -1,0 +1,219 @@
+"""`llm-train submit`: run the trainer as an elastic Kubeflow PyTorchJob.
+
+    llm-train submit --image REGISTRY/llm-train:TAG [--config run.yaml]
+                     [--set training.max_steps=5000 ...] [--min-replicas 1 --max-replicas 4]
+                     [--gpus-per-worker 8] [--namespace NS] [--dry-run]
+
+The trainer settings are resolved exactly as `llm-train` resolves them (`LLM_*` in this
+shell, the YAML file, then `--set` overrides) and every value that differs from its
+default becomes an `LLM_<SECTION>__<FIELD>` variable of the workers, so the pods need no
+config file. `--dry-run` prints the PyTorchJob as YAML; otherwise it is created with the
+`kubernetes` client (in-cluster service account, else the current kubeconfig context).
+Exit codes: 0 created or printed, 1 the API refused it, 2 bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llm.settings import TrainerSettings, load_settings
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-train submit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="llm-train", help="PyTorchJob name")
+    p.add_argument("--namespace", help="default: in-cluster namespace or kubeconfig context's")
+    p.add_argument("--image", required=True, help="the trainer image (Dockerfile.train)")
+    p.add_argument("--config", help="YAML file with trainer settings (as llm-train --config)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="trainer setting override, e.g. training.max_steps=5000 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--min-replicas", type=int, default=1, help="fewest workers the job runs on")
+    p.add_argument("--max-replicas", type=int, default=4, help="most workers it scales to")
+    p.add_argument("--replicas", type=int, help="workers to start with (default: max)")
+    p.add_argument("--max-restarts", type=int, default=10, help="torchrun restarts of the group")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="0: a CPU job")
+    p.add_argument("--cpu", default="4", help="CPU request per worker")
+    p.add_argument("--memory", default="16Gi", help="memory request and limit per worker")
+    p.add_argument("--shm-size", default="2Gi", help="/dev/shm size (DataLoader workers, NCCL)")
+    p.add_argument("--s3-secret", default="llm-s3", help="Secret with AWS_ACCESS_KEY_ID/_SECRET_")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph)")
+    p.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML and exit")
+    args = p.parse_args(argv)
+    if not 1 <= args.min_replicas <= args.max_replicas:
+        p.error("need 1 <= --min-replicas <= --max-replicas")
+    if args.replicas is not None and not args.min_replicas <= args.replicas <= args.max_replicas:
+        p.error("--replicas must lie within [--min-replicas, --max-replicas]")
+    return args
+
+
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["training.max_steps=5", ...]` -> `{"training": {"max_steps": "5"}}` (pydantic coerces)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        section, dot, field = key.partition(".")
+        if not (sep and dot and section and field):
+            raise ValueError(f"--set {pair!r}: expected SECTION.FIELD=VALUE")
+        tree.setdefault(section, {})[field.replace("-", "_")] = value
+    return tree
+
+
+def env_value(value: Any) -> str:
+    # pydantic-settings reads strings as-is and everything else (numbers, bools, lists) as JSON.
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def trainer_env(settings: TrainerSettings) -> list[dict[str, str]]:
+    """`LLM_<SECTION>__<FIELD>` for every value that differs from a fresh section's default."""
+    env = []
+    for section in type(settings).model_fields:
+        current: BaseModel = getattr(settings, section)
+        defaults = type(current)().model_dump(mode="json")
+        for field, value in current.model_dump(mode="json").items():
+            if value != defaults[field] and value is not None:
+                name = f"LLM_{section.upper()}__{field.upper()}"
+                env.append({"name": name, "value": env_value(value)})
+    return env
+
+
+def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+    secret = lambda key: {"secretKeyRef": {"name": args.s3_secret, "key": key}}  # noqa: E731
+    env = [
+        *trainer_env(settings),
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": secret("AWS_ACCESS_KEY_ID")},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": secret("AWS_SECRET_ACCESS_KEY")},
+    ]
+    if args.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": args.s3_endpoint})
+    limits: dict[str, Any] = {"memory": args.memory}
+    if args.gpus_per_worker:
+        limits["nvidia.com/gpu"] = args.gpus_per_worker
+    return {
+        "name": "pytorch",  # the training operator finds the trainer by this name
+        "image": args.image,
+        # torchrun takes nnodes, rendezvous and nproc from the PET_* variables the operator sets.
+        "command": ["torchrun", "-m", "llm_trainer"],
+        "env": env,
+        "resources": {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": limits},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+
+
+def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": args.name,
+        "labels": {"app.kubernetes.io/name": "llm-train"},
+    }
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    pod_spec: dict[str, Any] = {
+        "containers": [worker_container(args, settings)],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": args.shm_size}}],
+    }
+    if args.gpus_per_worker:
+        pod_spec["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": metadata,
+        "spec": {
+            "elasticPolicy": {
+                "rdzvBackend": "c10d",
+                "minReplicas": args.min_replicas,
+                "maxReplicas": args.max_replicas,
+                "maxRestarts": args.max_restarts,
+            },
+            "nprocPerNode": str(args.gpus_per_worker or 1),
+            # Keep finished pods for their logs; restarts are torchrun's (maxRestarts).
+            "runPolicy": {"cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": {
+                "Worker": {
+                    "replicas": args.replicas or args.max_replicas,
+                    "restartPolicy": "OnFailure",
+                    "template": {"spec": pod_spec},
+                }
+            },
+        },
+    }
+
+
+def current_namespace() -> str:
+    from kubernetes import config
+
+    if IN_CLUSTER_NAMESPACE.is_file():
+        return IN_CLUSTER_NAMESPACE.read_text().strip()
+    _, context = config.list_kube_config_contexts(os.environ.get("KUBECONFIG"))
+    return context["context"].get("namespace", "default")
+
+
+def create(job: dict[str, Any], namespace: str | None) -> dict[str, Any]:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        # KUBECONFIG is read now: the client's own default was fixed when it was imported.
+        config.load_kube_config(os.environ.get("KUBECONFIG"))
+    namespace = namespace or current_namespace()
+    api = client.CustomObjectsApi()
+    return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings(overrides(args.set), args.config)
+    except ValidationError as e:
+        print(f"llm-train submit: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llm-train submit: error: {e}", file=sys.stderr)
+        return 2
+    if not settings.checkpoint.run_dir.startswith("s3://"):
+        # Workers on different nodes resume from the same checkpoints: local disks won't do.
+        print(
+            "llm-train submit: error: checkpoint.run_dir must be an s3:// URI for a cluster "
+            f"job (got {settings.checkpoint.run_dir!r}); set LLM_CHECKPOINT__RUN_DIR or "
+            "--set checkpoint.run_dir=s3://...",
+            file=sys.stderr,
+        )
+        return 2
+    job = build_job(args, settings)
+    if args.dry_run:
+        print(yaml.safe_dump(job, sort_keys=False), end="")
+        return 0
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
+    try:
+        created = create(job, args.namespace)
+    except ConfigException as e:
+        print(f"llm-train submit: no cluster configuration: {e}", file=sys.stderr)
+        return 1
+    except ApiException as e:
+        print(f"llm-train submit: the API refused the job: {e.status} {e.reason}", file=sys.stderr)
+        return 1
+    meta = created["metadata"]
+    print(
+        json.dumps({"event": "job_created", "name": meta["name"], "namespace": meta["namespace"]})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The llm-serve chart rendered by Helm's own library (helm-python-sdk, no binary).
+
+Every rendered object must pass the Kubernetes API schemas, every environment variable
+must be a real setting of the service that receives it, and bad values must be refused
+by values.schema.json with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from llm_engine.settings import EngineSettings
+from llm_gateway.settings import GatewaySettings
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "llm-serve"
+STORAGE = Path(__file__).resolve().parents[2] / "shared" / "llm" / "storage.py"
+KUBE_VERSION = "1.30.0"
+NAMESPACE = "llm"
+BASE = {"model": {"uri": "s3://models/runs/demo"}}
+CASES = {
+    "default": {},
+    "gpu": {
+        "engine": {
+            "gpu": {"enabled": True, "count": 1},
+            "dtype": "bfloat16",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        }
+    },
+    "existing-secret": {
+        "apiKeys": {"existingSecret": "team-keys", "secretKey": "keys.json"},
+        "s3": {"endpoint": "http://minio.storage:9000", "existingSecret": "s3-creds"},
+        "otel": {"enabled": True, "endpoint": "http://otel-collector.observability:4317"},
+    },
+    "autoscaling": {
+        "apiKeys": {"keys": ["sk-test-0123456789"]},
+        "gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
+        "engine": {"replicas": 3},
+    },
+}
+# Read by the services through libraries, not settings classes: S3 credentials by
+# llm.storage (checked against its source below), OpenTelemetry's own variables, and the
+# pod name that OTEL_RESOURCE_ATTRIBUTES interpolates.
+AWS_VARS = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+OTEL_VARS = {"OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_RESOURCE_ATTRIBUTES"}
+DOWNWARD_API = {"POD_NAME"}
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def chart():
+    return helm.Chart.load(CHART)
+
+
+def render(chart, values: dict) -> dict[str, str]:
+    return chart.render(merge(BASE, values), name="demo", namespace=NAMESPACE, is_install=True)
+
+
+def objects(rendered: dict[str, str]) -> list[dict]:
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def find(docs: list[dict], kind: str, suffix: str = "") -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+
+
+def container(docs: list[dict], component: str) -> dict:
+    (deploy,) = find(docs, "Deployment", f"-{component}")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, chart):
+    return request.param, objects(render(chart, CASES[request.param]))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lint_is_clean(name):
+    values = merge(BASE, CASES[name])
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+def test_every_object_is_valid_for_kubernetes(case):
+    _, docs = case
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "NetworkPolicy", "ServiceAccount"} <= kinds
+    assert {"PodDisruptionBudget"} <= kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_env_vars_are_real_settings(case, monkeypatch):
+    _, docs = case
+    storage_source = STORAGE.read_text()
+    assert all(name in storage_source for name in AWS_VARS)
+    for component, settings_cls, prefix in (
+        ("engine", EngineSettings, "LLM_ENGINE_"),
+        ("gateway", GatewaySettings, "LLM_GATEWAY_"),
+    ):
+        env = container(docs, component)["env"]
+        names = [e["name"] for e in env]
+        assert len(names) == len(set(names)), names
+        ours = {n.removeprefix(prefix).lower() for n in names if n.startswith(prefix)}
+        assert ours <= set(settings_cls.model_fields), ours - set(settings_cls.model_fields)
+        assert (
+            set(names) - {prefix + f.upper() for f in ours} <= AWS_VARS | OTEL_VARS | DOWNWARD_API
+        )
+        # The literal values (and a stand-in for each Secret) must parse as settings.
+        for var in env:
+            if var["name"].startswith(prefix):
+                value = var.get("value", json.dumps(["sk-from-secret-000"]))
+                monkeypatch.setenv(var["name"], value)
+        settings_cls()
+
+
+def test_commands_are_console_scripts(case):
+    _, docs = case
+    scripts = {ep.name for ep in entry_points(group="console_scripts")}
+    for component, script in (("engine", "llm-engine"), ("gateway", "llm-gateway")):
+        assert container(docs, component)["command"] == [script]
+        assert script in scripts
+
+
+def test_gateway_balances_over_the_headless_engine_service(case):
+    _, docs = case
+    (headless,) = find(docs, "Service", "-engine-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    env = {e["name"]: e.get("value") for e in container(docs, "gateway")["env"]}
+    port = headless["spec"]["ports"][0]["port"]
+    host = f"{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert env["LLM_GATEWAY_ENGINE"] == f"dns:///{host}:{port}"
+    engine = container(docs, "engine")
+    assert engine["readinessProbe"]["grpc"]["port"] == port
+    assert container(docs, "gateway")["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_only_the_gateway_reaches_the_engine(case):
+    _, docs = case
+    (policy,) = find(docs, "NetworkPolicy")
+    (engine,) = find(docs, "Deployment", "-engine")
+    (gateway,) = find(docs, "Deployment", "-gateway")
+    assert policy["spec"]["podSelector"]["matchLabels"] == engine["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": gateway["spec"]["selector"]["matchLabels"]}}
+    ]
+
+
+def test_termination_grace_covers_the_engine_drain(case):
+    _, docs = case
+    (engine,) = find(docs, "Deployment", "-engine")
+    env = {e["name"]: e.get("value") for e in container(docs, "engine")["env"]}
+    drain = float(env["LLM_ENGINE_SHUTDOWN_GRACE_S"])
+    assert engine["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
+
+
+def test_gpu_values(chart):
+    docs = objects(render(chart, CASES["gpu"]))
+    engine = container(docs, "engine")
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["LLM_ENGINE_DEVICE"] == "cuda"
+    pod = find(docs, "Deployment", "-engine")[0]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_existing_secrets_are_referenced_not_created(chart):
+    docs = objects(render(chart, CASES["existing-secret"]))
+    assert find(docs, "Secret") == []
+    gw = {e["name"]: e for e in container(docs, "gateway")["env"]}
+    ref = gw["LLM_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "team-keys", "key": "keys.json"}
+    engine = {e["name"]: e for e in container(docs, "engine")["env"]}
+    assert engine["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert engine["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert engine["OTEL_SERVICE_NAME"]["value"] == "llm-engine"
+
+
+def test_created_api_key_secret_holds_a_json_list(chart):
+    import base64
+
+    docs = objects(render(chart, CASES["autoscaling"]))
+    (secret,) = find(docs, "Secret")
+    (key,) = secret["data"]
+    assert json.loads(base64.b64decode(secret["data"][key])) == ["sk-test-0123456789"]
+
+
+def test_autoscaling_values(chart):
+    docs = objects(render(chart, CASES["autoscaling"]))
+    (hpa,) = find(docs, "HorizontalPodAutoscaler")
+    (gateway,) = find(docs, "Deployment", "-gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in gateway["spec"]  # the HPA owns it
+    assert find(docs, "Deployment", "-engine")[0]["spec"]["replicas"] == 3
+
+
+def test_notes_show_the_openai_sdk(chart):
+    notes = render(chart, {})["llm-serve/templates/NOTES.txt"]
+    assert "from openai import OpenAI" in notes
+    assert "demo-llm-serve-gateway" in notes
+    assert "no API keys" in notes
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model": {"uri": ""}}, "/model/uri"),
+        ({"model": {"uri": "runs/relative"}}, "/model/uri"),
+        ({"engine": {"replicas": 0}}, "/engine/replicas"),
+        ({"engine": {"dtype": "fp8"}}, "/engine/dtype"),
+        ({"engine": {"port": "50051"}}, "/engine/port"),
+        ({"gateway": {"autoscalling": {"enabled": True}}}, "autoscalling"),
+        ({"apiKeys": {"keys": "sk-not-a-list"}}, "/apiKeys/keys"),
+    ],
+)
+def test_invalid_values_are_rejected(chart, values, message):
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        render(chart, values)
