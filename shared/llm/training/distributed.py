@@ -57,7 +57,9 @@ def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 6
             backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
         store = _attempt_store(rank, world_size, timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
         log.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, device)
     return DistInfo(rank, local_rank, world_size, device)
 
@@ -75,7 +77,9 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
         is_master=not agent_store and rank == 0, timeout=timeout,
         multi_tenant=not agent_store,
     )  # fmt: skip
-    return dist.PrefixStore(f"llm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(
+        f"llm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
 
 
 def destroy_distributed() -> None:
