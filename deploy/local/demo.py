@@ -126,7 +126,11 @@ def main() -> int:
             model=model,
             messages=[{"role": "user", "content": args.question}],
             max_tokens=200,
-            temperature=0,
+            # Sampled, not greedy (a small character model loops when greedy), and seeded
+            # so the same checkpoint gives the same answer every run.
+            temperature=0.8,
+            top_p=0.95,
+            seed=1234,
         )
         print("\n==> question:", args.question)
         print("==> answer  :", reply.choices[0].message.content.strip())
