@@ -8,13 +8,10 @@ from typing import Any
 
 import torch
 
-from llm.data.corpus import default_corpus
-from llm.data.dataset import TokenWindows, tokenize_documents
-from llm.data.tokenizers import SimpleCharacterTokenizer
 from llm.settings import load_settings
+from llm.training.data import build_data
 from llm.training.distributed import DistInfo
 from llm.training.engine import TrainingEngine
-from llm.training.lm_data import RandomWindowData
 from llm.training.run import run_training
 
 TINY_STEPS = 300
@@ -39,11 +36,7 @@ def train_tiny(
     run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[str, Any]
 ) -> TrainingEngine:
     settings = tiny_settings(run_dir, max_steps, **sections)
-    docs = default_corpus()
-    tok = SimpleCharacterTokenizer.train("".join(docs))
-    t = settings.training
-    windows = TokenWindows(tokenize_documents(docs, tok), t.block_size, settings.data.val_fraction)
-    data = RandomWindowData(windows, t.batch_size, t.seed, eval_batches=t.eval_batches)
+    tok, data = build_data(settings)
     return run_training(settings, tok, data, CPU)
 
 

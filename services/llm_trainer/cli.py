@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
@@ -63,6 +62,10 @@ def render_config(settings: TrainerSettings, sources: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # llm-train submit: the same settings, as a PyTorchJob
+        from llm_trainer import submit
+
+        return submit.main(argv[1:])
     logging.basicConfig(
         level=os.environ.get("LLM_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,32 +86,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(settings: TrainerSettings) -> int:
-    from llm.data.corpus import load_corpus
-    from llm.data.dataset import TokenWindows, tokenize_documents
-    from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer
+    from llm.training.data import build_data
     from llm.training.distributed import destroy_distributed, init_distributed
-    from llm.training.lm_data import RandomWindowData
-    from llm.training.run import run_training
+    from llm.training.run import preflight, run_training
 
-    t, d = settings.training, settings.data
-    try:
-        docs = load_corpus(d.source)
-        tok = (
-            SimpleCharacterTokenizer.train("".join(docs))
-            if d.tokenizer == "char"
-            else HFTokenizer(Path(d.tokenizer))
-        )
-        settings.model.build(vocab_size=tok.vocab_size)  # fail now on a bad model config
-        windows = TokenWindows(tokenize_documents(docs, tok), t.block_size, d.val_fraction)
-    except (ValueError, FileNotFoundError, ValidationError) as e:
-        print(f"llm-train: error: {e}", file=sys.stderr)
-        return 2
-
+    t = settings.training
     info = init_distributed(t.device, settings.distributed.backend, settings.distributed.timeout_s)
     try:
-        data = RandomWindowData(
-            windows, t.batch_size, t.seed, info.rank, info.world_size, t.eval_batches
-        )
+        try:
+            preflight(settings, info.device)
+            tok, data = build_data(settings, info.rank, info.world_size)
+            settings.model.build(vocab_size=tok.vocab_size)  # fail now on a bad model config
+        except (ValueError, FileNotFoundError, ValidationError) as e:
+            print(f"llm-train: error: {e}", file=sys.stderr)
+            return 2
         engine = run_training(settings, tok, data, info)
     finally:
         destroy_distributed()

@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from llm.config import ModelConfig
+from llm.data.datamodule import DataConfig
 from llm.training.config import (
     CheckpointConfig,
     DistributedConfig,
@@ -49,13 +50,54 @@ ModelSection = create_model(
 )
 
 
-class DataSection(BaseModel):
+class _DataBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     source: str = Field(
-        default="default", description="text file or directory; 'default' = Python's docs"
+        default="default",
+        description="lm: text file or directory ('default' = Python's docs); sft: chat JSONL;"
+        " tokenized at start-up (use data.dataset_path for data prepared by `llm-data prepare`)",
     )
-    tokenizer: str = Field(default="char", description="'char' or a local HF tokenizer directory")
-    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    tokenizer: str = Field(
+        default="char",
+        description="'char' (fitted to data.source, or the one saved with data.dataset_path's"
+        " shards) or a tokenizer / checkpoint directory",
+    )
+
+    def to_data_config(self, training: TrainingConfig, world_size: int = 1) -> DataConfig:
+        """The data library's config: the fields here plus those the training section owns."""
+        values = self.model_dump(exclude={"source", "tokenizer", "dataset_path"})
+        return DataConfig(
+            **values,
+            dataset_path=self.dataset_path or self.source,
+            task="sft" if training.task == "sft" else "pretrain",
+            seq_len=training.block_size,
+            global_batch_size=training.batch_size * world_size,
+            seed=training.seed,
+            max_val_batches=training.eval_batches,
+        )
+
+
+# The data library's `DataConfig`, less what the training section already sets (task,
+# seq_len = training.block_size, global batch = training.batch_size x ranks, seed,
+# validation batches = training.eval_batches), so `--data.sampling shuffled` etc. follow
+# DataConfig as it grows; `dataset_path` becomes optional next to `source`.
+_OWNED_BY_TRAINING = {"task", "seq_len", "global_batch_size", "seed", "max_val_batches"}
+DataSection = create_model(
+    "DataSection",
+    __base__=_DataBase,
+    dataset_path=(
+        str | None,
+        Field(default=None, description=DataConfig.model_fields["dataset_path"].description),
+    ),
+    **{
+        name: (field.annotation, field)
+        for name, field in DataConfig.model_fields.items()
+        if name not in _OWNED_BY_TRAINING | {"dataset_path", "tokenizer_path", "val_fraction"}
+    },
+    # The trainer has always held out 10% (the library's default is 5%): small corpora
+    # keep a validation split worth measuring, and earlier runs keep their meaning.
+    val_fraction=(float, Field(default=0.1, gt=0, lt=1)),
+)
 
 
 class TrainerSettings(BaseSettings):
@@ -73,6 +115,10 @@ class TrainerSettings(BaseSettings):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    def data_config(self, world_size: int = 1) -> DataConfig:
+        """The data library's `DataConfig` for a run on `world_size` ranks."""
+        return self.data.to_data_config(self.training, world_size)
 
     @classmethod
     def settings_customise_sources(

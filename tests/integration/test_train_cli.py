@@ -56,3 +56,25 @@ def test_too_small_corpus_is_a_clear_error(tmp_path: Path) -> None:
         "--training.block-size", "64",
     )  # fmt: skip
     assert proc.returncode == 2 and "split has" in proc.stderr and "block_size" in proc.stderr
+
+
+def test_sft_task_on_chat_jsonl(tmp_path: Path) -> None:
+    chats = tmp_path / "chat.jsonl"
+    with chats.open("w") as f:
+        for i in range(120):
+            word = "abcdefgh"[i % 8] * (3 + i % 5) + "xyz"[i % 3]
+            msgs = [{"role": "user", "content": f"reverse {word}"},
+                    {"role": "assistant", "content": word[::-1]}]  # fmt: skip
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    proc = run_train(
+        "--training.task", "sft", "--data.source", str(chats), "--data.val-fraction", "0.2",
+        "--model.preset", "tiny", "--training.max-steps", "20", "--training.batch-size", "4",
+        "--training.block-size", "96", "--training.eval-interval", "20",
+        "--training.eval-batches", "2", "--checkpoint.run-dir", str(tmp_path / "run"),
+        "--optimization.peak-tflops", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 20 and summary["val_loss"] < 3.0  # ln(vocab) ~3.4 untrained
+    proc = run_train("--training.task", "sft", "--checkpoint.run-dir", str(tmp_path / "r2"))
+    assert proc.returncode == 2 and "training.task=sft needs data.source" in proc.stderr

@@ -8,5 +8,5 @@ shards       shard format, index, TokenShards reader, fingerprint check
 pretrain     next-token windows and the validation split over shards
 sft          chat JSONL -> ids with an assistant-only loss mask; packing: rows, masks
 datamodule   DataConfig and TextDataModule (rank-aware, exactly resumable)
-corpus, dataset   the in-memory corpus and TokenWindows the first trainer uses
+corpus       the default corpus (Python's reference docs) and plain text files as documents
 """

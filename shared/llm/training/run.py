@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from llm import storage
 from llm.checkpoint import load_checkpoint, load_trainer_state
@@ -29,7 +31,7 @@ from llm.training.distributed import (
     barrier,
     init_distributed,
 )
-from llm.training.engine import TrainData, TrainingEngine
+from llm.training.engine import Batch, TrainData, TrainingEngine, causal_lm_loss
 from llm.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -54,17 +56,40 @@ def default_peak_flops(device: torch.device, precision: str) -> float:
     return 2 * 1024**3 / timing.median
 
 
+def preflight(settings: TrainerSettings, device: torch.device) -> None:
+    """Refuse, before any work, what this platform cannot do (ValueError naming the setting)."""
+    o = settings.optimization
+    if o.precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"optimization.precision=fp16 needs a GPU (device is {device}); use bf16 on the CPU"
+        )
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                "optimization.optimizer=adamw8bit needs bitsandbytes, which cannot be imported"
+                f" here ({e}); install it (pip install bitsandbytes) or use adamw"
+            ) from None
+
+
 def run_training(
     settings: TrainerSettings,
     tokenizer: BaseTokenizer,
     data: TrainData,
     info: DistInfo | None = None,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
 ) -> TrainingEngine:
-    """Train per `settings`; resumes from the run directory's newest committed checkpoint."""
+    """Train per `settings`; resumes from the run directory's newest committed checkpoint.
+
+    `tokenizer` and `data` come from `llm.training.data.build_data(settings, rank, world)`;
+    `loss_fn` replaces the next-token loss (tests inject non-finite losses with it).
+    """
     t, o, c = settings.training, settings.optimization, settings.checkpoint
     info = info or init_distributed(
         t.device, settings.distributed.backend, settings.distributed.timeout_s
     )
+    preflight(settings, info.device)
     torch.manual_seed(t.seed)
     model_cfg = settings.model.build(
         vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
@@ -115,7 +140,7 @@ def run_training(
     checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings)
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
-        checkpointer=checkpointer, checkpoint_interval=c.interval,
+        loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
     )  # fmt: skip
     if latest is not None:
         engine.load_state_dict(load_trainer_state(latest))
