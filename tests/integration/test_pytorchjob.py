@@ -235,3 +235,21 @@ def test_submit_creates_the_job_through_the_kubeconfig(capsys, monkeypatch, tmp_
     ((path, body),) = FakeApiServer.received
     assert path == "/apis/kubeflow.org/v1/namespaces/team/pytorchjobs"
     assert body["kind"] == "PyTorchJob"
+
+
+def test_llm_train_submit_dispatches_to_the_job_builder(capsys: pytest.CaptureFixture) -> None:
+    from llm_trainer.cli import main as llm_train
+
+    argv = [
+        "submit",
+        "--image",
+        "reg/llm-train:1",
+        "--set",
+        "checkpoint.run_dir=s3://b/r",
+        "--dry-run",
+    ]
+    assert llm_train(argv) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["kind"] == "PyTorchJob"
+    env = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "LLM_CHECKPOINT__RUN_DIR", "value": "s3://b/r"} in env
