@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(overrides(args.set), args.config)
     except ValidationError as e:
-        print(f"llm-train submit: invalid settings:\n{e}", file=sys.stderr)
+        from llm_trainer.cli import format_errors  # the same field-named message as llm-train
+
+        print(f"llm-train submit: {format_errors(e)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"llm-train submit: error: {e}", file=sys.stderr)
