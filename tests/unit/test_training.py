@@ -84,3 +84,21 @@ def test_optimizer_groups_and_schedule() -> None:
     assert lr_factor(60, 10, 110, "constant") == 1.0
     with pytest.raises(ValueError, match="schedule='cosin'"):
         build_scheduler(opt, 10, 110, "cosin")
+
+
+def test_cpu_peak_for_mfu_is_measured_with_the_training_threads(monkeypatch) -> None:
+    """torch's Timer defaults to one thread, which made MFU exceed 100% on two cores."""
+    import torch.utils.benchmark as tub
+
+    from llm.training.run import default_peak_flops
+
+    seen = {}
+    real_timer = tub.Timer
+
+    def recording_timer(*args, **kwargs):
+        seen["num_threads"] = kwargs.get("num_threads", 1)
+        return real_timer(*args, **kwargs)
+
+    monkeypatch.setattr(tub, "Timer", recording_timer)
+    assert default_peak_flops(torch.device("cpu"), "fp32") > 0
+    assert seen["num_threads"] == torch.get_num_threads()
