@@ -11,7 +11,6 @@ Layout of one checkpoint directory (local or `s3://`):
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -137,9 +136,3 @@ def _run_name(ckpt_uri: str) -> str:
     if len(parts) >= 3 and parts[-2] == "checkpoints":
         return parts[-3]
     return parts[-1] if parts else "model"
-
-
-def read_config(ckpt_uri: str) -> ModelConfig:
-    return ModelConfig.model_validate(
-        json.loads(storage.read_bytes(storage.join(ckpt_uri, CONFIG)))
-    )
