@@ -7,7 +7,9 @@
    (the same weights), forward + backward over 8x256 tokens, Mixtral-like (8 experts,
    top-2) and fine-grained (32 experts, top-4, DeepSeek/Qwen-MoE-like); plus a decode-
    sized forward (8 tokens). transformers runs its `eager` expert loop and, where it
-   runs, its `grouped_mm` kernel; the faster one is the reference.
+   runs, its `grouped_mm` kernel; the faster one is the reference. Each MoE case also
+   prints its FLOP bound: a dense SwiGLU with top_k times the expert width does the same
+   expert FLOPs with no routing at all, so no MoE layer can beat its tokens/s.
 
 Usage: PYTHONPATH=shared .venv/bin/python benchmarks/model_forward.py [--steps 5] [--threads 2]
 """
@@ -25,6 +27,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from llm.config import ModelConfig
+from llm.core.mlp import SwiGLU
 from llm.core.moe import MoE
 from llm.interop.hf import config_to_hf, state_dict_to_hf
 from llm.models.decoder import DecoderModel
@@ -115,6 +118,11 @@ def _moe_step(layer: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callab
     return step
 
 
+def _dense_bound(dim: int, hidden: int, top_k: int, x: torch.Tensor, backward: bool) -> float:
+    """tokens/s of a dense SwiGLU doing the routed tokens' expert FLOPs (k experts each)."""
+    return x.shape[1] / _time(_moe_step(SwiGLU(dim, hidden * top_k), x, backward), 3)
+
+
 def moe(steps: int) -> list[tuple[str, float, float]]:
     rows = []
     cases = [
@@ -147,6 +155,8 @@ def moe(steps: int) -> list[tuple[str, float, float]]:
                     n_tokens / best_ref,
                 )
             )
+        bound = _dense_bound(dim, hidden, top_k, x, backward)
+        print(f"  MoE {name} {what}: FLOP bound (dense SwiGLU, same FLOPs) {bound:,.0f} tok/s")
     return rows
 
 

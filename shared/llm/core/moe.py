@@ -5,11 +5,12 @@ options the open families differ in: softmax-then-top-k or top-k-then-softmax,
 renormalised or not, a routed-output scale and group-limited selection (DeepSeek-V2),
 and an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek).
 
-Experts run without a loop over experts or tokens and without host syncs: the (token,
-expert) assignments are laid out expert by expert in blocks of `b` rows (each expert's
-run padded to a whole block; the total block count has a static bound), each block
-fetches its expert's weights, and one `bmm` per projection does all experts at once.
-The FLOPs are those of the routed tokens plus at most `b - 1` padding rows per expert.
+Experts run without a loop over experts or tokens and without host syncs. The (token,
+expert) assignments are sorted by expert and each projection is one grouped GEMM
+(`torch.nn.functional.grouped_mm`, jagged groups given by on-device offsets): the FLOPs
+are exactly those of the routed tokens. Where torch has no grouped GEMM for the dtype
+(CUDA below bf16's kernels), a blocked layout stands in: each expert's run padded to
+blocks of `b` rows, each block fetching its expert's weights, one `bmm` per projection.
 
 Router statistics of the last forward stay on the module (`router_stats`) so
 `DecoderModel.router_losses()` can form the load-balancing loss and the z-loss without
@@ -58,6 +59,45 @@ def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(src, index)
 
 
+@torch.library.custom_op("llm::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm` behind an opaque op: torch.compile's fake kernel for it accepts only
+    bf16, while the CPU kernel runs any float dtype."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N)
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # (K, M) x (M, N) -> (G, K, N)
+
+
+def _grouped_mm_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    a, b, offs = ctx.saved_tensors  # the (M, K) x (G, K, N) forward
+    grad = grad.contiguous()
+    grad_a = _grouped_mm_op(grad, b.transpose(1, 2), offs)  # (M, K)
+    grad_b = _grouped_mm_op(a.t(), grad, offs)  # (G, K, N): each group's a_g^T @ grad_g
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows grouped by `offs` times (G, K, N) -> (M, N)."""
+    if a.device.type == "cpu":
+        return _grouped_mm_op(a, b, offs)
+    return F.grouped_mm(a, b, offs=offs)  # CUDA bf16: torch's kernel, compilable
+
+
+_GROUPED_MM_DTYPES = {("cpu", torch.float32), ("cpu", torch.bfloat16), ("cuda", torch.bfloat16)}
+
+
 def _block_rows(n_assignments: int, n_experts: int) -> int:
     """Rows per block: about a quarter of an expert's average load, a power of two in
     [1, 128]. Smaller wastes less padding, larger fetches expert weights less often."""
@@ -86,6 +126,39 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, dim): sum over k of weights * expert(x).
         """
+        if self.uses_grouped_mm(x):
+            return self._grouped(x, experts, weights)
+        return self._blocked(x, experts, weights)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether torch's grouped GEMM runs `x`: CPU fp32/bf16 or CUDA bf16 on SM80+, with
+        rows of dim and hidden_dim a multiple of 16 bytes (the kernel's stride rule)."""
+        if (x.device.type, x.dtype) not in _GROUPED_MM_DTYPES:
+            return False
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+        D, H = self.gate_up_proj.shape[2], self.hidden_dim
+        return (D * x.element_size()) % 16 == 0 and (H * x.element_size()) % 16 == 0
+
+    def _grouped(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        (N, D), k = x.shape, experts.shape[1]
+        flat = experts.reshape(N * k)  # (M,) token-major
+        order = flat.argsort(stable=True)  # (M,) assignments, expert by expert
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        counts = counts.index_add_(0, flat, torch.ones_like(flat))  # (E,)
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        token = order // k  # (M,) token of each sorted assignment
+        x_rows = _gather_rows(x, token)  # (M, D)
+        gate, up = _grouped_mm(x_rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # (M, D)
+        y = y * weights.reshape(N * k)[order].unsqueeze(-1).to(y.dtype)
+        return y.new_zeros(N, D).index_add_(0, token, y)  # (N, D)
+
+    def _blocked(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         (N, D), k, E = x.shape, experts.shape[1], self.n_experts
         M = N * k
         b = _block_rows(M, E)
