@@ -1,12 +1,15 @@
 """`llm-engine`: serve one checkpoint over gRPC.
 
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
-               [--max-queue 64] [--device cpu] [--dtype auto] [--threads 0]
+               [--slots 8] [--prefill-chunk 512] [--compile] [--max-queue 64]
+               [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0]
 
 Prints one JSON line on stdout once the port is bound,
 `{"event": "engine_listening", "host": ..., "port": N}` (with `--port 0` the port the OS
 picked); everything else is JSON logs on stderr. Health turns SERVING once the model is
-loaded. SIGTERM/SIGINT stop gracefully. Exit code 1 when the checkpoint cannot be loaded.
+loaded. SIGTERM/SIGINT drain: health turns NOT_SERVING, new calls are refused, running
+ones get `shutdown_grace_s` to finish. Exit code 1 when the checkpoint cannot be loaded.
+Every setting is also `LLM_ENGINE_<NAME>`; OpenTelemetry reads the standard `OTEL_*`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import sys
 from typing import Annotated
 
+import prometheus_client
 import torch
 import typer
 from pydantic import ValidationError
@@ -24,6 +28,7 @@ from pydantic import ValidationError
 from llm_engine.jsonlog import announce, setup_logging
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
+from llm_engine.tracing import setup_tracing
 
 log = logging.getLogger("llm_engine")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -39,6 +44,9 @@ async def serve(settings: EngineSettings) -> int:
         )
         return 1
     announce("engine_listening", host=settings.host, port=engine.port)
+    if settings.metrics_port:
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        log.info("metrics_listening", extra={"port": settings.metrics_port})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -51,6 +59,9 @@ async def serve(settings: EngineSettings) -> int:
             device=settings.device,
             dtype=settings.torch_dtype,
             max_queue=settings.max_queue,
+            n_slots=settings.slots,
+            prefill_chunk=settings.prefill_chunk,
+            compile=settings.compile,
         )
     )
     stopped = asyncio.create_task(stop.wait())
@@ -80,6 +91,16 @@ def run(
     max_queue: Annotated[
         int | None, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")
     ] = None,
+    slots: Annotated[int | None, typer.Option(help="KV-cache slots (concurrent requests)")] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="prompt tokens prefilled per scheduler step")
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the decode step")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (0: off)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
@@ -88,6 +109,7 @@ def run(
     """Serve a checkpoint over the llm.engine.v1 gRPC API."""
     flags = dict(
         checkpoint=checkpoint, host=host, port=port, model_name=model_name, max_queue=max_queue,
+        slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
         device=device, dtype=dtype, threads=threads, log_level=log_level,
     )  # fmt: skip
     try:
@@ -96,6 +118,7 @@ def run(
         typer.echo(f"llm-engine: invalid settings:\n{e}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
+    setup_tracing("llm-engine")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     sys.exit(asyncio.run(serve(settings)))

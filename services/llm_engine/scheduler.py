@@ -3,12 +3,9 @@
 Requests wait in a bounded FIFO (full: `QueueFull`, which the servicer answers with
 RESOURCE_EXHAUSTED) and are never dropped: each one ends with exactly one `Finished` or
 `Failed` event, or is dropped silently only after its caller cancelled it. Each loop
-iteration admits waiting requests into free slots, advances every active slot by one
-token, and frees slots that finished or whose caller cancelled.
-
-There is one slot today (the model's cache has batch 1, so requests run one after the
-other); continuous batching grows `n_slots` and replaces the per-slot `stream_generate`
-with one batched decode step over all active slots, without changing this interface.
+iteration frees the slots of cancelled requests, admits waiting requests into free slots,
+and runs one `BatchGenerator.step()`: a chunk of prefill, one batched decode token for
+every generating slot. Text, stop strings and events are per request, on the host.
 
 Events go back through `request.sink`, which must be thread-safe (the servicer uses
 `loop.call_soon_threadsafe` into an `asyncio.Queue`).
@@ -21,12 +18,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llm.data.tokenizers import BaseTokenizer
-from llm.inference import IncrementalDecoder, stream_generate
+from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
 from llm.models.decoder import DecoderModel
+from llm_engine import metrics
 from llm_engine.validation import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +39,7 @@ class Token:
     token_id: int
     text: str  # UTF-8 safe delta; may be "" while text is held back
     logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)  # most likely alternatives
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,11 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class _Slot:
     request: GenerationRequest
-    tokens: Iterator[tuple[int, float | None]]
+    work: Request  # the BatchGenerator's view of it
     decoder: IncrementalDecoder
     started_at: float
-    generated: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
 class Scheduler:
@@ -98,14 +98,17 @@ class Scheduler:
         tokenizer: BaseTokenizer,
         *,
         max_queue: int = 64,
-        n_slots: int = 1,
+        n_slots: int = 8,
+        prefill_chunk: int = 512,
+        compile: bool = False,
     ) -> None:
-        if max_queue < 1 or n_slots != 1:
-            raise ValueError("max_queue must be >= 1 and n_slots must be 1 (batching: later)")
+        if max_queue < 1 or n_slots < 1:
+            raise ValueError("max_queue and n_slots must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.n_slots = max_queue, n_slots
+        self.batch = BatchGenerator(model, n_slots, prefill_chunk=prefill_chunk, compile=compile)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._active: list[_Slot] = []
+        self._active: dict[int, _Slot] = {}  # id(work request) -> slot
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
@@ -123,10 +126,11 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(request)
+            metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running token, fail everything else as unavailable, join."""
+        """Finish the running step, fail everything else as unavailable, join."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -136,6 +140,10 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return self.batch.active
 
     # -- the scheduler thread ------------------------------------------------------------
 
@@ -148,16 +156,21 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._take_admissible()
+                metrics.QUEUE_DEPTH.set(len(self._waiting))
+            for slot in [s for s in self._active.values() if s.request.cancelled]:
+                self.batch.cancel(slot.work)
+                self._free(slot, "cancelled")
             for request in admitted:
                 self._admit(request)
-            for slot in list(self._active):
-                self._step(slot)
+            if self._active:
+                self._step()
+            metrics.ACTIVE_SLOTS.set(self.batch.active)
         self._fail_all("the engine is shutting down")
         log.info("scheduler_stopped")
 
     def _take_admissible(self) -> list[GenerationRequest]:
         taken = []
-        while self._waiting and len(self._active) + len(taken) < self.n_slots:
+        while self._waiting and self.batch.free_slots - len(taken) > 0:
             request = self._waiting.popleft()
             if request.cancelled:  # the caller left while it waited: nothing to run
                 log.info(
@@ -169,41 +182,66 @@ class Scheduler:
 
     def _admit(self, request: GenerationRequest) -> None:
         spec = request.spec
-        tokens = stream_generate(
-            self.model,
+        work = Request(
             spec.prompt_ids,
-            max_new_tokens=spec.max_new_tokens,
-            sampling=spec.sampling,
-            stop_token_ids=spec.stop_token_ids,
+            spec.sampling,
+            spec.max_new_tokens,
+            spec.stop_token_ids,
             logprobs=spec.logprobs,
+            top_logprobs=spec.top_logprobs,
         )
+        self.batch.add(work)
         decoder = IncrementalDecoder(
             self.tokenizer, stop=spec.stop, context_ids=spec.prompt_ids[-_CONTEXT_IDS:]
         )
-        self._active.append(_Slot(request, tokens, decoder, time.monotonic()))
-        log.debug("request_admitted", extra={"request_id": request.request_id})
+        self._active[id(work)] = _Slot(request, work, decoder, time.monotonic())
+        metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
+        log.debug("request_admitted", extra={"request_id": request.request_id, "slot": work.slot})
 
-    def _step(self, slot: _Slot) -> None:
-        request, spec = slot.request, slot.request.spec
-        if request.cancelled:
-            self._free(slot, "cancelled")
-            return
+    def _step(self) -> None:
+        prefilling = {id(s.work): s.work.prefilled for s in self._active.values()}
+        started = time.monotonic()
         try:
-            token, logprob = next(slot.tokens)  # prefill on the first call, then one decode
-        except Exception as e:  # a bug or OOM must fail this request, not the engine
-            log.exception("generation_failed", extra={"request_id": request.request_id})
-            self._free(slot, "error")
-            _emit(request, Failed(f"generation failed: {type(e).__name__}: {e}"))
+            events = self.batch.step()
+        except Exception as e:  # a bug or OOM must fail the requests, not the engine
+            log.exception("generation_failed")
+            for slot in list(self._active.values()):
+                self.batch.cancel(slot.work)
+                self._free(slot, "error")
+                _emit(slot.request, Failed(f"generation failed: {type(e).__name__}: {e}"))
             return
-        slot.generated += 1
-        if token in spec.stop_token_ids:
+        elapsed = time.monotonic() - started
+        prefilled = sum(
+            s.work.prefilled - prefilling.get(id(s.work), 0) for s in self._active.values()
+        )
+        decoded = sum(1 for e in events if e.request.generated > 1)
+        if prefilled:
+            metrics.PREFILL_TOKENS.inc(prefilled)
+        if decoded:
+            metrics.DECODE_TOKENS.inc(decoded)
+        metrics.STEP_SECONDS.observe(elapsed)
+        for event in events:
+            self._on_token(self._active[id(event.request)], event)
+
+    def _on_token(self, slot: _Slot, event: TokenEvent) -> None:
+        now = time.monotonic()
+        if slot.first_token_at is None:
+            slot.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - slot.request.submitted_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - (slot.last_token_at or now))
+        slot.last_token_at = now
+        token = event.token_id
+        if token in slot.request.spec.stop_token_ids:
             self._finish(slot, "stop", stop_token=token)
             return
-        _emit(request, Token(token, slot.decoder.add([token]), logprob))
+        _emit(slot.request, Token(token, slot.decoder.add([token]), event.logprob, event.top))
         if slot.decoder.stopped:
+            if event.finish_reason is None:  # a stop string: free the slot now
+                self.batch.cancel(slot.work)
             self._finish(slot, "stop")
-        elif slot.generated >= spec.max_new_tokens:
-            self._finish(slot, "length")
+        elif event.finish_reason is not None:
+            self._finish(slot, event.finish_reason)
 
     def _finish(self, slot: _Slot, reason: str, stop_token: int | None = None) -> None:
         self._free(slot, reason)
@@ -214,21 +252,21 @@ class Scheduler:
                 text=slot.decoder.flush(),
                 token_ids=() if stop_token is None else (stop_token,),
                 prompt_tokens=len(slot.request.spec.prompt_ids),
-                completion_tokens=slot.generated,
+                completion_tokens=slot.work.generated,
             ),
         )
 
     def _free(self, slot: _Slot, reason: str) -> None:
-        self._active.remove(slot)
-        slot.tokens.close()  # ends the generator (and its inference_mode) now
+        del self._active[id(slot.work)]
         request, now = slot.request, time.monotonic()
+        metrics.REQUESTS.labels(reason).inc()
         log.info(
             "request_finished" if reason not in ("cancelled", "error") else f"request_{reason}",
             extra={
                 "request_id": request.request_id,
                 "finish_reason": reason,
                 "prompt_tokens": len(request.spec.prompt_ids),
-                "completion_tokens": slot.generated,
+                "completion_tokens": slot.work.generated,
                 "queue_s": round(slot.started_at - request.submitted_at, 4),
                 "run_s": round(now - slot.started_at, 4),
             },
@@ -237,11 +275,14 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for slot in list(self._active):
+        for slot in list(self._active.values()):
+            self.batch.cancel(slot.work)
             self._free(slot, "error")
             _emit(slot.request, Failed(message, unavailable=True))
         for request in waiting:
             _emit(request, Failed(message, unavailable=True))
+        metrics.QUEUE_DEPTH.set(0)
+        metrics.ACTIVE_SLOTS.set(self.batch.active)
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

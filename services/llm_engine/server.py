@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llm.checkpoint import LoadedModel, load_checkpoint
-from llm_engine import validation
+from llm_engine import tracing, validation
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.scheduler import Event, Failed, Finished, GenerationRequest, QueueFull, Scheduler
@@ -75,11 +75,21 @@ class EngineServicer(pb_grpc.EngineServicer):
         job = GenerationRequest(spec, sink)
         if request.request_id:
             job.request_id = request.request_id
+
         try:
             state.scheduler.submit(job)
         except QueueFull as e:
             log.warning("queue_full", extra={"request_id": job.request_id, "reason": str(e)})
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"engine queue is full: {e}")
+        span = tracing.start_span(
+            "llm.engine.Generate",
+            context.invocation_metadata(),
+            {
+                "llm.request_id": job.request_id,
+                "llm.prompt_tokens": len(spec.prompt_ids),
+                "llm.max_new_tokens": spec.max_new_tokens,
+            },
+        )
 
         decode = state.loaded.tokenizer.decode
         done = False
@@ -92,6 +102,11 @@ class EngineServicer(pb_grpc.EngineServicer):
                     batch.append(events.get_nowait())
                 chunk, failure = _merge(batch, decode)
                 done = failure is not None or chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                if chunk.finish_reason:
+                    span.set_attribute("llm.completion_tokens", chunk.usage.completion_tokens)
+                    span.set_attribute(
+                        "llm.finish_reason", pb.FinishReason.Name(chunk.finish_reason)
+                    )
                 if failure is None or chunk.token_ids:
                     yield chunk
                 if failure is not None:
@@ -105,10 +120,12 @@ class EngineServicer(pb_grpc.EngineServicer):
             # The client went away or the deadline passed (context.cancelled() stays False
             # in grpc.aio, so the exception is the signal): free the slot at the next token.
             log.info("request_cancel_requested", extra={"request_id": job.request_id})
+            span.set_attribute("llm.cancelled", True)
             raise
         finally:
             if not done:
                 job.cancel()
+            span.end()
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -158,6 +175,8 @@ def _merge(
             lp = pb.TokenLogprob(
                 token_id=event.token_id, token=decode([event.token_id]), logprob=event.logprob
             )
+            for token_id, logprob in event.top:
+                lp.top.add(token_id=token_id, token=decode([token_id]), logprob=logprob)
             chunk.logprobs.append(lp)
     return chunk, None
 
@@ -177,11 +196,17 @@ class RunningEngine:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         max_queue: int = 64,
+        n_slots: int = 8,
+        prefill_chunk: int = 512,
+        compile: bool = False,
     ) -> EngineState:
         """Load the checkpoint (off the event loop), start the scheduler, go SERVING."""
         started = time.monotonic()
         loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
-        scheduler = Scheduler(loaded.model, loaded.tokenizer, max_queue=max_queue)
+        scheduler = await asyncio.to_thread(
+            Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
+            prefill_chunk=prefill_chunk, compile=compile,
+        )  # fmt: skip
         scheduler.start()
         state = EngineState(
             loaded=loaded,

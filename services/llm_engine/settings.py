@@ -23,6 +23,14 @@ class EngineSettings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED"
     )
+    slots: int = Field(default=8, ge=1, description="KV-cache slots: requests generating at once")
+    prefill_chunk: int = Field(
+        default=512, ge=1, description="prompt tokens prefilled per scheduler step"
+    )
+    compile: bool = Field(default=False, description="torch.compile the decode step")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="port of the Prometheus /metrics; 0: off"
+    )
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0: torch's default")

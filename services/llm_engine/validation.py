@@ -16,6 +16,7 @@ from llm_engine.proto.v1 import engine_pb2 as pb
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16  # each one is searched on every token
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class InvalidArgument(ValueError):
@@ -34,6 +35,7 @@ class GenerationSpec:
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
     logprobs: bool
+    top_logprobs: int = 0
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
@@ -89,18 +91,27 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1] (0: unset), got {s.top_p}")
     if s.top_k < 0:
         raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
-    # Accepted by the API, not implemented yet: refuse rather than silently ignore.
-    if s.min_p != 0:
-        raise InvalidArgument("sampling.min_p", "is not supported by this engine yet")
-    if s.repetition_penalty not in (0.0, 1.0):
-        raise InvalidArgument("sampling.repetition_penalty", "is not supported by this engine yet")
+    if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
+        raise InvalidArgument("sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    # proto3: 0 means "not set", i.e. no repetition penalty (1).
+    if not math.isfinite(s.repetition_penalty) or s.repetition_penalty < 0:
+        raise InvalidArgument(
+            "sampling.repetition_penalty", f"must be > 0 (0: unset), got {s.repetition_penalty}"
+        )
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(s, name) != 0:
-            raise InvalidArgument(f"sampling.{name}", "is not supported by this engine yet")
+        value = getattr(s, name)
+        if not math.isfinite(value) or not -2 <= value <= 2:
+            raise InvalidArgument(f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    if s.HasField("seed") and s.seed >= 2**63:
+        raise InvalidArgument("sampling.seed", f"must be < 2**63, got {s.seed}")
     return SamplingParams(
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p or 1.0,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty or 1.0,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
         seed=s.seed if s.HasField("seed") else None,
     )
 
@@ -128,8 +139,10 @@ def generation_spec(
             )
     if request.top_logprobs < 0:
         raise InvalidArgument("top_logprobs", f"must be >= 0, got {request.top_logprobs}")
-    if request.top_logprobs > 0:
-        raise InvalidArgument("top_logprobs", "is not supported by this engine yet")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
+        )
 
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
@@ -150,7 +163,8 @@ def generation_spec(
         max_new_tokens=max_new_tokens_for(context_length, len(ids), wanted),
         stop=tuple(stopping.stop),
         stop_token_ids=frozenset(stop_ids),
-        logprobs=request.logprobs,
+        logprobs=request.logprobs or request.top_logprobs > 0,
+        top_logprobs=request.top_logprobs,
     )
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tests.support import free_port
 
 from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.inference import SamplingParams, generate, stream_generate
@@ -25,6 +30,7 @@ from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}
 MAX_QUEUE = 2
+SLOTS = 2
 GREEDY = pb.SamplingParams(temperature=0)
 
 
@@ -35,6 +41,17 @@ class Engine:
     log: Path
     stub: pb_grpc.EngineStub
     channel: grpc.Channel
+    metrics_port: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of the engine's /metrics."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if not s.labels
+        }
 
     def logs(self) -> list[dict]:
         return [
@@ -53,25 +70,41 @@ def wait_serving(channel: grpc.Channel, timeout: float = 60) -> None:
     raise TimeoutError("engine did not become SERVING")
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    log = tmp_path_factory.mktemp("engine") / "engine.log"
-    cmd = [sys.executable, "-m", "llm_engine", "--checkpoint", tiny_checkpoint, "--port", "0",
-           "--max-queue", str(MAX_QUEUE), "--threads", "1"]  # fmt: skip
+@contextlib.contextmanager
+def start_engine(
+    checkpoint: str, log: Path, *flags: str, env: dict | None = None
+) -> Iterator[Engine]:
+    metrics_port = free_port()
+    cmd = [sys.executable, "-m", "llm_engine", "--checkpoint", checkpoint, "--port", "0",
+           "--max-queue", str(MAX_QUEUE), "--slots", str(SLOTS), "--threads", "1",
+           "--metrics-port", str(metrics_port), *flags]  # fmt: skip
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**ENV, **(env or {})}
+        )
     try:
         port = read_announcement(proc.stdout, "engine_listening", timeout=60)["port"]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         wait_serving(channel)
-        yield Engine(proc, port, log, pb_grpc.EngineStub(channel), channel)
+        yield Engine(proc, port, log, pb_grpc.EngineStub(channel), channel, metrics_port)
         channel.close()
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0, "SIGTERM should stop the engine cleanly"
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    with start_engine(tiny_checkpoint, log) as running:
+        yield running
+        running.proc.terminate()
+        assert running.proc.wait(timeout=20) == 0, "SIGTERM should stop the engine cleanly"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +135,7 @@ def test_health_and_model_info(engine: Engine, reference: LoadedModel) -> None:
     assert info.context_length == reference.config.max_seq_len
     assert info.vocab_size == reference.config.vocab_size
     assert info.n_params == reference.model.num_params()
-    assert (info.slots, info.dtype, info.has_chat_template) == (1, "float32", True)
+    assert (info.slots, info.dtype, info.has_chat_template) == (SLOTS, "float32", True)
 
 
 def test_generate_streams_the_library_greedy_tokens(engine: Engine, reference: LoadedModel) -> None:
@@ -192,7 +225,19 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
         ({"text": "x", "sampling": pb.SamplingParams(top_p=1.5)}, "sampling.top_p"),
         ({"text": "x", "sampling": pb.SamplingParams(top_p=-0.1)}, "sampling.top_p"),
         ({"text": "x", "sampling": pb.SamplingParams(top_k=-2)}, "sampling.top_k"),
-        ({"text": "x", "sampling": pb.SamplingParams(min_p=0.1)}, "sampling.min_p"),
+        ({"text": "x", "sampling": pb.SamplingParams(min_p=1.5)}, "sampling.min_p"),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(repetition_penalty=-1)},
+            "sampling.repetition_penalty",
+        ),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(presence_penalty=3)},
+            "sampling.presence_penalty",
+        ),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(frequency_penalty=float("nan"))},
+            "sampling.frequency_penalty",
+        ),
         ({"text": ""}, "text"),
         ({}, "input"),
         ({"token_ids": pb.TokenIds(ids=[])}, "token_ids.ids"),
@@ -209,7 +254,8 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
             {"chat": pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="x")])},
             "chat.messages[0].role",
         ),
-        ({"text": "x", "top_logprobs": 3}, "top_logprobs"),
+        ({"text": "x", "top_logprobs": 21}, "top_logprobs"),
+        ({"text": "x", "top_logprobs": -1}, "top_logprobs"),
     ],
 )
 def test_invalid_arguments_name_the_field(engine: Engine, request_kwargs: dict, field: str) -> None:
@@ -265,10 +311,10 @@ def test_full_queue_answers_resource_exhausted_and_drops_nothing(engine: Engine)
     results = asyncio.run(burst())
     rejected = [r for r in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
     completed = [r for r in results if isinstance(r, int)]
-    # One running + MAX_QUEUE waiting fit; the rest of a simultaneous burst must be refused.
+    # SLOTS running + MAX_QUEUE waiting fit; the rest of a simultaneous burst is refused.
     assert rejected, results
     assert len(rejected) + len(completed) == n, results  # nothing failed any other way
-    assert len(completed) >= 1 + MAX_QUEUE
+    assert len(completed) >= SLOTS + MAX_QUEUE
     assert all(c == 256 - len("The ") for c in completed)  # every accepted request ran fully
     assert run(engine, text="The ", sampling=GREEDY, stopping=pb.StoppingCriteria(max_tokens=2))
 
@@ -289,3 +335,110 @@ def test_unloadable_checkpoint_exits_with_a_clear_error(tmp_path: Path) -> None:
         json.loads(line) for line in proc.stderr.splitlines() if '"model_load_failed"' in line
     ]
     assert errors and str(tmp_path / "missing") in errors[0]["error"]
+
+
+def _stream(port: int, request: pb.GenerateRequest, timeout: float = 60) -> list:
+    async def go() -> list:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EngineStub(channel)
+            return [c async for c in stub.Generate(request, timeout=timeout)]
+
+    return asyncio.run(go())
+
+
+def test_concurrent_requests_equal_each_alone(engine: Engine, reference: LoadedModel) -> None:
+    """Requests with different prompts, lengths and parameters arriving at different times
+    share the slots; each one's tokens equal the same request run alone."""
+    tok = reference.tokenizer
+    cases = [
+        ("The ", GREEDY, 20),
+        ("def f(x):", pb.SamplingParams(temperature=0.9, top_k=20, seed=3), 30),
+        ("class A:", pb.SamplingParams(temperature=0, frequency_penalty=1.5), 25),
+        ("# ", pb.SamplingParams(temperature=1.0, min_p=0.05, presence_penalty=0.5, repetition_penalty=1.3, seed=5), 18),
+    ]  # fmt: skip  (SLOTS running + MAX_QUEUE waiting: none is refused)
+
+    def request(i: int) -> pb.GenerateRequest:
+        text, sampling, n = cases[i]
+        return pb.GenerateRequest(text=text, sampling=sampling, top_logprobs=2,
+                                  stopping=pb.StoppingCriteria(max_tokens=n, ignore_eos=True))  # fmt: skip
+
+    alone = [ids_of(_stream(engine.port, request(i))) for i in range(len(cases))]
+
+    async def together() -> list[list[int]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            stub = pb_grpc.EngineStub(channel)
+
+            async def one(i: int) -> list[int]:
+                await asyncio.sleep(0.01 * i)  # staggered arrivals
+                return ids_of([c async for c in stub.Generate(request(i), timeout=60)])
+
+            return await asyncio.gather(*(one(i) for i in range(len(cases))))
+
+    assert asyncio.run(together()) == alone
+    assert alone[0] == generate(reference.model, tok.encode("The "), max_new_tokens=20,
+                                sampling=SamplingParams(0))  # fmt: skip
+    penalised, plain = alone[2], ids_of(run(engine, text="class A:", sampling=GREEDY,
+                                            stopping=pb.StoppingCriteria(max_tokens=25, ignore_eos=True)))  # fmt: skip
+    assert penalised != plain  # the penalty changed greedy decoding
+    assert max(penalised.count(t) for t in set(penalised)) <= max(
+        plain.count(t) for t in set(plain)
+    )
+
+
+def test_top_logprobs_are_consistent(engine: Engine) -> None:
+    chunks = run(engine, text="The ", sampling=GREEDY, top_logprobs=3,
+                 stopping=pb.StoppingCriteria(max_tokens=6, ignore_eos=True))  # fmt: skip
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert len(logprobs) == 6
+    for lp in logprobs:
+        assert len(lp.top) == 3
+        assert lp.top[0].token_id == lp.token_id  # greedy took the most likely token
+        assert lp.top[0].logprob == pytest.approx(lp.logprob)
+        assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+        assert lp.top[1].token  # decoded text of the alternative
+
+
+def test_deadline_frees_the_slot_and_metrics_report_it(engine: Engine) -> None:
+    stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in engine.stub.Generate(
+            pb.GenerateRequest(text="The ", sampling=GREEDY, stopping=stopping), timeout=0.05
+        ):
+            time.sleep(0.02)  # a slow reader: the deadline passes mid-stream
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while (m := engine.metrics())["llm_engine_active_slots"] != 0:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+    assert m["llm_engine_queue_depth"] == 0
+    assert m["llm_engine_time_to_first_token_seconds_count"] >= 1
+    assert m["llm_engine_decode_tokens_total"] > 0 and m["llm_engine_prefill_tokens_total"] > 0
+
+
+def test_sigterm_drains_running_requests(tiny_checkpoint: str, tmp_path: Path) -> None:
+    with start_engine(tiny_checkpoint, tmp_path / "engine.log",
+                      env={"LLM_ENGINE_SHUTDOWN_GRACE_S": "30"}) as running:  # fmt: skip
+        stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)  # the whole context
+        stream = running.stub.Generate(
+            pb.GenerateRequest(text="The ", sampling=GREEDY, stopping=stopping), timeout=60
+        )
+        first = next(stream)
+        running.proc.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(running.channel)
+        deadline = time.monotonic() + 10
+        while True:  # readiness turns NOT_SERVING while the stream still runs
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            except grpc.RpcError:
+                break  # already gone: the stream below must still have finished
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(running.stub.Generate(pb.GenerateRequest(text="x", sampling=GREEDY), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(stream)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert len(ids_of([first, *rest])) == 256 - len("The ")
+        assert running.proc.wait(timeout=30) == 0

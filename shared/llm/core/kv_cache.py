@@ -1,7 +1,10 @@
 """Preallocated caches written in place at device-side positions (gpt-fast style).
 
 Shapes stay static for the whole generation and each step scatters its new entries at
-`input_pos` (B, T), so rows of a batch may sit at different positions.
+`input_pos` (B, T), so rows of a batch may sit at different positions. The cache's batch
+rows are the engine's slots: a decode step over the first B slots passes `rows=None` (a
+view, no copy); a prefill of some slots passes their row indices `rows` (B,), writes only
+those rows and attends over a copy of them.
 
 - `KVCache` holds full keys and values per KV head (MHA/GQA/MQA).
 - `LatentKVCache` holds what multi-head latent attention needs: the normalised
@@ -15,12 +18,29 @@ import torch
 from torch import nn
 
 
-def _scatter_at(cache: torch.Tensor, input_pos: torch.Tensor, new: torch.Tensor, dim: int) -> None:
-    """Write `new` into `cache` along `dim` at per-row positions `input_pos` (B, T)."""
-    shape = [1] * cache.ndim
-    shape[0], shape[dim] = input_pos.shape
-    idx = input_pos.view(shape).expand(new.shape)
-    cache.scatter_(dim, idx, new.to(cache.dtype))
+def _scatter_at(
+    cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    new: torch.Tensor,
+    dim: int,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write `new` into `cache` along `dim` at per-row positions `input_pos` (B, T), in cache
+    rows `rows` (B,) or the first B rows; return those rows (a copy when `rows` is set)."""
+    if rows is None:  # the first B rows (all of them, or a decode over the lowest slots)
+        shape = [1] * cache.ndim
+        shape[0], shape[dim] = input_pos.shape
+        idx = input_pos.view(shape).expand(new.shape)
+        return cache[: new.shape[0]].scatter_(dim, idx, new.to(cache.dtype))
+    # Index every dim before the last: rows, the dims between (heads), positions.
+    B, T = input_pos.shape
+    index: list[torch.Tensor] = [rows.view(B, *[1] * (dim - 1), 1)]
+    for d in range(1, dim):
+        n = cache.shape[d]
+        index.append(torch.arange(n, device=cache.device).view(1, *[1] * (d - 1), n, 1))
+    index.append(input_pos.view(B, *[1] * (dim - 1), T))
+    cache.index_put_(tuple(index), new.to(cache.dtype))
+    return cache.index_select(0, rows)
 
 
 class KVCache(nn.Module):
@@ -43,12 +63,18 @@ class KVCache(nn.Module):
         )
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions input_pos (B, T); return the full caches."""
-        _scatter_at(self.k_cache, input_pos, k, dim=2)
-        _scatter_at(self.v_cache, input_pos, v, dim=2)
-        return self.k_cache, self.v_cache
+        """Write k, v (B, n_kv, T, hd) at positions input_pos (B, T) of cache rows `rows`
+        (B,) or of the first B rows; return those rows' caches, (B, n_kv, L, hd) each."""
+        return (
+            _scatter_at(self.k_cache, input_pos, k, 2, rows),
+            _scatter_at(self.v_cache, input_pos, v, 2, rows),
+        )
 
     def reset(self) -> None:
         self.k_cache.zero_()
@@ -77,12 +103,18 @@ class LatentKVCache(nn.Module):
         )
 
     def update(
-        self, input_pos: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+        self,
+        input_pos: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write latent (B, T, r) and k_rope (B, T, dr) at input_pos (B, T); return the caches."""
-        _scatter_at(self.latent_cache, input_pos, latent, dim=1)
-        _scatter_at(self.k_rope_cache, input_pos, k_rope, dim=1)
-        return self.latent_cache, self.k_rope_cache
+        """Write latent (B, T, r) and k_rope (B, T, dr) at input_pos (B, T) of cache rows
+        `rows` (B,) or of the first B rows; return those rows' caches."""
+        return (
+            _scatter_at(self.latent_cache, input_pos, latent, 1, rows),
+            _scatter_at(self.k_rope_cache, input_pos, k_rope, 1, rows),
+        )
 
     def reset(self) -> None:
         self.latent_cache.zero_()

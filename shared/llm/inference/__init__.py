@@ -1,26 +1,23 @@
-"""Inference: sampling, KV-cached generation and incremental detokenization.
+"""Inference: batched sampling, continuous batching over KV-cache slots, generation and
+incremental detokenization.
 
 The engine's scheduler builds on these; nothing here knows about gRPC or HTTP.
 """
 
+from llm.inference.batching import BatchGenerator, Request, TokenEvent
 from llm.inference.detokenize import IncrementalDecoder
 from llm.inference.generate import generate, max_new_tokens_for, stream_generate
-from llm.inference.sampling import (
-    SamplingParams,
-    filter_logits,
-    make_generator,
-    sample,
-    token_logprobs,
-)
+from llm.inference.sampling import Sampler, SamplingParams, token_logprobs
 
 __all__ = [
+    "BatchGenerator",
     "IncrementalDecoder",
+    "Request",
+    "Sampler",
     "SamplingParams",
-    "filter_logits",
+    "TokenEvent",
     "generate",
-    "make_generator",
     "max_new_tokens_for",
-    "sample",
     "stream_generate",
     "token_logprobs",
 ]

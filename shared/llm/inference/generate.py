@@ -1,20 +1,22 @@
-"""Autoregressive generation over the model's preallocated KV cache (gpt-fast style).
+"""Offline generation: one request through the engine's slot batching (`BatchGenerator`).
 
-The prompt is prefilled in one forward pass at positions 0..P-1; each later step feeds
-only the newest token at its absolute position, so a step costs one token's compute.
-The model's KV cache is shared state: one generation at a time per model (the engine's
-scheduler thread guarantees that). The cache stays set up afterwards so the next request
-reuses it; call `model.clear_cache()` before a plain (training-style) forward.
+The prompt is prefilled at positions 0..P-1; each later step feeds only the newest token
+at its absolute position, so a step costs one token's compute. The model's KV cache is
+shared state: one generation at a time per model (the engine's scheduler thread
+guarantees that). The cache stays set up afterwards so the next request reuses it; call
+`model.clear_cache()` before a plain (training-style) forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Iterator
 
 import torch
 
+from llm.inference.batching import BatchGenerator, Request
 from llm.inference.detokenize import IncrementalDecoder
-from llm.inference.sampling import SamplingParams, make_generator, sample, token_logprobs
+from llm.inference.sampling import SamplingParams
 from llm.models.decoder import DecoderModel
 
 __all__ = ["IncrementalDecoder", "generate", "max_new_tokens_for", "stream_generate"]
@@ -38,16 +40,6 @@ def max_new_tokens_for(context: int, prompt_len: int, max_new_tokens: int) -> in
     return min(max_new_tokens, context - prompt_len)
 
 
-def _ensure_cache(model: DecoderModel) -> None:
-    """Allocate a batch-1 cache over the whole context unless one is already there.
-
-    A full-length cache is reused across requests: stale entries past a request's
-    position are masked out by the model (keys at positions > input_pos are ignored).
-    """
-    if model.cache_batch_size != 1 or model.cache_max_seq_len != model.config.max_seq_len:
-        model.setup_cache(1, model.config.max_seq_len)
-
-
 @torch.inference_mode()
 def stream_generate(
     model: DecoderModel,
@@ -64,34 +56,27 @@ def stream_generate(
     Generation ends after `max_new_tokens` tokens, when the context is full, or after a
     token in `stop_token_ids` (which is yielded, so callers see why it stopped).
     `logprob` is the token's log-probability under the raw model distribution (before
-    temperature and filtering), or None when `logprobs=False`. `seed` overrides
-    `sampling.seed`. The model should be in eval mode.
+    penalties, temperature and filtering), or None when `logprobs=False`. `seed`
+    overrides `sampling.seed`. This is the engine's batching over one slot: the same
+    request gives the same tokens here and in a busy engine. The model should be in eval
+    mode.
     """
     budget = max_new_tokens_for(model.config.max_seq_len, len(prompt_ids), max_new_tokens)
     if budget == 0:
         return
-    device = model.embed_tokens.weight.device
-    _ensure_cache(model)
-    generator = make_generator(seed if seed is not None else sampling.seed, device)
-    stop = frozenset(stop_token_ids)
-
-    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    logits = model(tokens, torch.arange(len(prompt_ids), device=device)[None])[:, -1]  # (1, V)
-    pos = torch.tensor([[len(prompt_ids)]], device=device)  # (1, 1) next position
-    for step in range(budget):
-        next_id = sample(logits, sampling, generator)  # (1,)
-        if logprobs:
-            # One host read per token for both values.
-            pair = torch.stack([next_id.double(), token_logprobs(logits, next_id).double()])
-            token_f, logprob = pair[:, 0].tolist()
-            token: int = int(token_f)
-        else:
-            token, logprob = int(next_id.item()), None
-        yield token, logprob
-        if token in stop or step == budget - 1:
-            return
-        logits = model(next_id[:, None], pos)[:, -1]  # (1, V)
-        pos += 1
+    if seed is not None:
+        sampling = dataclasses.replace(sampling, seed=seed)
+    batch = BatchGenerator(model, n_slots=1)
+    request = Request(list(prompt_ids), sampling, budget, frozenset(stop_token_ids), logprobs)
+    batch.add(request)
+    try:
+        while True:
+            for event in batch.step():
+                yield event.token_id, event.logprob
+                if event.finish_reason is not None:
+                    return
+    finally:
+        batch.cancel(request)
 
 
 def generate(

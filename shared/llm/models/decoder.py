@@ -237,6 +237,7 @@ class DecoderModel(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -247,6 +248,8 @@ class DecoderModel(nn.Module):
             position_ids, document_ids: (B, T), training only: packed rows holding several
                 samples, positions restarting at 0 per sample and attention kept inside
                 each sample (its `document_ids`), so nothing leaks between them.
+            cache_rows: (B,) with a cache: the cache rows (slots) the B rows read and write,
+                e.g. one slot's prefill while others decode; None: row b is cache row b.
         Returns:
             logits: (B, T, vocab_size)
         """
@@ -290,7 +293,7 @@ class DecoderModel(nn.Module):
             )
 
         for layer, window in zip(self.layers, self._layer_windows, strict=True):
-            x = layer(x, cos, sin, input_pos, masks[window])
+            x = layer(x, cos, sin, input_pos, masks[window], cache_rows)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 

@@ -64,12 +64,14 @@ class Attention(nn.Module):
         sin: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             x: (B, T, dim) hidden states.
             cos, sin: rope angles for these positions, (T, hd) or (B, T, hd); unused without rope.
             input_pos: (B, T) absolute positions; required when a cache is set.
+            cache_rows: (B,) the cache rows (slots) these rows use; None: all, in order.
             mask: None for plain causal attention without a cache; else (B, 1|H, T, L),
                 boolean (True = attend) or an additive bias (ALiBi).
         Returns:
@@ -88,7 +90,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
 
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, L, hd)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, nkv, L, hd)
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, self.scale, dropout, eager=self.eager)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)

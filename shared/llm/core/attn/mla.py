@@ -80,12 +80,14 @@ class MultiHeadLatentAttention(nn.Module):
         sin: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             x: (B, T, dim) hidden states.
             cos, sin: rope angles (T, dr) or (B, T, dr) for the rope part (dr = qk_rope_head_dim).
             input_pos: (B, T) absolute positions; required when a cache is set.
+            cache_rows: (B,) the cache rows (slots) these rows use; None: all, in order.
             mask: None for causal attention without a cache; else (B, 1, T, L) boolean.
         Returns:
             (B, T, dim)
@@ -118,7 +120,7 @@ class MultiHeadLatentAttention(nn.Module):
             y = y.transpose(1, 2)  # (B, T, H, dv)
         else:
             latent, k_rope = self.kv_cache.update(
-                input_pos, latent, k_rope
+                input_pos, latent, k_rope, cache_rows
             )  # (B, L, r), (B, L, dr)
             w = self.kv_b_proj.weight.view(H, dn + dv, self.kv_lora_rank)
             w_k, w_v = w.split([dn, dv], dim=1)  # (H, dn, r), (H, dv, r)

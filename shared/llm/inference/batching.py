@@ -1,0 +1,214 @@
+"""Continuous batching over a fixed pool of KV-cache slots (Orca, Yu et al. 2022).
+
+`BatchGenerator` owns the model's cache, set up once as `n_slots` rows of the whole
+context (`[layers][slots, kv_heads, max_len, head_dim]`, or MLA's latent), and a `Sampler`
+holding every slot's parameters. Each `step()`:
+
+1. prefills waiting prompts into their slots, at most `prefill_chunk` prompt tokens per
+   step (a long prompt takes several steps, so running requests keep streaming);
+2. runs one decode step over the slots that are generating: tokens (B, 1) at per-slot
+   positions, B the smallest power of two covering the highest busy slot, so the step has
+   a handful of static shapes (compiled once each with `compile=True`);
+3. samples every row at once with its own parameters, reads the tokens (and logprobs)
+   back in one host transfer, and frees the slots of finished requests.
+
+Slots are taken lowest first. A freed slot is not cleared: a new request's prefill
+overwrites positions 0..P-1 and the causal mask hides everything past a row's position.
+A decode step also runs the idle or still-prefilling slots below its width; their rows
+write one entry at the slot's `pos`, kept at the next position a prefill chunk writes.
+Requests are independent of each other: a row's logits do not depend on other rows, and
+the sampling noise depends only on the request's seed and step.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+
+from llm.inference.sampling import Sampler, SamplingParams
+from llm.models.decoder import DecoderModel
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: its inputs, and its progress once admitted."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int  # >= 1, and prompt + new tokens fit in the context
+    stop_token_ids: Collection[int] = frozenset()
+    logprobs: bool = False  # report each token's logprob
+    top_logprobs: int = 0  # and this many most likely alternatives
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0
+    seed: int | None = None  # the seed sampling uses (set at admission)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request: Request
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token) | "length"; the slot is freed
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, capped at limit."""
+    return min(limit, 1 << max(0, n - 1).bit_length())
+
+
+class BatchGenerator:
+    def __init__(
+        self,
+        model: DecoderModel,
+        n_slots: int,
+        *,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+        compile: bool = False,
+    ) -> None:
+        if n_slots < 1 or prefill_chunk < 1:
+            raise ValueError(
+                f"n_slots ({n_slots}) and prefill_chunk ({prefill_chunk}) must be >= 1"
+            )
+        self.model, self.n_slots, self.prefill_chunk = model, n_slots, prefill_chunk
+        self.max_seq_len = max_seq_len or model.config.max_seq_len
+        if model.cache_batch_size != n_slots or model.cache_max_seq_len != self.max_seq_len:
+            model.setup_cache(n_slots, self.max_seq_len)
+        self.device = model.embed_tokens.weight.device
+        self.sampler = Sampler(n_slots, model.config.vocab_size, self.device)
+        self.tokens = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
+        self.pos = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
+        self._free = list(range(n_slots))  # a heap would do; n_slots is small
+        self._prefilling: collections.deque[Request] = collections.deque()
+        self._decoding: dict[int, Request] = {}  # slot -> request
+        self._decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode_step
+        if compile:
+            self._decode = torch.compile(self._decode_step, dynamic=False)
+
+    # -- slots --------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def active(self) -> int:
+        return self.n_slots - len(self._free)
+
+    def add(self, request: Request) -> None:
+        """Put a request into the lowest free slot; its prefill starts at the next step."""
+        if not self._free:
+            raise RuntimeError("no free slot: check free_slots before add()")
+        budget = self.max_seq_len - len(request.prompt_ids)
+        if not request.prompt_ids or budget < 1 or request.max_new_tokens < 1:
+            raise ValueError(
+                f"prompt_ids: {len(request.prompt_ids)} tokens with max_new_tokens="
+                f"{request.max_new_tokens} do not fit a context of {self.max_seq_len}"
+            )
+        request.max_new_tokens = min(request.max_new_tokens, budget)
+        self._free.sort()
+        request.slot = self._free.pop(0)
+        request.prefilled = request.generated = 0
+        request.seed = self.sampler.assign(request.slot, request.sampling, request.prompt_ids)
+        self.pos[request.slot] = 0  # see step(): decode steps write here until prefill is done
+        self._prefilling.append(request)
+
+    def cancel(self, request: Request) -> None:
+        """Free the request's slot now (a cancelled or abandoned call)."""
+        if request.slot < 0:
+            return
+        if request in self._prefilling:
+            self._prefilling.remove(request)
+        self._decoding.pop(request.slot, None)
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        self.sampler.release(request.slot)
+        self._free.append(request.slot)
+        request.slot = -1
+
+    # -- one iteration ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Prefill (a chunk of) waiting prompts, decode one token for every generating
+        slot; returns the new tokens in slot order of their sampling."""
+        events = []
+        budget = self.prefill_chunk
+        while budget > 0 and self._prefilling:
+            request = self._prefilling[0]
+            start = request.prefilled
+            n = min(budget, len(request.prompt_ids) - start)
+            ids = torch.tensor(request.prompt_ids[start : start + n], device=self.device)
+            positions = torch.arange(start, start + n, device=self.device)
+            rows = torch.tensor([request.slot], device=self.device)
+            logits = self.model(ids[None], positions[None], cache_rows=rows)  # (1, n, V)
+            request.prefilled += n
+            budget -= n
+            # A decode step over a range of slots also writes this slot's row, at `pos`:
+            # point it at the next prompt position, which the next chunk overwrites.
+            self.pos[request.slot] = request.prefilled
+            if request.prefilled == len(request.prompt_ids):
+                self._prefilling.popleft()
+                events += self._sample(logits[:, -1], [request], advance=False)
+        if self._decoding:
+            slots = sorted(self._decoding)
+            width = _bucket(slots[-1] + 1, self.n_slots)
+            logits = self._decode(self.tokens[:width], self.pos[:width])  # (width, V)
+            rows = torch.tensor(slots, device=self.device)
+            events += self._sample(logits[rows], [self._decoding[s] for s in slots], advance=True)
+        return events
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, pos)[:, -1]  # (B, V)
+
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request], *, advance: bool
+    ) -> list[TokenEvent]:
+        """Sample rows of `logits` (B, V), one per request, and emit the tokens."""
+        slots = [r.slot for r in requests]
+        rows = torch.tensor(slots, device=self.device)
+        token = self.sampler(logits, rows, slots)  # (B,)
+        self.sampler.record(token, rows, slots)
+        self.tokens.index_copy_(0, rows, token[:, None])
+        if advance:
+            self.pos.index_add_(0, rows, torch.ones_like(rows)[:, None])
+        n_top = max(r.top_logprobs for r in requests)
+        if any(r.logprobs or r.top_logprobs for r in requests):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V), the raw model's
+            columns = [token.double(), logprobs.gather(-1, token[:, None])[:, 0].double()]
+            if n_top:
+                top = logprobs.topk(n_top, dim=-1)
+                columns += [top.indices.double().T, top.values.double().T]
+            host = torch.cat([c.reshape(-1, len(requests)) for c in columns]).T.tolist()
+        else:
+            host = [[t] for t in token.tolist()]  # the step's one host sync
+
+        events = []
+        for request, values in zip(requests, host, strict=True):
+            token_id = int(values[0])
+            request.generated += 1
+            logprob = values[1] if request.logprobs or request.top_logprobs else None
+            k = request.top_logprobs
+            top = [
+                (int(i), v)
+                for i, v in zip(values[2 : 2 + k], values[2 + n_top : 2 + n_top + k], strict=True)
+            ]
+            reason = None
+            if token_id in request.stop_token_ids:
+                reason = "stop"
+            elif request.generated >= request.max_new_tokens:
+                reason = "length"
+            if reason is None:
+                self._decoding[request.slot] = request
+            else:
+                self._decoding.pop(request.slot, None)
+                self._release(request)
+            events.append(TokenEvent(request, token_id, logprob, top, reason))
+        return events

@@ -1,0 +1,152 @@
+"""Continuous batching over KV-cache slots: every request's tokens equal the same request
+run alone, whatever arrives, leaves or is cancelled around it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+from tests.unit.test_model import shrink
+
+from llm.config import ModelConfig
+from llm.inference import BatchGenerator, Request, SamplingParams, generate
+from llm.models.decoder import DecoderModel
+
+PRESETS = ["tiny", "tiny-moe", "deepseek-v2-lite", "bloom", "mistral"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(preset: str) -> DecoderModel:
+    torch.manual_seed(0)
+    # Larger init than the default so the random model's logits are far from uniform.
+    overrides = {} if preset.startswith("tiny") else shrink(preset)
+    config = ModelConfig.from_preset(preset, **{**overrides, "max_seq_len": 96, "init_std": 0.2})
+    return DecoderModel(config).eval()
+
+
+def _requests(vocab: int, n: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
+        params = (
+            SamplingParams(temperature=0)
+            if i % 3 == 0
+            else SamplingParams(temperature=rng.choice([0.7, 1.0]), top_k=rng.choice([0, 5]),
+                                top_p=rng.choice([1.0, 0.9]), seed=1000 + i)
+        )  # fmt: skip
+        stop = frozenset({rng.randrange(vocab)}) if i % 4 == 1 else frozenset()
+        out.append(
+            Request(prompt, params, rng.randint(1, 20), stop, logprobs=True, top_logprobs=i % 3)
+        )
+    return out
+
+
+def _clone(r: Request) -> Request:
+    return Request(r.prompt_ids, r.sampling, r.max_new_tokens, r.stop_token_ids, r.logprobs,
+                   r.top_logprobs)  # fmt: skip
+
+
+def _assert_same(got: list[tuple], want: list[tuple]) -> None:
+    """Same tokens, finish and alternatives; logprobs equal up to float rounding (a decode
+    step's batch width changes the GEMM's blocking, not the argmax)."""
+    assert [(t, [i for i, _ in top], f) for t, _, top, f in got] == [
+        (t, [i for i, _ in top], f) for t, _, top, f in want
+    ]
+    for (_, lp, top, _), (_, lp_want, top_want, _) in zip(got, want, strict=True):
+        assert lp == pytest.approx(lp_want, abs=1e-5)
+        assert [v for _, v in top] == pytest.approx([v for _, v in top_want], abs=1e-5)
+
+
+def _run_alone(model: DecoderModel, request: Request, **kw: object) -> list[tuple]:
+    batch = BatchGenerator(model, n_slots=4, **kw)
+    batch.add(request)
+    out = []
+    while batch.active:
+        out += [(e.token_id, e.logprob, e.top, e.finish_reason) for e in batch.step()]
+    return out
+
+
+def _run_together(model: DecoderModel, requests: list[Request], seed: int, **kw: object) -> dict:
+    """Requests arrive at random steps into 4 slots; returns each one's events."""
+    rng = random.Random(seed)
+    batch = BatchGenerator(model, n_slots=4, **kw)
+    waiting, out = list(requests), {id(r): [] for r in requests}
+    while waiting or batch.active:
+        while waiting and batch.free_slots and rng.random() < 0.5:
+            batch.add(waiting.pop(0))
+        for e in batch.step():
+            out[id(e.request)].append((e.token_id, e.logprob, e.top, e.finish_reason))
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_batched_equals_alone(preset: str) -> None:
+    model = _model(preset)
+    requests = _requests(model.config.vocab_size, 10, seed=1)
+    together = _run_together(model, requests, seed=2, prefill_chunk=7)
+    for r in requests:
+        alone = _run_alone(model, _clone(r), prefill_chunk=7)
+        _assert_same(together[id(r)], alone)
+        assert alone[-1][3] in ("stop", "length") and all(e[3] is None for e in alone[:-1])
+        assert len(alone) <= r.max_new_tokens
+
+
+def test_greedy_alone_equals_generate_and_logprobs_are_consistent() -> None:
+    model = _model("tiny")
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    want = generate(model, prompt, max_new_tokens=12, sampling=SamplingParams(temperature=0))
+    events = _run_alone(model, Request(prompt, SamplingParams(0), 12, top_logprobs=3))
+    assert [e[0] for e in events] == want
+    for token, logprob, top, _ in events:
+        assert len(top) == 3 and top[0][0] == token  # greedy picks the most likely token
+        assert logprob == pytest.approx(top[0][1])
+        assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_chunked_prefill_matches_one_pass() -> None:
+    model = _model("tiny")
+    prompt = list(range(40))
+    greedy = SamplingParams(temperature=0)
+    one = _run_alone(model, Request(prompt, greedy, 10, logprobs=True), prefill_chunk=512)
+    chunked = _run_alone(model, Request(prompt, greedy, 10, logprobs=True), prefill_chunk=6)
+    assert [e[0] for e in one] == [e[0] for e in chunked]
+    assert [e[1] for e in one] == pytest.approx([e[1] for e in chunked], abs=1e-4)
+
+
+def test_cancel_frees_the_slot_and_others_are_unaffected() -> None:
+    model = _model("tiny")
+    keep, drop = _requests(model.config.vocab_size, 2, seed=3)
+    keep.max_new_tokens, keep.stop_token_ids = 15, frozenset()
+    batch = BatchGenerator(model, n_slots=2)
+    batch.add(keep), batch.add(drop)
+    events = batch.step() + batch.step()
+    batch.cancel(drop)
+    assert batch.active == 1 and batch.free_slots == 1
+    cancelled_at = len(events)
+    while batch.active:
+        events += batch.step()
+    assert not [e for e in events[cancelled_at:] if e.request is drop]
+    kept = [(e.token_id, e.logprob, e.top, e.finish_reason) for e in events if e.request is keep]
+    _assert_same(kept, _run_alone(model, _clone(keep)))
+
+
+def test_a_prompt_that_fills_the_context_is_refused() -> None:
+    model = _model("tiny")
+    batch = BatchGenerator(model, n_slots=1)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        batch.add(Request(list(range(96)), SamplingParams(0), 1))
+    batch.add(Request(list(range(90)), SamplingParams(0), 50))  # capped to the 6 that fit
+    events = []
+    while batch.active:
+        events += batch.step()
+    assert len(events) == 6 and events[-1].finish_reason == "length"
