@@ -355,7 +355,8 @@ def test_concurrent_requests_equal_each_alone(engine: Engine, reference: LoadedM
         ("def f(x):", pb.SamplingParams(temperature=0.9, top_k=20, seed=3), 30),
         ("class A:", pb.SamplingParams(temperature=0, frequency_penalty=1.5), 25),
         ("# ", pb.SamplingParams(temperature=1.0, min_p=0.05, presence_penalty=0.5, repetition_penalty=1.3, seed=5), 18),
-    ]  # fmt: skip  (SLOTS running + MAX_QUEUE waiting: none is refused)
+    ]  # fmt: skip
+    assert len(cases) <= SLOTS + MAX_QUEUE  # all of them fit: none is refused
 
     def request(i: int) -> pb.GenerateRequest:
         text, sampling, n = cases[i]
