@@ -162,10 +162,16 @@ def test_only_the_gateway_reaches_the_engine(case):
     (engine,) = find(docs, "Deployment", "-engine")
     (gateway,) = find(docs, "Deployment", "-gateway")
     assert policy["spec"]["podSelector"]["matchLabels"] == engine["spec"]["selector"]["matchLabels"]
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["from"] == [
+    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": gateway["spec"]["selector"]["matchLabels"]}}
     ]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    # Anyone may scrape /metrics, and only that port.
+    assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
+    env = {e["name"]: e.get("value") for e in container(docs, "engine")["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container(docs, "engine")["ports"]}
+    assert ports["metrics"] == int(env["LLM_ENGINE_METRICS_PORT"]) > 0
 
 
 def test_termination_grace_covers_the_engine_drain(case):
