@@ -58,3 +58,19 @@ def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         yield f"s3://{bucket}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> object:
+    """An in-memory OpenTelemetry exporter behind this process's global tracer provider
+    (which can be set only once per process: every tracing test shares this one)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
