@@ -123,7 +123,7 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
         ({"top_p": 2}, "top_p"),
         ({"n": 2}, "n"),
         ({"prompt": "x" * 400}, "prompt"),  # longer than the context
-        ({"presence_penalty": 0.5}, "presence_penalty"),  # declared by OpenAI, not implemented
+        ({"presence_penalty": 2.5}, "presence_penalty"),  # OpenAI allows [-2, 2]
     ],
 )
 def test_invalid_parameters_are_bad_requests(client: openai.OpenAI, reference: LoadedModel, kwargs: dict, param: str) -> None:  # fmt: skip
