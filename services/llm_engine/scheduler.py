@@ -43,6 +43,13 @@ class Token:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Before the first token, when asked: prompt tokens 1..P-1 as (id, logprob, top)."""
+
+    entries: list[tuple[int, float, list[tuple[int, float]]]]
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop" | "length"
     text: str  # held-back text flushed at the end
@@ -57,7 +64,7 @@ class Failed:
     unavailable: bool = False  # the engine is shutting down (retryable elsewhere)
 
 
-Event = Token | Finished | Failed
+Event = Token | PromptLogprobs | Finished | Failed
 
 
 @dataclass(eq=False)
@@ -189,6 +196,7 @@ class Scheduler:
             spec.stop_token_ids,
             logprobs=spec.logprobs,
             top_logprobs=spec.top_logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
         )
         self.batch.add(work)
         decoder = IncrementalDecoder(
@@ -231,7 +239,12 @@ class Scheduler:
         else:
             metrics.INTER_TOKEN_LATENCY.observe(now - (slot.last_token_at or now))
         slot.last_token_at = now
+        if event.prompt_logprobs is not None:
+            _emit(slot.request, PromptLogprobs(event.prompt_logprobs))
         token = event.token_id
+        if token < 0:  # max_tokens=0: the prompt was only scored
+            self._finish(slot, "length")
+            return
         if token in slot.request.spec.stop_token_ids:
             self._finish(slot, "stop", stop_token=token)
             return

@@ -22,7 +22,15 @@ from llm.checkpoint import LoadedModel, load_checkpoint
 from llm_engine import tracing, validation
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
-from llm_engine.scheduler import Event, Failed, Finished, GenerationRequest, QueueFull, Scheduler
+from llm_engine.scheduler import (
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    QueueFull,
+    Scheduler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,14 @@ def _merge(
     for event in events:
         if isinstance(event, Failed):
             return chunk, event
+        if isinstance(event, PromptLogprobs):
+            for token_id, logprob, top in event.entries:
+                lp = chunk.prompt_logprobs.add(
+                    token_id=token_id, token=decode([token_id]), logprob=logprob
+                )
+                for alt_id, alt in top:
+                    lp.top.add(token_id=alt_id, token=decode([alt_id]), logprob=alt)
+            continue
         if isinstance(event, Finished):
             chunk.token_ids.extend(event.token_ids)
             chunk.text += event.text

@@ -31,11 +31,12 @@ class GenerationSpec:
 
     prompt_ids: list[int]
     sampling: SamplingParams
-    max_new_tokens: int  # already capped by the context, >= 1
+    max_new_tokens: int  # already capped by the context; 0: score the prompt only
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
     logprobs: bool
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: not asked
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
@@ -102,8 +103,6 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
         value = getattr(s, name)
         if not math.isfinite(value) or not -2 <= value <= 2:
             raise InvalidArgument(f"sampling.{name}", f"must be in [-2, 2], got {value}")
-    if s.HasField("seed") and s.seed >= 2**63:
-        raise InvalidArgument("sampling.seed", f"must be < 2**63, got {s.seed}")
     return SamplingParams(
         temperature=s.temperature,
         top_k=s.top_k,
@@ -112,7 +111,7 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=s.repetition_penalty or 1.0,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
-        seed=s.seed if s.HasField("seed") else None,
+        seed=s.seed % 2**63 if s.HasField("seed") else None,  # the sampler's seeds are int64
     )
 
 
@@ -127,6 +126,12 @@ def generation_spec(
     stopping = request.stopping
     if stopping.max_tokens < 0:
         raise InvalidArgument("stopping.max_tokens", f"must be >= 0, got {stopping.max_tokens}")
+    if request.HasField("prompt_logprobs") and not (
+        0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS
+    ):
+        raise InvalidArgument(
+            "prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.prompt_logprobs}"
+        )
     if len(stopping.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument("stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for i, s in enumerate(stopping.stop):
@@ -156,7 +161,7 @@ def generation_spec(
     stop_ids = set(stopping.stop_token_ids)
     if not stopping.ignore_eos:  # EOS, and <|im_end|> for ChatML-tuned models
         stop_ids.update(tokenizer.stop_ids)
-    wanted = stopping.max_tokens or context_length  # 0: up to the context length
+    wanted = stopping.max_tokens if stopping.HasField("max_tokens") else context_length
     return GenerationSpec(
         prompt_ids=ids,
         sampling=sampling,
@@ -165,6 +170,7 @@ def generation_spec(
         stop_token_ids=frozenset(stop_ids),
         logprobs=request.logprobs or request.top_logprobs > 0,
         top_logprobs=request.top_logprobs,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
 
 

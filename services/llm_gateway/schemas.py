@@ -59,7 +59,8 @@ class _Request(BaseModel):
         s.frequency_penalty = self.frequency_penalty or 0.0
         if self.seed is not None:
             s.seed = self.seed & _U64  # OpenAI seeds are signed int64, the engine's uint64
-        request.stopping.max_tokens = max_tokens or 0  # 0: up to the context length
+        if max_tokens:  # unset: up to the context length
+            request.stopping.max_tokens = max_tokens
         request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
 
 

@@ -266,7 +266,7 @@ def test_invalid_arguments_name_the_field(engine: Engine, request_kwargs: dict, 
 
 
 def test_cancel_frees_the_slot(engine: Engine) -> None:
-    stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)  # the whole context
+    stopping = pb.StoppingCriteria(ignore_eos=True)  # the whole context
     call = engine.stub.Generate(
         pb.GenerateRequest(request_id="to-cancel", text="The ", sampling=GREEDY, stopping=stopping)
     )
@@ -292,7 +292,7 @@ def test_cancel_frees_the_slot(engine: Engine) -> None:
 
 def test_full_queue_answers_resource_exhausted_and_drops_nothing(engine: Engine) -> None:
     n = 8
-    stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)
+    stopping = pb.StoppingCriteria(ignore_eos=True)
 
     async def one(stub: pb_grpc.EngineStub, i: int) -> grpc.StatusCode | int:
         try:
@@ -400,7 +400,7 @@ def test_top_logprobs_are_consistent(engine: Engine) -> None:
 
 
 def test_deadline_frees_the_slot_and_metrics_report_it(engine: Engine) -> None:
-    stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)
+    stopping = pb.StoppingCriteria(ignore_eos=True)
     with pytest.raises(grpc.RpcError) as e:
         for _ in engine.stub.Generate(
             pb.GenerateRequest(text="The ", sampling=GREEDY, stopping=stopping), timeout=0.05
@@ -419,7 +419,7 @@ def test_deadline_frees_the_slot_and_metrics_report_it(engine: Engine) -> None:
 def test_sigterm_drains_running_requests(tiny_checkpoint: str, tmp_path: Path) -> None:
     with start_engine(tiny_checkpoint, tmp_path / "engine.log",
                       env={"LLM_ENGINE_SHUTDOWN_GRACE_S": "30"}) as running:  # fmt: skip
-        stopping = pb.StoppingCriteria(max_tokens=0, ignore_eos=True)  # the whole context
+        stopping = pb.StoppingCriteria(ignore_eos=True)  # the whole context
         stream = running.stub.Generate(
             pb.GenerateRequest(text="The ", sampling=GREEDY, stopping=stopping), timeout=60
         )
@@ -443,3 +443,27 @@ def test_sigterm_drains_running_requests(tiny_checkpoint: str, tmp_path: Path) -
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert len(ids_of([first, *rest])) == 256 - len("The ")
         assert running.proc.wait(timeout=30) == 0
+
+
+def test_prompt_logprobs_score_the_prompt(engine: Engine, reference: LoadedModel) -> None:
+    """max_tokens=0 with prompt_logprobs: what evaluation harnesses use to score text."""
+    import torch
+
+    prompt = reference.tokenizer.encode("def f(x):\n    return x")
+    chunks = run(engine, token_ids=pb.TokenIds(ids=prompt), sampling=GREEDY, prompt_logprobs=1,
+                 stopping=pb.StoppingCriteria(max_tokens=0))  # fmt: skip
+    chunk = chunks[0]  # the prompt's logprobs come first
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and not ids_of(chunks)
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(prompt), 0)
+    reference.model.clear_cache()
+    with torch.no_grad():
+        want = torch.log_softmax(reference.model(torch.tensor([prompt]))[0, :-1], dim=-1)
+    assert [lp.token_id for lp in chunk.prompt_logprobs] == prompt[1:]
+    for i, lp in enumerate(chunk.prompt_logprobs):
+        assert lp.logprob == pytest.approx(float(want[i, prompt[i + 1]]), abs=1e-4)
+        assert lp.top[0].token_id == int(want[i].argmax())
+    # Unset max_tokens still means "up to the context"; prompt_logprobs come first.
+    chunks = run(engine, text="The ", sampling=GREEDY, prompt_logprobs=0,
+                 stopping=pb.StoppingCriteria(max_tokens=2, ignore_eos=True))  # fmt: skip
+    assert len(chunks[0].prompt_logprobs) == len(reference.tokenizer.encode("The ")) - 1
+    assert ids_of(chunks) and chunks[-1].usage.completion_tokens == 2

@@ -150,3 +150,29 @@ def test_a_prompt_that_fills_the_context_is_refused() -> None:
     while batch.active:
         events += batch.step()
     assert len(events) == 6 and events[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("chunk", [4, 512])
+def test_prompt_logprobs_equal_a_full_forward(chunk: int) -> None:
+    model = _model("tiny")
+    prompt = [7, 3, 9, 1, 22, 5, 5, 8, 13, 2, 40]
+    with torch.no_grad():
+        model.clear_cache()
+        want = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1], dim=-1)  # (P-1, V)
+    batch = BatchGenerator(model, n_slots=2, prefill_chunk=chunk)
+    scored = Request(prompt, SamplingParams(0), 0, prompt_logprobs=2)
+    generating = Request(prompt, SamplingParams(0), 3, prompt_logprobs=0)
+    batch.add(scored), batch.add(generating)
+    events = []
+    while batch.active:
+        events += batch.step()
+    (only,) = [e for e in events if e.request is scored]
+    assert (only.token_id, only.finish_reason) == (-1, "length")
+    first, *rest = [e for e in events if e.request is generating]
+    assert len(rest) == 2 and all(e.prompt_logprobs is None for e in rest)
+    for scores, k in ((only.prompt_logprobs, 2), (first.prompt_logprobs, 0)):
+        assert [t for t, _, _ in scores] == prompt[1:]
+        got = torch.tensor([lp for _, lp, _ in scores])
+        torch.testing.assert_close(got, want.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0])
+        for i, (_, _, top) in enumerate(scores):
+            assert [t for t, _ in top] == want[i].topk(k).indices.tolist()

@@ -38,14 +38,16 @@ class Request:
 
     prompt_ids: list[int]
     sampling: SamplingParams
-    max_new_tokens: int  # >= 1, and prompt + new tokens fit in the context
+    max_new_tokens: int  # prompt + new tokens fit in the context; 0: score the prompt only
     stop_token_ids: Collection[int] = frozenset()
     logprobs: bool = False  # report each token's logprob
     top_logprobs: int = 0  # and this many most likely alternatives
+    prompt_logprobs: int | None = None  # score prompt tokens 1..P-1, with N alternatives
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
     seed: int | None = None  # the seed sampling uses (set at admission)
+    prompt_scores: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class TokenEvent:
     logprob: float | None
     top: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token) | "length"; the slot is freed
+    # The request's first event only, when it asked for prompt_logprobs: (token, logprob,
+    # alternatives) of prompt tokens 1..P-1. With max_new_tokens=0 that event has
+    # token_id -1 (no token) and finish_reason "length".
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -106,7 +112,7 @@ class BatchGenerator:
         if not self._free:
             raise RuntimeError("no free slot: check free_slots before add()")
         budget = self.max_seq_len - len(request.prompt_ids)
-        if not request.prompt_ids or budget < 1 or request.max_new_tokens < 1:
+        if not request.prompt_ids or budget < 1 or request.max_new_tokens < 0:
             raise ValueError(
                 f"prompt_ids: {len(request.prompt_ids)} tokens with max_new_tokens="
                 f"{request.max_new_tokens} do not fit a context of {self.max_seq_len}"
@@ -115,6 +121,7 @@ class BatchGenerator:
         self._free.sort()
         request.slot = self._free.pop(0)
         request.prefilled = request.generated = 0
+        request.prompt_scores = []
         request.seed = self.sampler.assign(request.slot, request.sampling, request.prompt_ids)
         self.pos[request.slot] = 0  # see step(): decode steps write here until prefill is done
         self._prefilling.append(request)
@@ -148,7 +155,12 @@ class BatchGenerator:
             ids = torch.tensor(request.prompt_ids[start : start + n], device=self.device)
             positions = torch.arange(start, start + n, device=self.device)
             rows = torch.tensor([request.slot], device=self.device)
-            logits = self.model(ids[None], positions[None], cache_rows=rows)  # (1, n, V)
+            scoring = request.prompt_logprobs is not None
+            logits = self.model(
+                ids[None], positions[None], cache_rows=rows, logits_to_keep=0 if scoring else 1
+            )  # (1, n or 1, V)
+            if scoring:
+                self._score_prompt(request, logits[0], start)
             request.prefilled += n
             budget -= n
             # A decode step over a range of slots also writes this slot's row, at `pos`:
@@ -156,7 +168,11 @@ class BatchGenerator:
             self.pos[request.slot] = request.prefilled
             if request.prefilled == len(request.prompt_ids):
                 self._prefilling.popleft()
-                events += self._sample(logits[:, -1], [request], advance=False)
+                if request.max_new_tokens == 0:
+                    self._release(request)
+                    events.append(TokenEvent(request, -1, None, [], "length", request.prompt_scores))  # fmt: skip
+                else:
+                    events += self._sample(logits[:, -1], [request], advance=False)
         if self._decoding:
             slots = sorted(self._decoding)
             width = _bucket(slots[-1] + 1, self.n_slots)
@@ -164,6 +180,21 @@ class BatchGenerator:
             rows = torch.tensor(slots, device=self.device)
             events += self._sample(logits[rows], [self._decoding[s] for s in slots], advance=True)
         return events
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt tokens that logits (n, V) at positions start.. predict."""
+        targets = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return  # the last position predicts the first new token, not a prompt token
+        logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (m, V)
+        target = torch.tensor(targets, device=logprobs.device)
+        chosen = logprobs.gather(-1, target[:, None])[:, 0].tolist()
+        k = request.prompt_logprobs or 0
+        top = logprobs.topk(k, dim=-1) if k else None
+        ids = top.indices.tolist() if top is not None else [[]] * len(targets)
+        values = top.values.tolist() if top is not None else [[]] * len(targets)
+        for t, lp, i, v in zip(targets, chosen, ids, values, strict=True):
+            request.prompt_scores.append((t, lp, list(zip(i, v, strict=True))))
 
     def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, pos)[:, -1]  # (B, V)
@@ -210,5 +241,7 @@ class BatchGenerator:
             else:
                 self._decoding.pop(request.slot, None)
                 self._release(request)
-            events.append(TokenEvent(request, token_id, logprob, top, reason))
+            scores = request.prompt_scores if request.prompt_logprobs is not None else None
+            first = scores if request.generated == 1 else None
+            events.append(TokenEvent(request, token_id, logprob, top, reason, first))
         return events

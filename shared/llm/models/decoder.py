@@ -238,6 +238,7 @@ class DecoderModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """
         Args:
@@ -250,6 +251,8 @@ class DecoderModel(nn.Module):
                 each sample (its `document_ids`), so nothing leaks between them.
             cache_rows: (B,) with a cache: the cache rows (slots) the B rows read and write,
                 e.g. one slot's prefill while others decode; None: row b is cache row b.
+            logits_to_keep: > 0: logits of the last this many positions only (a prefill
+                needs the last one; the LM head over every position is wasted work).
         Returns:
             logits: (B, T, vocab_size)
         """
@@ -294,7 +297,9 @@ class DecoderModel(nn.Module):
 
         for layer, window in zip(self.layers, self._layer_windows, strict=True):
             x = layer(x, cos, sin, input_pos, masks[window], cache_rows)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
 
 
 def _rope_attention_factor(c: ModelConfig) -> float:
