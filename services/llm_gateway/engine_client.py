@@ -1,9 +1,23 @@
-"""The gateway's side of the engine's gRPC API (grpc.aio, one channel per process)."""
+"""The gateway's side of the engine's gRPC API: a pool of engines, least in flight first.
+
+Each engine address has its own grpc.aio channel and a task that follows its standard
+health service (`grpc.health.v1.Health/Watch` of `llm.engine.v1.Engine`): only SERVING
+engines are picked, the one with the fewest of this gateway's calls in flight first
+(generations are long and uneven, so round robin would queue behind a busy engine while
+another idles). An engine without a health service counts as healthy while it answers.
+`dns:///name:port` targets are resolved again every `resolve_interval_s`, so the pods
+behind a headless Service come and go. No healthy engine: `NoEngine` (HTTP 503).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,51 +25,226 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 
-# Round robin over every address the target resolves to (a headless Service's pods).
-_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+log = logging.getLogger(__name__)
+
+ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+# Reconnect soon after an engine restarts (gRPC's default backoff grows to 120 s).
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+# How long a request waits for the first health answers of a just-started gateway.
+_FIRST_HEALTH_WAIT_S = 3.0
+Metadata = Sequence[tuple[str, str]]
 
 
-class EngineClient:
+class NoEngine(Exception):
+    """No engine is healthy (or none is configured)."""
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One engine address: its channel, stub, health and this gateway's calls in flight."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.EngineStub
+    healthy: bool = False
+    in_flight: int = 0
+    reported: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task[None] | None = None
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            log.info("engine_health", extra={"engine": self.address, "healthy": healthy})
+        self.healthy = healthy
+        self.reported.set()
+
+
+def _dns_name(target: str) -> tuple[str, int] | None:
+    """`dns:///name:port` (or `dns://authority/name:port`) -> (name, port); else None."""
+    if not target.startswith("dns:"):
+        return None
+    rest = target.removeprefix("dns:").lstrip("/")
+    if target.startswith("dns://") and not target.startswith("dns:///"):
+        rest = rest.split("/", 1)[-1]  # an explicit DNS authority: we use the system resolver
+    name, _, port = rest.rpartition(":")
+    if not name or not port.isdigit():
+        raise ValueError(f"engine target {target!r}: expected dns:///name:port")
+    return name.strip("[]"), int(port)
+
+
+def _address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class EnginePool:
     def __init__(
-        self, target: str, *, timeout_s: float = 600.0, model_info_ttl_s: float = 10.0
+        self,
+        targets: Sequence[str],
+        *,
+        timeout_s: float = 600.0,
+        model_info_ttl_s: float = 10.0,
+        health_retry_s: float = 1.0,
+        resolve_interval_s: float = 10.0,
     ) -> None:
-        self.target, self.timeout_s, self.model_info_ttl_s = target, timeout_s, model_info_ttl_s
-        self._channel: grpc.aio.Channel | None = None
+        self.targets = list(targets)
+        for t in self.targets:
+            _dns_name(t)  # raises on a malformed dns: target now, not at the first request
+        self.timeout_s, self.model_info_ttl_s = timeout_s, model_info_ttl_s
+        self.health_retry_s, self.resolve_interval_s = health_retry_s, resolve_interval_s
+        self.endpoints: dict[str, Endpoint] = {}
+        self._resolved: dict[str, set[str]] = {}  # dns: target -> its last addresses
         self._info: tuple[float, pb.ModelInfoResponse] | None = None
         self._info_lock: asyncio.Lock | None = None
+        self._started: asyncio.Task[None] | None = None
+        self._turn = 0  # rotates the order among equally busy engines
+        self._resolver: asyncio.Task[None] | None = None
 
-    def _stub(self) -> pb_grpc.EngineStub:
-        # Created lazily: a grpc.aio channel belongs to the event loop that first uses it.
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
-        return pb_grpc.EngineStub(self._channel)
+    # -- membership -------------------------------------------------------------------
 
-    async def model_info(self) -> pb.ModelInfoResponse:
-        """ModelInfo, cached for `model_info_ttl_s` (one call per TTL under concurrency)."""
+    async def start(self) -> None:
+        """Open the channels and health watches (idempotent; grpc.aio objects belong to
+        the event loop that creates them, so this runs inside the serving loop)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        await self._resolve()
+        if any(_dns_name(t) for t in self.targets):
+            self._resolver = asyncio.create_task(self._resolve_forever())
+
+    async def _resolve(self) -> None:
+        wanted: set[str] = set()
+        loop = asyncio.get_running_loop()
+        for target in self.targets:
+            dns = _dns_name(target)
+            if dns is None:
+                wanted.add(target)
+                continue
+            try:
+                infos = await loop.getaddrinfo(dns[0], dns[1], type=socket.SOCK_STREAM)
+                self._resolved[target] = {_address(str(i[4][0]), dns[1]) for i in infos}
+            except OSError as e:
+                # Keep what the name resolved to before rather than dropping its engines.
+                log.warning("engine_resolve_failed", extra={"target": target, "error": str(e)})
+            wanted.update(self._resolved.get(target, ()))
+        for address in sorted(wanted - self.endpoints.keys()):
+            self._add(address)
+        for address in sorted(self.endpoints.keys() - wanted):
+            self._remove(address)
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_interval_s)
+            await self._resolve()
+
+    def _add(self, address: str) -> None:
+        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        ep = Endpoint(address, channel, pb_grpc.EngineStub(channel))
+        ep.watcher = asyncio.create_task(self._watch(ep))
+        self.endpoints[address] = ep
+        log.info("engine_added", extra={"engine": address})
+
+    def _remove(self, address: str) -> None:
+        ep = self.endpoints.pop(address)
+        if ep.watcher is not None:
+            ep.watcher.cancel()
+        # Calls in flight may finish within the request timeout, then the channel closes.
+        close = asyncio.create_task(ep.channel.close(grace=self.timeout_s))
+        close.add_done_callback(lambda _: None)
+        log.info("engine_removed", extra={"engine": address})
+
+    async def _watch(self, ep: Endpoint) -> None:
+        """Follow the engine's health; any failure marks it unhealthy, then watch again."""
+        health = health_pb2_grpc.HealthStub(ep.channel)
+        request = health_pb2.HealthCheckRequest(service=ENGINE_SERVICE)
+        while True:
+            try:
+                async for reply in health.Watch(request):
+                    ep.set_healthy(reply.status == SERVING)
+                ep.set_healthy(False)  # the stream ended: the engine is going away
+            except grpc.aio.AioRpcError as e:
+                # UNIMPLEMENTED: the server answers but has no health service.
+                ep.set_healthy(e.code() == grpc.StatusCode.UNIMPLEMENTED)
+            await asyncio.sleep(self.health_retry_s)
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+        for ep in self.endpoints.values():
+            if ep.watcher is not None:
+                ep.watcher.cancel()
+            await ep.channel.close()
+        self.endpoints.clear()
+        self._started = None
+
+    # -- picking ------------------------------------------------------------------------
+
+    async def _healthy(self) -> list[Endpoint]:
+        """The healthy engines; right after start-up, waits briefly for the first answers."""
+        await self.start()
+        healthy = [ep for ep in self.endpoints.values() if ep.healthy]
+        if not healthy:
+            pending = [ep.reported.wait() for ep in self.endpoints.values() if not ep.reported.is_set()]  # fmt: skip
+            if pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*pending), _FIRST_HEALTH_WAIT_S)
+                healthy = [ep for ep in self.endpoints.values() if ep.healthy]
+        return healthy
+
+    async def ready(self) -> bool:
+        """True when at least one engine is SERVING."""
+        return bool(await self._healthy())
+
+    async def candidates(self) -> list[Endpoint]:
+        """Healthy engines, fewest calls in flight first (ties take turns)."""
+        healthy = await self._healthy()
+        if not healthy:
+            raise NoEngine("no engine is ready")
+        self._turn += 1
+        k = self._turn % len(healthy)
+        return sorted(healthy[k:] + healthy[:k], key=lambda ep: ep.in_flight)  # stable
+
+    # -- calls --------------------------------------------------------------------------
+
+    async def model_info(self, metadata: Metadata = ()) -> pb.ModelInfoResponse:
+        """ModelInfo of a healthy engine, cached for `model_info_ttl_s` (one call per TTL
+        under concurrency; every engine behind one gateway serves the same model)."""
         if self._info_lock is None:
             self._info_lock = asyncio.Lock()
         async with self._info_lock:
             if self._info is not None and time.monotonic() - self._info[0] < self.model_info_ttl_s:
                 return self._info[1]
-            info = await self._stub().ModelInfo(pb.ModelInfoRequest(), timeout=10.0)
+            ep = (await self.candidates())[0]
+            info = await ep.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10.0, metadata=metadata)
             self._info = (time.monotonic(), info)
             return info
 
-    def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        return self._stub().Generate(request, timeout=self.timeout_s)
+    def lease(
+        self, ep: Endpoint, request: pb.GenerateRequest, metadata: Metadata, timeout_s: float
+    ) -> Lease:
+        """Start a Generate call on `ep`, counted in flight until the lease is released."""
+        call = ep.stub.Generate(request, timeout=timeout_s, metadata=metadata)
+        ep.in_flight += 1
+        return Lease(ep, call)
 
-    async def serving(self) -> bool:
-        """True when the engine's standard health check says SERVING."""
-        self._stub()
-        assert self._channel is not None
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+@dataclass(eq=False)
+class Lease:
+    """One Generate call on one engine."""
+
+    endpoint: Endpoint
+    call: grpc.aio.UnaryStreamCall
+    released: bool = False
+
+    def release(self) -> None:
+        """Idempotent. Cancelling is a no-op once the call finished; otherwise the engine
+        frees the request's slot at its next token."""
+        if not self.released:
+            self.released = True
+            self.endpoint.in_flight -= 1
+            self.call.cancel()

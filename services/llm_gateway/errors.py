@@ -6,12 +6,15 @@ Bad input is always a 4xx with the offending parameter named; an unexpected fail
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,30 @@ _ENGINE_FIELDS = {
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (documented in the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "invalid request (`param` names the field)", 401: "missing or wrong API key",
+    404: "unknown model or path", 413: "request body too large",
+    429: "engine queue full (see Retry-After)", 503: "no engine ready", 504: "timed out",
+}  # fmt: skip
+# FastAPI `responses=` for the OpenAI routes.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in _DESCRIPTIONS.items()
+}
+
+
 class OpenAIError(Exception):
     def __init__(
         self,
@@ -41,6 +68,7 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -50,6 +78,7 @@ class OpenAIError(Exception):
             param,
             code,
         )
+        self.headers = headers
 
     def body(self) -> dict:
         return {
@@ -61,15 +90,23 @@ class OpenAIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        # json.dumps escapes to ASCII: a message quoting hostile input (a lone surrogate)
+        # still encodes, where JSONResponse's UTF-8 rendering would fail with a 500.
+        return Response(
+            json.dumps(self.body()), self.status, self.headers, media_type="application/json"
+        )
 
 
 def invalid(param: str | None, message: str, code: str | None = "invalid_value") -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
-def from_grpc(error: grpc.aio.AioRpcError, input_param: str) -> OpenAIError:
+def unavailable(message: str) -> OpenAIError:
+    return OpenAIError(503, message, type="service_unavailable", code="engine_unavailable")
+
+
+def from_grpc(error: grpc.aio.AioRpcError, input_param: str, retry_after_s: int = 1) -> OpenAIError:
     """Map an engine status to HTTP; `input_param` names the request's input ("prompt"/"messages")."""
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -84,11 +121,14 @@ def from_grpc(error: grpc.aio.AioRpcError, input_param: str) -> OpenAIError:
             param = input_param
         return invalid(param, details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return OpenAIError(429, details, type="rate_limit_error", code="engine_overloaded")
+        return OpenAIError(
+            429, details, type="rate_limit_error", code="engine_overloaded",
+            headers={"Retry-After": str(retry_after_s)},
+        )  # fmt: skip
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "the engine did not answer in time", type="timeout", code="timeout")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return OpenAIError(503, f"the engine is unavailable: {details}", type="service_unavailable", code="engine_unavailable")  # fmt: skip
+        return unavailable(f"the engine is unavailable: {details}")
     log.error("engine_error", extra={"grpc_code": code.name, "details": details})
     return OpenAIError(500, "the engine failed to process the request", type="server_error", code="engine_error")  # fmt: skip
 
@@ -107,7 +147,7 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
@@ -120,19 +160,24 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return invalid(param, message).response()
 
 
-def _http_error(request: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return OpenAIError(exc.status_code, str(exc.detail), type=kind, code=code).response()
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        exc.status_code
+    )
+    headers = dict(exc.headers) if exc.headers else None
+    return OpenAIError(
+        exc.status_code, str(exc.detail), type=kind, code=code, headers=headers
+    ).response()
 
 
-def _openai_error(request: Request, exc: Exception) -> JSONResponse:
+def _openai_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
     return exc.response()
 
 
-def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled_error", extra={"path": request.url.path})
     return OpenAIError(
         500, "internal server error", type="server_error", code="internal_error"

@@ -2,40 +2,59 @@
 
 Parameters the engine cannot honour yet are declared so they are refused with a 400
 naming them, instead of being silently ignored; unknown extra fields are ignored, as
-OpenAI-compatible servers commonly do.
+OpenAI does. Types are strict (`"5"` is not an integer, `1` is not a boolean: 400), numbers
+are bounded to what the engine's proto fields hold, and text must be encodable as UTF-8 (a
+JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_gateway.errors import invalid
 
 _U64 = (1 << 64) - 1
+_I32 = (1 << 31) - 1  # proto int32 fields: max_tokens, token ids
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0, le=_I32)]
+MaxTokens = Annotated[int | None, Field(ge=1, le=_I32)]
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def check_supported(self) -> None:
         if (self.n or 1) > 1:
@@ -65,12 +84,12 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: MaxTokens = 16
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -78,7 +97,7 @@ class CompletionRequest(_Request):
             ("echo", self.echo),
             ("logprobs", self.logprobs is not None),
             ("best_of", (self.best_of or 1) > 1),
-            ("suffix", bool(self.suffix)),
+            ("suffix", bool(self.suffix)),  # "" appends nothing: harmless
         ):
             if unsupported:
                 raise invalid(name, f"{name} is not supported", code="unsupported_value")
@@ -99,16 +118,18 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -116,14 +137,20 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormatSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormatSpec | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -131,8 +158,14 @@ class ChatCompletionRequest(_Request):
             raise invalid("top_logprobs", "top_logprobs is not supported", code="unsupported_value")
         if self.tools:
             raise invalid("tools", "tools are not supported", code="unsupported_value")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise invalid("response_format", "only text responses are supported", code="unsupported_value")  # fmt: skip
+        kind = self.response_format.type if self.response_format else "text"
+        if kind != "text":
+            raise invalid(
+                "response_format",
+                f"response_format type {kind!r} is not supported: this server has no "
+                'constrained (JSON) decoding yet; omit response_format or use {"type": "text"}',
+                code="unsupported_value",
+            )
 
     def to_engine(self, request_id: str) -> pb.GenerateRequest:
         request = pb.GenerateRequest(logprobs=self.logprobs)

@@ -23,8 +23,9 @@ from llm_engine.jsonlog import setup_logging
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
 from llm_gateway.app import create_app
-from llm_gateway.cli import HttpServer, settings_from_flags
+from llm_gateway.cli import HttpServer, load_keys, run_loop, settings_from_flags
 from llm_gateway.settings import GatewaySettings
+from llm_gateway.telemetry import add_trace_ids_to_logs, setup_tracing
 
 log = logging.getLogger("llm_gateway.serve")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -32,10 +33,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettings) -> int:
     engine = await start_engine("127.0.0.1", 0)
-    gateway_settings = gateway_settings.model_copy(update={"engine": f"127.0.0.1:{engine.port}"})
+    gateway_settings = gateway_settings.model_copy(update={"engine": [f"127.0.0.1:{engine.port}"]})
     try:
         http = HttpServer(
-            create_app(gateway_settings), gateway_settings.host, gateway_settings.port
+            create_app(gateway_settings), gateway_settings.bind_host, gateway_settings.port
         )
     except OSError as e:
         log.error("bind_failed", extra={"port": gateway_settings.port, "error": str(e)})
@@ -100,9 +101,12 @@ def run(
     assert isinstance(engine_settings, EngineSettings)
     assert isinstance(gateway_settings, GatewaySettings)
     setup_logging(gateway_settings.log_level)
+    add_trace_ids_to_logs()
+    setup_tracing("llm-serve")
+    load_keys(gateway_settings)
     if engine_settings.threads:
         torch.set_num_threads(engine_settings.threads)
-    sys.exit(asyncio.run(serve(engine_settings, gateway_settings)))
+    sys.exit(run_loop(serve(engine_settings, gateway_settings)))
 
 
 def main() -> None:

@@ -1,23 +1,92 @@
-"""Gateway settings: defaults < `LLM_GATEWAY_*` environment variables < CLI flags."""
+"""Gateway settings: defaults < `LLM_GATEWAY_*` environment variables < CLI flags.
+
+API keys come from `LLM_GATEWAY_API_KEYS` (comma-separated, or a JSON list as the Helm
+chart's Secret holds) and/or a mounted secret file `LLM_GATEWAY_API_KEYS_FILE` (one key
+per line, or a JSON list). They are `SecretStr`s, so a settings repr or a validation error
+never prints them.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK = "127.0.0.1"
+
+
+def parse_keys(raw: str) -> list[str]:
+    """`k1,k2`, one key per line, or a JSON list `["k1", "k2"]`; blanks are dropped."""
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            raise ValueError("API keys: not a valid JSON list") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError("API keys: a JSON list must hold strings only")
+    else:
+        values = raw.replace("\n", ",").split(",")
+    return [v.strip() for v in values if v.strip()]
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="ignore")
 
-    engine: str = Field(
-        default="127.0.0.1:50051",
-        description="engine gRPC target: host:port, or dns:///svc:port for round robin",
+    engine: Annotated[list[str], NoDecode] = Field(
+        default=["127.0.0.1:50051"],
+        min_length=1,
+        description="engine gRPC targets, comma-separated: host:port, or dns:///name:port "
+        "for every address a name resolves to (a headless Service)",
     )
-    host: str = "127.0.0.1"
+    host: str | None = Field(
+        default=None, description=f"address to bind; unset: {LOOPBACK} (set it to expose)"
+    )
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
-    api_keys: list[str] = Field(
-        default_factory=list, description="accepted Bearer keys (JSON list); empty: no auth"
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="accepted Bearer keys; empty (and no file): no auth"
     )
-    request_timeout_s: float = Field(default=600.0, gt=0, description="gRPC deadline per request")
+    api_keys_file: Path | None = Field(
+        default=None, description="file with more accepted keys (a mounted Secret)"
+    )
+    max_body_bytes: int = Field(
+        default=4 << 20, ge=1024, description="larger request bodies are refused with 413"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="deadline of one request (504 when passed)"
+    )
     model_info_ttl_s: float = Field(default=10.0, ge=0, description="how long ModelInfo is cached")
+    health_retry_s: float = Field(
+        default=1.0, gt=0, description="wait before re-watching an engine's health"
+    )
+    resolve_interval_s: float = Field(
+        default=10.0, gt=0, description="how often dns:/// targets are resolved again"
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
     log_level: str = "INFO"
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return parse_keys(value) if isinstance(value, str) else value
+
+    @property
+    def bind_host(self) -> str:
+        return self.host or LOOPBACK
+
+    def load_api_keys(self) -> list[str]:
+        """Keys from the environment/flags and from `api_keys_file`, without duplicates."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            keys += parse_keys(self.api_keys_file.read_text())
+        return list(dict.fromkeys(k for k in keys if k))

@@ -1,0 +1,176 @@
+"""The one ASGI layer in front of the routes: trace span, metrics, access log, API keys and
+the body size limit.
+
+Pure ASGI (not `BaseHTTPMiddleware`): one function call per request, the span stays current
+while the route and its streamed response run, and a stream is measured to its last byte.
+API keys are checked here, before a body is read or parsed, so an unauthenticated caller
+learns nothing from validation errors. Keys are compared as SHA-256 digests with
+`hmac.compare_digest`: constant time, and the same length whatever the caller sends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Sequence
+
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_gateway.errors import OpenAIError
+from llm_gateway.telemetry import Metrics
+
+log = logging.getLogger("llm_gateway.access")
+
+# Probes and scrapes: no key, and access logs only at DEBUG.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`; FastAPI re-raises HTTPExceptions from body reading, and the
+    app's handler turns it into the OpenAI-shaped 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+class _AsgiHeaders(Getter[list[tuple[bytes, bytes]]]):
+    def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        name = key.encode()
+        values = [v.decode("latin-1") for k, v in carrier if k.lower() == name]
+        return values or None
+
+    def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+_GETTER = _AsgiHeaders()
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == name:  # ASGI servers lower-case header names
+            return v
+    return None
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        tracer: trace.Tracer,
+        api_keys: Sequence[str],
+        max_body_bytes: int,
+    ) -> None:
+        self.app, self.metrics, self.tracer = app, metrics, tracer
+        self.max_body_bytes = max_body_bytes
+        self._key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+
+    def _auth_error(self, scope: Scope) -> OpenAIError | None:
+        if not self._key_digests or scope["path"] in PUBLIC_PATHS:
+            return None
+        header = _header(scope, b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return OpenAIError(
+                401, "missing API key: send it as 'Authorization: Bearer KEY'",
+                code="missing_api_key", headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        digest = hashlib.sha256(token.strip()).digest()
+        # Every key is compared (no early exit), each in constant time.
+        if not any([hmac.compare_digest(digest, k) for k in self._key_digests]):
+            return OpenAIError(
+                401, "invalid API key", code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        parent = propagate.extract(scope["headers"], getter=_GETTER)
+        status = 500  # unless a response starts
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        self.metrics.in_flight.inc()
+        with self.tracer.start_as_current_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+        ) as span:
+            early = self._auth_error(scope) or self._length_error(scope)
+            try:
+                if early is not None:
+                    await early.response()(scope, receive, send_status)
+                else:
+                    await self.app(scope, receive_limited, send_status)
+            finally:
+                if received > self.max_body_bytes or early is not None:
+                    await _drain(receive)
+                self.metrics.in_flight.dec()
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                elapsed = time.perf_counter() - started
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                self.metrics.requests.labels(route, method, str(status)).inc()
+                self.metrics.latency.labels(route).observe(elapsed)
+                level = logging.DEBUG if path in PUBLIC_PATHS else logging.INFO
+                if log.isEnabledFor(level):
+                    extra = {"method": method, "route": route, "status": status,
+                             "duration_ms": round(elapsed * 1000, 2)}  # fmt: skip
+                    if "request_id" in scope.get("state", {}):
+                        extra["request_id"] = scope["state"]["request_id"]
+                    log.log(level, "http_request", extra=extra)
+
+    def _length_error(self, scope: Scope) -> OpenAIError | None:
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return OpenAIError(
+                413, f"the request body is larger than {self.max_body_bytes} bytes",
+                code="request_too_large",
+            )  # fmt: skip
+        return None
+
+
+async def _drain(receive: Receive, cap: int = 64 << 20) -> None:
+    """Read what is left of a refused body (up to `cap` bytes): a server that closes a
+    connection with unread input makes the kernel reset it, and the client then sees a
+    broken connection instead of our 4xx."""
+    drained = 0
+    while drained <= cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return

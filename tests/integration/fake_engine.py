@@ -1,0 +1,144 @@
+"""A fake engine for gateway tests: a real grpc.aio server on 127.0.0.1 (own thread and
+event loop) implementing the Engine servicer and the standard health service.
+
+Generate answers by the prompt text: `tokens:N` streams N chunks 10 ms apart, `hang`
+never answers, `abort:CODE` fails with that status; anything else streams "ok". It
+records every call's metadata, and counts calls, cancellations and calls in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+
+MODEL = "fake-model"
+ENGINE_SERVICE = "llm.engine.v1.Engine"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class FakeEngine(pb_grpc.EngineServicer):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.metadata: list[dict[str, str]] = []
+        self.calls = self.cancelled = self.active = 0
+        self.refuse: grpc.StatusCode | None = None  # answer every Generate with this
+
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        return pb.ModelInfoResponse(model_id=MODEL, context_length=64, created=1700000000)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
+        self.calls += 1
+        self.active += 1
+        try:
+            text = request.text
+            if self.refuse is not None:
+                await context.abort(self.refuse, f"{self.name} refuses")
+            if text.startswith("abort:"):
+                await context.abort(grpc.StatusCode[text.removeprefix("abort:")], "scripted")
+            if text == "hang":
+                await asyncio.sleep(3600)
+            n = int(text.removeprefix("tokens:")) if text.startswith("tokens:") else 1
+            for i in range(n):
+                yield pb.GenerateChunk(token_ids=[i], text=f"{self.name}{i} " if n > 1 else "ok")
+                if n > 1:
+                    await asyncio.sleep(0.01)
+            yield pb.GenerateChunk(
+                finish_reason=pb.FINISH_REASON_LENGTH,
+                usage=pb.Usage(prompt_tokens=3, completion_tokens=n),
+            )
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+
+class FakeServer:
+    """`FakeEngine` served on its own event loop thread; `port`, `set_health`, `stop`."""
+
+    def __init__(self, name: str = "a", *, with_health: bool = True) -> None:
+        self.engine = FakeEngine(name)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.health: health.aio.HealthServicer | None = None
+        self.port = self._call(lambda: self._start(with_health))
+
+    def _call(self, factory: Callable[[], object]) -> object:
+        return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(10)  # type: ignore[arg-type]
+
+    async def _start(self, with_health: bool) -> int:
+        self.server = grpc.aio.server()
+        pb_grpc.add_EngineServicer_to_server(self.engine, self.server)
+        if with_health:
+            self.health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            for service in ("", ENGINE_SERVICE):
+                await self.health.set(service, SERVING)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return port
+
+    def set_health(self, status: int) -> None:
+        assert self.health is not None
+        health_servicer = self.health
+
+        async def set_all() -> None:
+            for service in ("", ENGINE_SERVICE):
+                await health_servicer.set(service, status)
+
+        self._call(set_all)
+
+    def stop(self) -> None:
+        self._call(lambda: self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@contextmanager
+def fake_engines(*names: str) -> Iterator[list[FakeServer]]:
+    servers = [FakeServer(n) for n in names]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serve_gateway(app: object) -> Iterator[str]:
+    """The app on a real uvicorn server on 127.0.0.1 in a thread (real HTTP connections,
+    so a client can really disconnect); yields its base URL."""
+    from llm_gateway.cli import HttpServer
+
+    server = HttpServer(app, "127.0.0.1", 0)  # type: ignore[arg-type]
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    wait_for(lambda: server.server.started, 10, "the gateway to start")
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        thread.join(15)

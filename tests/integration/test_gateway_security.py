@@ -1,0 +1,237 @@
+"""Gateway security and limits: API keys (env, file; constant-time check; never logged),
+the loopback default without keys, the body size limit, the per-request timeout, 429 with
+Retry-After, and cancellation of the engine call when the HTTP client goes away.
+
+The engine is a fake grpc.aio server (fake_engine.py); the gateway runs in-process, on a
+real uvicorn server where a test needs real connections, or as the `llm-gateway` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fake_engine import MODEL, FakeServer, serve_gateway, wait_for
+from fastapi.testclient import TestClient
+
+from llm_engine.jsonlog import read_announcement
+from llm_gateway.app import create_app
+from llm_gateway.settings import GatewaySettings
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeServer]:
+    server = FakeServer("a")
+    yield server
+    server.stop()
+
+
+def settings(fake: FakeServer, **overrides: object) -> GatewaySettings:
+    return GatewaySettings(engine=f"127.0.0.1:{fake.port}", **overrides)
+
+
+def completion(prompt: str = "hi", **overrides: object) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, **overrides}
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_keys_come_from_env_lists_and_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-file-1\n\n  sk-file-2  \nsk-env-1\n")
+    monkeypatch.setenv("LLM_GATEWAY_API_KEYS", "sk-env-1, sk-env-2,")
+    monkeypatch.setenv("LLM_GATEWAY_API_KEYS_FILE", str(keys_file))
+    s = GatewaySettings()
+    assert s.load_api_keys() == ["sk-env-1", "sk-env-2", "sk-file-1", "sk-file-2"]
+    assert "sk-env" not in repr(s) and "sk-env" not in str(s.model_dump())
+    monkeypatch.setenv("LLM_GATEWAY_API_KEYS", '["sk-json-1", "sk-json-2"]')  # the chart's form
+    monkeypatch.delenv("LLM_GATEWAY_API_KEYS_FILE")
+    assert GatewaySettings().load_api_keys() == ["sk-json-1", "sk-json-2"]
+    monkeypatch.setenv("LLM_GATEWAY_ENGINE", "10.0.0.1:1, dns:///engine:50051")
+    assert GatewaySettings().engine == ["10.0.0.1:1", "dns:///engine:50051"]
+    assert GatewaySettings().bind_host == "127.0.0.1"
+
+
+def test_bearer_keys_are_checked_before_the_body_is_read(fake: FakeServer) -> None:
+    app = create_app(settings(fake, api_keys=["sk-one", "sk-two"]))
+    with TestClient(app) as c:
+        for path in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes need no key
+            assert c.get(path).status_code == 200, path
+        missing = c.post("/v1/completions", json=completion())
+        assert missing.status_code == 401
+        assert error_of(missing)["code"] == "missing_api_key"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        for header in ("Bearer sk-three", "Bearer sk-one2", "Basic sk-one", "Bearer ", "sk-one"):
+            wrong = c.post("/v1/completions", json=completion(), headers={"Authorization": header})
+            assert wrong.status_code == 401, header
+            assert error_of(wrong)["code"] in ("invalid_api_key", "missing_api_key")
+        # Unauthenticated callers learn nothing about validation, routes or models.
+        for method, path, body in [("POST", "/v1/completions", b"{not json"),
+                                   ("GET", "/v1/nothing-here", b""),
+                                   ("GET", "/v1/models/gpt-nope", b"")]:  # fmt: skip
+            assert c.request(method, path, content=body).status_code == 401
+        ok = c.post(
+            "/v1/completions", json=completion(), headers={"Authorization": "bearer sk-two"}
+        )
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ok"
+
+
+def test_body_size_limit_is_413(fake: FakeServer) -> None:
+    with TestClient(create_app(settings(fake, max_body_bytes=4096))) as c:
+        big = json.dumps(completion(prompt="x" * 5000)).encode()
+        response = c.post("/v1/completions", content=big, headers={"content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 413
+        assert error_of(response)["code"] == "request_too_large"
+        # No Content-Length (chunked): counted while read.
+        chunked = c.post(
+            "/v1/completions",
+            content=iter([big[:3000], big[3000:]]),
+            headers={"content-type": "application/json"},
+        )
+        assert chunked.status_code == 413
+        assert error_of(chunked)["code"] == "request_too_large"
+        assert c.post("/v1/completions", json=completion(prompt="x" * 3000)).status_code == 200
+
+
+def test_queue_full_is_429_with_retry_after(fake: FakeServer) -> None:
+    with TestClient(create_app(settings(fake, retry_after_s=3))) as c:
+        response = c.post("/v1/completions", json=completion("abort:RESOURCE_EXHAUSTED"))
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "3"
+        assert error_of(response)["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_timeout_is_504_and_frees_the_engine_call(fake: FakeServer, stream: bool) -> None:
+    engine = fake.engine
+    cancelled = engine.cancelled
+    with TestClient(create_app(settings(fake, request_timeout_s=0.5))) as c:
+        response = c.post("/v1/completions", json=completion("hang", stream=stream))
+        assert response.status_code == 504
+        assert error_of(response)["code"] == "timeout"
+    wait_for(lambda: engine.cancelled == cancelled + 1 and engine.active == 0, what="cancel")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "stream", "read_events"),
+    [
+        ("hang", False, 0),  # waiting for a whole completion
+        ("hang", True, 0),  # still queued: no response has started
+        ("tokens:500", True, 3),  # mid-stream
+    ],
+)
+def test_client_disconnect_cancels_the_engine_call(
+    fake: FakeServer, prompt: str, stream: bool, read_events: int
+) -> None:
+    engine = fake.engine
+    calls, cancelled = engine.calls, engine.cancelled
+    with serve_gateway(create_app(settings(fake))) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            request = client.build_request(
+                "POST", "/v1/completions", json=completion(prompt, stream=stream),
+                timeout=httpx.Timeout(10, read=0.5),
+            )  # fmt: skip
+            if read_events:
+                response = client.send(request, stream=True)
+                events = (line for line in response.iter_lines() if line.startswith("data:"))
+                for _ in range(read_events):
+                    assert json.loads(next(events).removeprefix("data:"))["choices"]
+                response.close()  # drops the connection: the stream is not finished
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    client.send(request)
+        wait_for(lambda: engine.calls == calls + 1, what="the engine call")
+        wait_for(
+            lambda: engine.cancelled == cancelled + 1 and engine.active == 0,
+            what="the engine call to be cancelled",
+        )
+
+
+def gateway_env(**env: str) -> dict[str, str]:
+    """This environment without any LLM_GATEWAY_* setting, plus `env`."""
+    return {k: v for k, v in ENV.items() if not k.startswith("LLM_GATEWAY_")} | env
+
+
+def start_gateway(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, dict]:
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_gateway", *args],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+        )  # fmt: skip
+    try:
+        return proc, read_announcement(proc.stdout, "gateway_listening", timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(log.read_text()) from None
+
+
+def stop_gateway(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_without_keys_warns_and_binds_loopback(fake: FakeServer, tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    proc, announced = start_gateway(
+        ["--engine", f"127.0.0.1:{fake.port}", "--port", "0"], gateway_env(), log
+    )
+    try:
+        assert announced["host"] == "127.0.0.1"
+        assert httpx.get(f"http://127.0.0.1:{announced['port']}/healthz").status_code == 200
+    finally:
+        stop_gateway(proc)
+    warnings = [json.loads(line) for line in log.read_text().splitlines() if "NO API KEY" in line]
+    assert warnings and warnings[0]["level"] == "WARNING"
+
+
+def test_cli_keys_from_a_secret_file_are_never_logged(fake: FakeServer, tmp_path: Path) -> None:
+    secret_env, secret_file, wrong = "sk-env-0123456789", "sk-file-9876543210", "sk-wrong-55555"
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"{secret_file}\n")
+    log = tmp_path / "gateway.log"
+    proc, announced = start_gateway(
+        ["--engine", f"127.0.0.1:{fake.port}", "--port", "0", "--log-level", "DEBUG"],
+        gateway_env(LLM_GATEWAY_API_KEYS=secret_env, LLM_GATEWAY_API_KEYS_FILE=str(keys)),
+        log,
+    )
+    try:
+        base = f"http://127.0.0.1:{announced['port']}/v1"
+        for key, status in ((secret_file, 200), (secret_env, 200), (wrong, 401), (None, 401)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            got = httpx.post(f"{base}/completions", json=completion(), headers=headers)
+            assert got.status_code == status, (key, got.text)
+    finally:
+        stop_gateway(proc)
+    text = log.read_text()
+    assert '"api_keys_loaded"' in text and '"count": 2' in text
+    assert '"status": 401' in text  # the refused requests are logged...
+    for secret in (secret_env, secret_file, wrong):  # ...but no key, right or wrong
+        assert secret not in text
+
+    # A broken key setting exits 2 naming the field, without echoing its value.
+    bad = subprocess.run(
+        [sys.executable, "-m", "llm_gateway", "--port", "0"],
+        env=gateway_env(LLM_GATEWAY_API_KEYS='["sk-secret-never-printed"'),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "api_keys" in bad.stderr and "sk-secret-never-printed" not in bad.stderr + bad.stdout
