@@ -10,7 +10,7 @@ directly against `llm-engine` (gRPC), in one run, against the same engine proces
    process on every CPU (on a 2-core machine the gateway then takes CPU from the engine),
    and with the engine pinned alone to one CPU (as deployed: separate pods).
 
-Both paths send the request the gateway itself builds (`CompletionRequest.to_engine`), so
+Both paths send the request the gateway itself builds (`CompletionRequest.engine_calls`), so
 the engine does the same work. Clients are lean on both sides so that the difference is the
 gateway: grpc.aio for the engine, a raw keep-alive HTTP/1.1 client (TCP_NODELAY) for the
 gateway. Everything shares the machine's cores, as a gateway beside its engine would.
@@ -162,7 +162,7 @@ async def run(args: argparse.Namespace, engine: Process, gateway: Process) -> No
                 "stream": stream, "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
 
     def engine_request(b: dict) -> pb.GenerateRequest:
-        return CompletionRequest.model_validate(b).to_engine("bench")
+        return CompletionRequest.model_validate(b).engine_calls("bench")[0].request
 
     # 1. Latency, sequential, interleaved.
     whole = body(args.max_tokens, stream=False)

@@ -1,6 +1,7 @@
 """`llm-engine`: serve one checkpoint over gRPC.
 
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
+               [--adapter runs/sft/adapter [--no-merge-adapter]]
                [--slots 8] [--prefill-chunk 512] [--compile] [--max-queue 64]
                [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0]
 
@@ -58,6 +59,8 @@ async def serve(settings: EngineSettings) -> int:
             model_name=settings.model_name,
             device=settings.device,
             dtype=settings.torch_dtype,
+            adapter=settings.adapter,
+            merge_adapter=settings.merge_adapter,
             max_queue=settings.max_queue,
             n_slots=settings.slots,
             prefill_chunk=settings.prefill_chunk,
@@ -82,6 +85,13 @@ async def serve(settings: EngineSettings) -> int:
 def run(
     checkpoint: Annotated[
         str | None, typer.Option(help="run dir or checkpoint dir (or s3:// URI)")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="LoRA adapter dir (PEFT layout) served on the base")
+    ] = None,
+    merge_adapter: Annotated[
+        bool | None,
+        typer.Option("--merge-adapter/--no-merge-adapter", help="fold the adapter in"),
     ] = None,
     host: Annotated[str | None, typer.Option(help="address to bind")] = None,
     port: Annotated[int | None, typer.Option(help="port to bind; 0 picks a free one")] = None,
@@ -108,7 +118,7 @@ def run(
 ) -> None:
     """Serve a checkpoint over the llm.engine.v1 gRPC API."""
     flags = dict(
-        checkpoint=checkpoint, host=host, port=port, model_name=model_name, max_queue=max_queue,
+        checkpoint=checkpoint, adapter=adapter, merge_adapter=merge_adapter, host=host, port=port, model_name=model_name, max_queue=max_queue,
         slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
         device=device, dtype=dtype, threads=threads, log_level=log_level,
     )  # fmt: skip

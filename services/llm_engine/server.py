@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llm import storage
 from llm.checkpoint import LoadedModel, load_checkpoint
+from llm.interop.peft import load_with_adapter
 from llm_engine import tracing, validation
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -197,6 +200,19 @@ def _merge(
     return chunk, None
 
 
+def _apply_adapter(loaded: LoadedModel, adapter: str, merge: bool) -> None:
+    """Put a PEFT-layout LoRA adapter (local or remote directory) on the loaded base."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = adapter
+        if not storage.is_local(adapter):
+            fs, root = storage.url_to_fs(adapter)
+            fs.get(root.rstrip("/") + "/", tmp, recursive=True)
+            local = tmp
+        load_with_adapter(loaded.model, local, merge=merge)
+    loaded.model.eval()
+    log.info("adapter_loaded", extra={"adapter": adapter, "merged": merge})
+
+
 @dataclass
 class RunningEngine:
     server: grpc.aio.Server
@@ -215,10 +231,15 @@ class RunningEngine:
         n_slots: int = 8,
         prefill_chunk: int = 512,
         compile: bool = False,
+        adapter: str | None = None,
+        merge_adapter: bool = True,
     ) -> EngineState:
-        """Load the checkpoint (off the event loop), start the scheduler, go SERVING."""
+        """Load the checkpoint (and a LoRA adapter on it) off the event loop, start the
+        scheduler, go SERVING."""
         started = time.monotonic()
         loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
+        if adapter is not None:
+            await asyncio.to_thread(_apply_adapter, loaded, adapter, merge_adapter)
         scheduler = await asyncio.to_thread(
             Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
             prefill_chunk=prefill_chunk, compile=compile,

@@ -17,6 +17,12 @@ class EngineSettings(BaseSettings):
     checkpoint: str = Field(
         description="run directory (newest committed checkpoint) or one checkpoint"
     )
+    adapter: str | None = Field(
+        default=None, description="a LoRA adapter directory (PEFT layout) to serve on the base"
+    )
+    merge_adapter: bool = Field(
+        default=True, description="fold the adapter into the weights (faster decode)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
     model_name: str | None = Field(default=None, description="served model id; default: run name")

@@ -3,8 +3,10 @@
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
 (both with `"stream": true` as server-sent events ending in `data: [DONE]`), GET /healthz
 (the process is up), GET /readyz (at least one engine is SERVING) and GET /metrics
-(Prometheus). Every request maps to one engine `Generate` call on the least busy healthy
-engine, carrying the request's trace context; the gateway never touches tensors.
+(Prometheus). Every choice of a request (`n` per prompt) maps to one engine `Generate`
+call on the least busy healthy engine, carrying the request's trace context; the calls run
+concurrently, and a stream interleaves their chunks tagged by choice index. The gateway
+never touches tensors.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_gateway import errors
+from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
 from llm_gateway.middleware import GatewayMiddleware
-from llm_gateway.responses import ChatFormat, CompletionFormat, Generation, ResponseFormat
-from llm_gateway.schemas import ChatCompletionRequest, CompletionRequest
+from llm_gateway.responses import (
+    ChatFormat,
+    Choice,
+    CompletionFormat,
+    Generation,
+    ResponseFormat,
+)
+from llm_gateway.schemas import MAX_N, ChatCompletionRequest, CompletionRequest
 from llm_gateway.settings import GatewaySettings
 from llm_gateway.telemetry import Metrics, trace_metadata
 
@@ -42,35 +51,11 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
           "description": "the completion, or with `stream: true` server-sent events"},
     **ERROR_RESPONSES,
 }  # fmt: skip
-# Engine answers worth trying on another engine, before any token was produced.
-_RETRY_ELSEWHERE = (429, 503)
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
-
-
-class ClientWatch:
-    """Cancels the engine call when the HTTP client goes away before the response starts
-    (queued, or waiting for a whole completion). Once a stream has started, Starlette's
-    StreamingResponse watches for the disconnect and closes our generator."""
-
-    def __init__(self, request: Request) -> None:
-        self.gone = False
-        self.lease: Lease | None = None
-        self._task = asyncio.create_task(self._wait(request))
-
-    async def _wait(self, request: Request) -> None:
-        # The body has been read: the next ASGI message is the disconnect.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self.lease is not None:
-            self.lease.release()
-
-    def stop(self) -> None:
-        self._task.cancel()
 
 
 def create_app(
@@ -91,6 +76,7 @@ def create_app(
     )
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)
+    dispatch = Dispatcher(engines, settings.retry_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -150,50 +136,6 @@ def create_app(
     async def get_model(model_id: str) -> dict[str, Any]:
         return model_card(await check_model(model_id, trace_metadata()))
 
-    async def read(lease: Lease, watch: ClientWatch | None, param: str) -> pb.GenerateChunk | None:
-        """Next chunk, None at the end; engine errors become OpenAI errors."""
-        try:
-            chunk = await lease.call.read()
-        except grpc.aio.AioRpcError as e:
-            raise errors.from_grpc(e, param, settings.retry_after_s) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if watch is None or not watch.gone or (task is not None and task.cancelling()):
-                raise
-            # 499 (nginx's "client closed request"): only the logs and metrics see it.
-            raise OpenAIError(499, "the client closed the request", code="client_closed") from None
-        return None if chunk is grpc.aio.EOF else chunk
-
-    async def start(
-        request: pb.GenerateRequest, metadata: Metadata, deadline: float, watch: ClientWatch,
-        param: str,
-    ) -> tuple[Lease, pb.GenerateChunk | None]:  # fmt: skip
-        """Start the generation on the least busy healthy engine and read its first chunk;
-        an engine whose queue is full or that is going away is skipped for the next one."""
-        refused: OpenAIError | None = None
-        try:
-            candidates = await engines.candidates()
-        except NoEngine as e:
-            raise errors.unavailable(str(e)) from None
-        for ep in candidates:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            lease = watch.lease = engines.lease(ep, request, metadata, remaining)
-            try:
-                return lease, await read(lease, watch, param)
-            except OpenAIError as e:
-                lease.release()
-                if e.status not in _RETRY_ELSEWHERE:
-                    raise
-                refused = e
-            except BaseException:
-                lease.release()
-                raise
-        if refused is not None:
-            raise refused
-        raise OpenAIError(504, "the engine did not answer in time", type="timeout", code="timeout")
-
     async def run(
         request: Request, body: CompletionRequest | ChatCompletionRequest, fmt: ResponseFormat
     ) -> Any:
@@ -204,62 +146,80 @@ def create_app(
         info = await check_model(body.model, metadata)
         g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", info.model_id, int(time.time()))
         request.state.request_id = g.id
-        engine_request = body.to_engine(g.id)
-        route = request.url.path
+        calls = body.engine_calls(g.id)
+        g.choices = [Choice.of(call) for call in calls]
+        requests = [c.request for c in calls]
+        param = fmt.input_param
+        echo = isinstance(body, CompletionRequest) and body.echo
         watch = ClientWatch(request)
         try:
-            lease, first = await start(engine_request, metadata, deadline, watch, fmt.input_param)
             if not body.stream:
-                try:
-                    chunk = first
-                    while chunk is not None:
-                        g.add(chunk)
-                        chunk = await read(lease, watch, fmt.input_param)
-                finally:
-                    lease.release()
+                await dispatch.generate_all(
+                    requests, g.choices, metadata, deadline, watch, param, MAX_N
+                )
+                if echo:
+                    await name_first_tokens(g, info, metadata, deadline, watch)
                 count_tokens(g)
                 return fmt.whole(g)
+            # A stream starts (or fails with a status) once every choice has its first chunk.
+            streams = await dispatch.start_all(requests, metadata, deadline, watch, param)
+            if echo:
+                try:
+                    await name_first_tokens(g, info, metadata, deadline, watch)
+                except BaseException:
+                    for lease, _ in streams:
+                        lease.release()
+                    raise
         finally:
             watch.stop()
-        metrics.first_token.labels(route).observe(time.monotonic() - started)
+        metrics.first_token.labels(request.url.path).observe(time.monotonic() - started)
         # With stream_options.include_usage every chunk has "usage": null until the last.
         usage = {"usage": None} if body.include_usage() else {}
 
         async def events() -> AsyncIterator[bytes]:
-            # A task reads the engine's chunks into a queue, and each write sends every
-            # chunk that has arrived meanwhile: when the gateway falls behind (many fast
-            # streams), tokens share one socket write instead of paying a syscall each.
-            arrived: asyncio.Queue[pb.GenerateChunk | OpenAIError | None] = asyncio.Queue()
+            # A task per engine call reads its chunks into one queue, and each write sends
+            # every chunk that has arrived meanwhile: when the gateway falls behind (many
+            # fast streams), tokens share one socket write instead of paying a syscall each.
+            Item = tuple[int, pb.GenerateChunk | OpenAIError | None]
+            arrived: asyncio.Queue[Item] = asyncio.Queue()
 
-            async def pump() -> None:
+            async def pump(i: int, lease: Lease) -> None:
                 try:
-                    while (chunk := await read(lease, None, fmt.input_param)) is not None:
-                        arrived.put_nowait(chunk)
-                    arrived.put_nowait(None)
+                    while (chunk := await dispatch.read(lease, None, param)) is not None:
+                        arrived.put_nowait((i, chunk))
+                    arrived.put_nowait((i, None))
                 except OpenAIError as e:
-                    arrived.put_nowait(e)
+                    arrived.put_nowait((i, e))
 
-            pumping = asyncio.create_task(pump())
+            pumps = [
+                asyncio.create_task(pump(i, lease))
+                for i, (lease, first) in enumerate(streams)
+                if first is not None
+            ]
             try:
-                opening = fmt.opening(g)
-                out = [] if opening is None else [_sse({**opening, **usage})]
-                batch: list[pb.GenerateChunk | OpenAIError | None] = [first]
+                out = [_sse({**o, **usage}) for c in g.choices if (o := fmt.opening(g, c))]
+                batch: list[Item] = [(i, first) for i, (_, first) in enumerate(streams)]
+                running = len(streams)
                 while True:
-                    for item in batch:
-                        if item is None:
-                            count_tokens(g)
-                            if usage:
-                                out.append(_sse(fmt.usage_chunk(g)))
-                            out.append(_sse("[DONE]"))
-                            yield b"".join(out)
-                            return
+                    for i, item in batch:
                         if isinstance(item, OpenAIError):  # mid-stream failure: in-band
                             out.append(_sse(item.body()))
                             yield b"".join(out)
                             return
-                        g.add(item)
-                        if item.text or item.logprobs or item.finish_reason:
-                            out.append(_sse({**fmt.chunk(g, item), **usage}))
+                        if item is None:
+                            running -= 1
+                            continue
+                        c = g.choices[i]
+                        c.add(item)
+                        if (data := fmt.chunk(g, c, item)) is not None:
+                            out.append(_sse({**data, **usage}))
+                    if running == 0:
+                        count_tokens(g)
+                        if usage:
+                            out.append(_sse(fmt.usage_chunk(g)))
+                        out.append(_sse("[DONE]"))
+                        yield b"".join(out)
+                        return
                     if out:
                         yield b"".join(out)
                         out = []
@@ -267,10 +227,28 @@ def create_app(
                     while not arrived.empty():
                         batch.append(arrived.get_nowait())
             finally:
-                pumping.cancel()
-                lease.release()  # frees the engine slot when the client went away
+                for p in pumps:
+                    p.cancel()
+                for lease, _ in streams:
+                    lease.release()  # frees the engine slots when the client went away
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    async def name_first_tokens(
+        g: Generation, info: pb.ModelInfoResponse, metadata: Metadata, deadline: float,
+        watch: ClientWatch,
+    ) -> None:  # fmt: skip
+        """Echoing token ids shows their text: the engine names prompt tokens 1..P-1 (prompt
+        logprobs) but not token 0, which is looked up here."""
+        firsts = [c.prompt[0] for c in g.choices if isinstance(c.prompt, list) and c.prompt]
+        if not firsts:
+            return
+        texts = await dispatch.token_texts(
+            firsts, info.context_length, g.id, metadata, deadline, watch
+        )
+        for c in g.choices:
+            if isinstance(c.prompt, list) and c.prompt:
+                c.first_token = texts.get(c.prompt[0], "")
 
     def count_tokens(g: Generation) -> None:
         metrics.tokens.labels("prompt").inc(g.prompt_tokens)
@@ -278,7 +256,7 @@ def create_app(
 
     @app.post("/v1/completions", responses=_GENERATE_RESPONSES)
     async def completions(request: Request, body: CompletionRequest) -> Any:
-        return await run(request, body, CompletionFormat())
+        return await run(request, body, CompletionFormat(body.echo, body.logprobs))
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:

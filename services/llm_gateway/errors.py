@@ -24,6 +24,8 @@ _ENGINE_FIELDS = {
     "sampling.temperature": "temperature",
     "sampling.top_p": "top_p",
     "sampling.top_k": "top_k",
+    "sampling.min_p": "min_p",
+    "sampling.repetition_penalty": "repetition_penalty",
     "sampling.seed": "seed",
     "sampling.presence_penalty": "presence_penalty",
     "sampling.frequency_penalty": "frequency_penalty",
@@ -31,6 +33,7 @@ _ENGINE_FIELDS = {
     "stopping.stop": "stop",
     "top_logprobs": "top_logprobs",
     "logprobs": "logprobs",
+    "prompt_logprobs": "logprobs",
 }
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 

@@ -1,14 +1,18 @@
-"""OpenAI request models (the subset we serve) and their mapping to `GenerateRequest`.
+"""OpenAI request models (the subset we serve) and their mapping to `GenerateRequest`s.
 
-Parameters the engine cannot honour yet are declared so they are refused with a 400
-naming them, instead of being silently ignored; unknown extra fields are ignored, as
-OpenAI does. Types are strict (`"5"` is not an integer, `1` is not a boolean: 400), numbers
+A request becomes one engine call per choice: `n` per prompt, choice `i` of a prompt seeded
+`seed + i`, choices indexed prompt by prompt as OpenAI does. Parameters the engine cannot
+honour yet are declared so they are refused with a 400 naming them, instead of being
+silently ignored; unknown extra fields are ignored, as OpenAI does, except vLLM's sampling
+extras (`top_k`, `min_p`, `repetition_penalty`, sent by the OpenAI SDK via `extra_body`). Types are strict (`"5"` is not an integer, `1` is not a boolean: 400), numbers
 are bounded to what the engine's proto fields hold, and text must be encodable as UTF-8 (a
 JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -32,6 +36,22 @@ def _utf8(value: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 TokenId = Annotated[int, Field(ge=0, le=_I32)]
 MaxTokens = Annotated[int | None, Field(ge=1, le=_I32)]
+# Choices per prompt; also the most engine calls one request has in flight at once, so
+# a stream (whose choices all run at once) has at most MAX_N choices in all.
+MAX_N = 16
+MAX_CHOICES = 256  # prompts x n, without streaming
+Prompt = str | list[int]
+Build = Callable[[Any, str, int], pb.GenerateRequest]  # (prompt, request id, k) -> request
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One choice of a request: its OpenAI index, its prompt and the engine request."""
+
+    index: int
+    prompt_index: int
+    prompt: Prompt | None  # completions only: the text or token ids as sent
+    request: pb.GenerateRequest
 
 
 class StreamOptions(BaseModel):
@@ -46,7 +66,7 @@ class _Request(BaseModel):
     model: Text = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
@@ -55,10 +75,12 @@ class _Request(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
+    # vLLM's extras (the OpenAI SDK sends them via extra_body); -1 is vLLM's "no top-k".
+    top_k: int | None = Field(default=None, ge=-1, le=_I32)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
 
     def check_supported(self) -> None:
-        if (self.n or 1) > 1:
-            raise invalid("n", "only n=1 is supported", code="unsupported_value")
         if self.logit_bias:
             raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_value")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -69,23 +91,49 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _fill(self, request: pb.GenerateRequest, max_tokens: int | None, request_id: str) -> None:
+    def _fill(
+        self, request: pb.GenerateRequest, max_tokens: int | None, request_id: str, k: int
+    ) -> None:
+        """Sampling and stopping of the `k`-th choice of a prompt."""
         request.request_id = request_id
         s = request.sampling
         s.temperature = 1.0 if self.temperature is None else self.temperature
         s.top_p = 1.0 if self.top_p is None else self.top_p
         s.presence_penalty = self.presence_penalty or 0.0
         s.frequency_penalty = self.frequency_penalty or 0.0
+        s.top_k = max(self.top_k or 0, 0)
+        s.min_p = self.min_p or 0.0
+        s.repetition_penalty = self.repetition_penalty or 0.0  # 0: unset (1)
         if self.seed is not None:
-            s.seed = self.seed & _U64  # OpenAI seeds are signed int64, the engine's uint64
-        if max_tokens:  # unset: up to the context length
+            # OpenAI seeds are signed int64, the engine's uint64; choice k samples with
+            # seed + k, so the n choices differ and each reproduces.
+            s.seed = (self.seed + k) & _U64
+        if max_tokens is not None:  # unset: up to the context length
             request.stopping.max_tokens = max_tokens
         request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+
+    def _calls(self, request_id: str, prompts: list[Any], build: Build) -> list[EngineCall]:
+        """`n` calls per prompt; `build(prompt, request_id, k)` makes one engine request.
+        A lone call keeps the request's id; several are told apart by their index."""
+        n = self.n or 1
+        limit = MAX_N if self.stream else MAX_CHOICES
+        if len(prompts) * n > limit:
+            param = "n" if len(prompts) == 1 else "prompt"
+            how = "a stream carries" if self.stream else "a request has"
+            raise invalid(param, f"{how} at most {limit} choices (prompts x n)")
+        calls = []
+        for p, prompt in enumerate(prompts):
+            for k in range(n):
+                i = p * n + k
+                rid = request_id if len(prompts) * n == 1 else f"{request_id}-{i}"
+                calls.append(EngineCall(i, p, prompt, build(prompt, rid, k)))
+        return calls
 
 
 class CompletionRequest(_Request):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
-    max_tokens: MaxTokens = 16
+    # 0 only with echo: score the prompt without generating (evaluation harnesses).
+    max_tokens: Annotated[int | None, Field(ge=0, le=_I32)] = 16
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
@@ -93,28 +141,41 @@ class CompletionRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens", "max_tokens=0 generates nothing: use it with echo")
         for name, unsupported in (
-            ("echo", self.echo),
-            ("logprobs", self.logprobs is not None),
             ("best_of", (self.best_of or 1) > 1),
             ("suffix", bool(self.suffix)),  # "" appends nothing: harmless
         ):
             if unsupported:
                 raise invalid(name, f"{name} is not supported", code="unsupported_value")
 
-    def to_engine(self, request_id: str) -> pb.GenerateRequest:
-        request = pb.GenerateRequest()
+    def prompts(self) -> list[Prompt]:
+        """The prompts, one per choice group: a string, token ids, or a list of either."""
         prompt: Any = self.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise invalid("prompt", "only one prompt per request is supported", code="unsupported_value")  # fmt: skip
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            request.text = prompt
-        else:
-            request.token_ids.ids.extend(prompt)
-        self._fill(request, self.max_tokens, request_id)
-        return request
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise invalid("prompt", "must not be empty")
+        return list(prompt)
+
+    def engine_calls(self, request_id: str) -> list[EngineCall]:
+        def build(prompt: Prompt, rid: str, k: int) -> pb.GenerateRequest:
+            request = pb.GenerateRequest()
+            if isinstance(prompt, str):
+                request.text = prompt
+            else:
+                request.token_ids.ids.extend(prompt)
+            if self.logprobs is not None:
+                request.logprobs = True
+                request.top_logprobs = self.logprobs
+            # Echo needs the prompt's token strings: to score them, or to show token ids.
+            if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
+                request.prompt_logprobs = self.logprobs or 0
+            self._fill(request, self.max_tokens, rid, k)
+            return request
+
+        return self._calls(request_id, list(self.prompts()), build)
 
 
 class TextPart(BaseModel):
@@ -154,8 +215,8 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs:
-            raise invalid("top_logprobs", "top_logprobs is not supported", code="unsupported_value")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools:
             raise invalid("tools", "tools are not supported", code="unsupported_value")
         kind = self.response_format.type if self.response_format else "text"
@@ -167,10 +228,15 @@ class ChatCompletionRequest(_Request):
                 code="unsupported_value",
             )
 
-    def to_engine(self, request_id: str) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(logprobs=self.logprobs)
-        request.chat.messages.extend(
-            pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
-        )
-        self._fill(request, self.max_completion_tokens or self.max_tokens, request_id)
-        return request
+    def engine_calls(self, request_id: str) -> list[EngineCall]:
+        def build(_: None, rid: str, k: int) -> pb.GenerateRequest:
+            request = pb.GenerateRequest(logprobs=self.logprobs)
+            if self.logprobs:
+                request.top_logprobs = self.top_logprobs or 0
+            request.chat.messages.extend(
+                pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
+            )
+            self._fill(request, self.max_completion_tokens or self.max_tokens, rid, k)
+            return request
+
+        return self._calls(request_id, [None], build)

@@ -23,6 +23,7 @@ from llm.data.datamodule import DataConfig
 from llm.training.config import (
     CheckpointConfig,
     DistributedConfig,
+    FinetuneConfig,
     OptimizationConfig,
     TrainingConfig,
 )
@@ -115,6 +116,7 @@ class TrainerSettings(BaseSettings):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     def data_config(self, world_size: int = 1) -> DataConfig:
         """The data library's `DataConfig` for a run on `world_size` ranks."""

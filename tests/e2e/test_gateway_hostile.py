@@ -34,6 +34,10 @@ COMMON_WRONG: dict[str, list[object]] = {
     "logit_bias": ["x", [1], {"1": "x"}, {"1": [1]}],
     "user": [1, [], {}, True],
     "max_tokens": ["2", 2.5, True, [], {}],
+    # vLLM's sampling extras (the OpenAI SDK's extra_body).
+    "top_k": ["1", 1.5, True, []],
+    "min_p": ["x", True, {}],
+    "repetition_penalty": ["x", [], True],
 }
 ENDPOINT_WRONG: dict[str, dict[str, list[object]]] = {
     COMPLETIONS: {
@@ -77,7 +81,10 @@ ENDPOINT_WRONG: dict[str, dict[str, list[object]]] = {
 }
 HUGE: dict[str, list[object]] = {
     "max_tokens": [1 << 31, 1 << 63, 10**30, 1e308],
-    "n": [10**9, 1 << 64],
+    "n": [17, 10**9, 1 << 64],  # at most 16 choices per prompt
+    "top_k": [1 << 31],
+    "min_p": [1.5],
+    "repetition_penalty": [1e300],
     "seed": [1 << 64, -(1 << 63) - 1, 10**100],
     "temperature": [1e308, 2.0001],
     "top_p": [1e10],
@@ -89,12 +96,25 @@ NEGATIVE: dict[str, list[object]] = {
     "temperature": [-0.1, -1e308],
     "top_p": [-1, 0],
     "n": [0, -1],
+    "top_k": [-2],
+    "min_p": [-0.1],
+    "repetition_penalty": [0, -1],
     "presence_penalty": [-2.5],
     "frequency_penalty": [-100],
 }
 ENDPOINT_NUMBERS: dict[str, dict[str, list[object]]] = {
     COMPLETIONS: {
-        "prompt": [[1 << 31], [10**20], [-1], [[-5]], [1 << 40], [10**6]],  # 10**6: not in vocab
+        "prompt": [
+            [1 << 31],
+            [10**20],
+            [-1],
+            [[-5]],
+            [1 << 40],
+            [10**6],  # not in the vocabulary
+            ["a"] * 257,  # more than 256 choices
+            [[], [1]],  # an empty prompt among others
+            [""],
+        ],
         "logprobs": [10**6, -1],
         "best_of": [-1, 0],
     },

@@ -1,69 +1,28 @@
 """The gateway app in-process: request validation, auth, and engine status -> HTTP mapping.
 
 The engine side is a real gRPC server on 127.0.0.1 whose servicer answers with the status
-a test asks for (the model-backed engine is exercised in test_engine.py and tests/e2e).
+a test asks for (scripted_engine.py; the model-backed engine is exercised in test_engine.py
+and tests/e2e).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
-from concurrent import futures
 
-import grpc
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from scripted_engine import MODEL, ScriptedEngine, scripted_engine
 
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
-
-MODEL = "stub-model"
-
-
-class ScriptedEngine(pb_grpc.EngineServicer):
-    """Answers Generate according to the prompt text, and remembers the last request."""
-
-    def __init__(self) -> None:
-        self.last: pb.GenerateRequest | None = None
-
-    def ModelInfo(
-        self, request: pb.ModelInfoRequest, context: grpc.ServicerContext
-    ) -> pb.ModelInfoResponse:
-        return pb.ModelInfoResponse(model_id=MODEL, context_length=64, created=1700000000)
-
-    def Generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateChunk]:
-        self.last = request
-        text = request.text if request.WhichOneof("input") == "text" else ""
-        if text.startswith("abort:"):
-            code = grpc.StatusCode[text.removeprefix("abort:")]
-            context.abort(code, "stopping.max_tokens: must be >= 0, got -3")
-        if text == "slow":
-            time.sleep(2)
-        if text == "midstream":
-            yield pb.GenerateChunk(token_ids=[1], text="partial")
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
-        yield pb.GenerateChunk(token_ids=[5], text="ok")
-        yield pb.GenerateChunk(
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=3, completion_tokens=1),
-        )
 
 
 @pytest.fixture(scope="module")
 def stub_engine() -> Iterator[tuple[int, ScriptedEngine]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = ScriptedEngine()
-    pb_grpc.add_EngineServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield port, servicer
-    server.stop(0)
+    with scripted_engine() as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -95,12 +54,19 @@ def chat(**overrides: object) -> dict:
         ("/v1/completions", completion(temperature="hot"), "temperature"),
         ("/v1/completions", completion(top_p=0), "top_p"),
         ("/v1/completions", completion(max_tokens=-5), "max_tokens"),
-        ("/v1/completions", completion(n=2), "n"),
+        ("/v1/completions", completion(n=17), "n"),  # each choice is an engine call
+        ("/v1/completions", completion(n=0), "n"),
+        ("/v1/completions", completion(prompt=["a"] * 17, n=16), "prompt"),  # > 256 choices
+        ("/v1/completions", completion(prompt=["a", "b"], n=9, stream=True), "prompt"),  # > 16
         ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"]), "stop"),
         ("/v1/completions", completion(stop=""), "stop"),
-        ("/v1/completions", completion(echo=True), "echo"),
-        ("/v1/completions", completion(logprobs=2), "logprobs"),
-        ("/v1/completions", completion(prompt=["a", "b"]), "prompt"),
+        ("/v1/completions", completion(max_tokens=0), "max_tokens"),  # only with echo
+        ("/v1/completions", completion(logprobs=6), "logprobs"),  # OpenAI's limit is 5
+        ("/v1/completions", completion(best_of=2), "best_of"),
+        ("/v1/completions", completion(prompt=[]), "prompt"),
+        ("/v1/completions", completion(top_k=-2), "top_k"),
+        ("/v1/completions", completion(min_p=1.5), "min_p"),
+        ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty"),
         ("/v1/completions", {"model": MODEL}, "prompt"),
         ("/v1/completions", {"prompt": "x"}, "model"),
         ("/v1/chat/completions", chat(messages=[]), "messages"),
@@ -108,7 +74,9 @@ def chat(**overrides: object) -> dict:
         ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content"),
         ("/v1/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens"),
         ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
-        ("/v1/chat/completions", chat(top_logprobs=3, logprobs=True), "top_logprobs"),
+        ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),  # needs logprobs
+        ("/v1/chat/completions", chat(top_logprobs=21, logprobs=True), "top_logprobs"),
+        ("/v1/chat/completions", chat(n=17), "n"),
         ("/v1/chat/completions", chat(seed="x"), "seed"),
     ],
 )  # fmt: skip

@@ -127,6 +127,7 @@ def test_timeout_is_504_and_frees_the_engine_call(fake: FakeServer, stream: bool
     wait_for(lambda: engine.cancelled == cancelled + 1 and engine.active == 0, what="cancel")
 
 
+@pytest.mark.parametrize("n", [1, 3])  # n > 1: every choice's call is cancelled
 @pytest.mark.parametrize(
     ("prompt", "stream", "read_events"),
     [
@@ -136,14 +137,14 @@ def test_timeout_is_504_and_frees_the_engine_call(fake: FakeServer, stream: bool
     ],
 )
 def test_client_disconnect_cancels_the_engine_call(
-    fake: FakeServer, prompt: str, stream: bool, read_events: int
+    fake: FakeServer, prompt: str, stream: bool, read_events: int, n: int
 ) -> None:
     engine = fake.engine
     calls, cancelled = engine.calls, engine.cancelled
     with serve_gateway(create_app(settings(fake))) as url:
         with httpx.Client(base_url=url, timeout=10) as client:
             request = client.build_request(
-                "POST", "/v1/completions", json=completion(prompt, stream=stream),
+                "POST", "/v1/completions", json=completion(prompt, stream=stream, n=n),
                 timeout=httpx.Timeout(10, read=0.5),
             )  # fmt: skip
             if read_events:
@@ -155,10 +156,10 @@ def test_client_disconnect_cancels_the_engine_call(
             else:
                 with pytest.raises(httpx.ReadTimeout):
                     client.send(request)
-        wait_for(lambda: engine.calls == calls + 1, what="the engine call")
+        wait_for(lambda: engine.calls == calls + n, what="the engine calls")
         wait_for(
-            lambda: engine.cancelled == cancelled + 1 and engine.active == 0,
-            what="the engine call to be cancelled",
+            lambda: engine.cancelled == cancelled + n and engine.active == 0,
+            what="the engine calls to be cancelled",
         )
 
 

@@ -52,7 +52,8 @@ CASES = {
 # llm.storage (checked against its source below), OpenTelemetry's own variables, and the
 # pod name that OTEL_RESOURCE_ATTRIBUTES interpolates.
 AWS_VARS = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-OTEL_VARS = {"OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_RESOURCE_ATTRIBUTES"}
+OTEL_VARS = {"OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_RESOURCE_ATTRIBUTES",
+             "OTEL_TRACES_EXPORTER"}  # fmt: skip
 DOWNWARD_API = {"POD_NAME"}
 
 
@@ -203,6 +204,14 @@ def test_existing_secrets_are_referenced_not_created(chart):
     assert engine["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     assert engine["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
     assert engine["OTEL_SERVICE_NAME"]["value"] == "llm-engine"
+    # The engine exports spans only when told to: an endpoint alone is not enough.
+    for name in ("engine", "gateway"):
+        env = {e["name"]: e.get("value") for e in container(docs, name)["env"]}
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    plain = objects(render(chart, CASES["autoscaling"]))  # otel off: no OTEL_* at all
+    for name in ("engine", "gateway"):
+        assert not [e for e in container(plain, name)["env"] if e["name"].startswith("OTEL_")]
 
 
 def test_created_api_key_secret_holds_a_json_list(chart):

@@ -55,6 +55,9 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .service | quote }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ required "otel.endpoint is required when otel.enabled" .ctx.Values.otel.endpoint | quote }}
+{{- /* The engine exports spans only when OTEL_TRACES_EXPORTER says so (otlp or console). */}}
+- name: OTEL_TRACES_EXPORTER
+  value: "otlp"
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ printf "service.namespace=%s,service.instance.id=$(POD_NAME)" .ctx.Release.Namespace | quote }}
 {{- end }}

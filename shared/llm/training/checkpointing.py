@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_optimizer_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from llm.training.engine import TrainingEngine
+    from llm.training.finetune import AdapterWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Checkpointer:
         tokenizer: BaseTokenizer,
         keep_last: int,
         settings: Any,
+        adapter: AdapterWriter | None = None,
     ) -> None:
         self.run_dir, self.model, self.tokenizer, self.keep_last = (
             run_dir,
@@ -48,16 +51,24 @@ class Checkpointer:
             tokenizer,
             keep_last,
         )
-        self.settings = settings
+        self.settings, self.adapter = settings, adapter
 
     def __call__(self, engine: TrainingEngine) -> None:
-        model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=_FULL)
+        if self.adapter is not None:  # fine-tuning: the frozen base is not saved again
+            model_sd = None
+            optim_sd = get_optimizer_state_dict(engine.model, engine.optimizer, options=_FULL)
+        else:
+            model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=_FULL)
         state = {**engine.state_dict(), "optimizer": optim_sd}  # collective: gathers RNG states
         if engine.dist.is_main:
             uri = storage.checkpoint_dir(self.run_dir, engine.step)
             meta = {"step": engine.step, "val_loss": engine.last_val_loss,
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
-            save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
+            if self.adapter is not None:
+                final = engine.step >= engine.max_steps or engine.should_stop
+                self.adapter.save(uri, self.model, self.tokenizer, state, meta, final)
+            else:
+                save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
             deleted = storage.retain(self.run_dir, self.keep_last)
             log.info(
                 "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""

@@ -64,3 +64,29 @@ class CheckpointConfig(_Section):
     init_from: str | None = Field(
         default=None, description="start from these weights (our checkpoint or an HF directory)"
     )
+
+
+class FinetuneConfig(_Section):
+    """Adapters over a frozen base (`checkpoint.init_from`): LoRA, or QLoRA on an NF4 base."""
+
+    method: Literal["none", "lora", "qlora"] = Field(
+        default="none",
+        description="none: train every weight; lora: adapters over the frozen base from"
+        " checkpoint.init_from; qlora: the same over its linear layers quantized to NF4",
+    )
+    r: int = Field(default=8, gt=0, description="LoRA rank")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scale numerator (scale = alpha / r)")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    targets: tuple[str, ...] = Field(
+        default=("all-linear",),
+        description="module-name suffixes as PEFT's target_modules (q_proj, v_proj, ...);"
+        " all-linear = every linear layer but lm_head",
+    )
+    save_merged: bool = Field(
+        default=False,
+        description="also write the merged weights (init_from + adapter) into the final"
+        " checkpoint, so it serves without the adapter",
+    )
+    quant_backend: Literal["auto", "bitsandbytes", "torch"] = Field(
+        default="auto", description="qlora's NF4 kernels: bitsandbytes where it runs, else torch"
+    )

@@ -5,9 +5,10 @@ Two ways in:
   for `training.task=lm`, chat JSONL for `sft`), used as is.
 - `data.source`: a text file, a directory of text files, or `default` (Python's docs) for
   `lm`, or a chat JSONL file for `sft`. With `data.tokenizer=char` a character tokenizer
-  is fitted to the text. For `lm` the text is tokenized into shards in a private
-  temporary directory per process (small corpora only: big ones go through
-  `llm-data prepare`), so torchrun workers never race on a shared cache.
+  is fitted to the text, except when fine-tuning with adapters (`finetune.method`): then
+  the tokenizer is the base's (`checkpoint.init_from`). For `lm` the text is tokenized
+  into shards in a private temporary directory per process (small corpora only: big ones
+  go through `llm-data prepare`), so torchrun workers never race on a shared cache.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def build_data(
     names the problem; the CLI turns them into exit code 2.
     """
     d, t = settings.data, settings.training
-    tokenizer = _explicit_tokenizer(d.tokenizer)
+    name = d.tokenizer
+    if name in (None, "char") and settings.finetune.method != "none":
+        name = settings.checkpoint.init_from  # adapters keep the base's vocabulary
+    tokenizer = _explicit_tokenizer(name)
     if t.task == "sft":
         path = d.dataset_path or d.source
         if path == "default":

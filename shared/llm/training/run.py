@@ -1,7 +1,9 @@
 """Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
 
 The order of `apply_*` calls is fixed here (STYLE.md 5): build on the device ->
-(optional) load initial weights -> compile blocks -> DDP/FSDP.
+(optional) load initial weights -> compile blocks -> DDP/FSDP. Fine-tuning with adapters
+(`finetune.method` lora/qlora) replaces the first two: load the base from
+`checkpoint.init_from` -> (qlora) quantize it -> apply LoRA (`llm.training.finetune`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,14 @@ from llm.training.distributed import (
     init_distributed,
 )
 from llm.training.engine import Batch, TrainData, TrainingEngine, causal_lm_loss
+from llm.training.finetune import (
+    AdapterWriter,
+    base_model_type,
+    build_finetune_model,
+    check_finetune,
+    load_base,
+    resume_adapter,
+)
 from llm.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -60,7 +69,14 @@ def default_peak_flops(device: torch.device, precision: str) -> float:
 
 def preflight(settings: TrainerSettings, device: torch.device) -> None:
     """Refuse, before any work, what this platform cannot do (ValueError naming the setting)."""
-    o = settings.optimization
+    o, f = settings.optimization, settings.finetune
+    check_finetune(f, settings.checkpoint.init_from, settings.distributed.strategy, device.type)
+    if f.method != "none" and settings.model.model_fields_set:
+        fields = sorted(f"model.{k}" for k in settings.model.model_fields_set)
+        raise ValueError(
+            f"{', '.join(fields)}: fine-tuning (finetune.method={f.method}) takes the"
+            " architecture of checkpoint.init_from; leave the model settings unset"
+        )
     if o.precision == "fp16" and device.type != "cuda":
         raise ValueError(
             f"optimization.precision=fp16 needs a GPU (device is {device}); use bf16 on the CPU"
@@ -93,22 +109,31 @@ def run_training(
     )
     preflight(settings, info.device)
     torch.manual_seed(t.seed)
-    model_cfg = settings.model.build(
-        vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
-    )
-    model = DecoderModel(model_cfg).to(info.device)
-    if c.init_from:
-        _load_initial_weights(model, c.init_from, info.device)
-
+    f = settings.finetune
+    adapter: AdapterWriter | None = None
     latest = storage.latest_checkpoint(c.run_dir) if c.resume else None
-    if latest is not None:
-        loaded = load_checkpoint(latest, device=info.device)
-        if loaded.config != model_cfg:
-            raise ValueError(
-                f"{latest}: its model config differs from the requested one;"
-                " use a new checkpoint.run_dir or the same model settings"
-            )
-        model.load_state_dict(loaded.model.state_dict())
+    if f.method != "none":
+        model, n_params = build_finetune_model(f, c.init_from, tokenizer, t.block_size, info.device)
+        model_cfg = model.config
+        adapter = AdapterWriter(f, c.init_from, c.run_dir)
+        if latest is not None:
+            resume_adapter(model, latest, base_model_type(c.init_from))
+    else:
+        model_cfg = settings.model.build(
+            vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
+        )
+        model = DecoderModel(model_cfg).to(info.device)
+        if c.init_from:
+            _load_initial_weights(model, c.init_from, info.device)
+        if latest is not None:
+            loaded = load_checkpoint(latest, device=info.device)
+            if loaded.config != model_cfg:
+                raise ValueError(
+                    f"{latest}: its model config differs from the requested one;"
+                    " use a new checkpoint.run_dir or the same model settings"
+                )
+            model.load_state_dict(loaded.model.state_dict())
+        n_params = model.num_params()
 
     if o.compile:
         apply_compile(model)
@@ -128,7 +153,7 @@ def run_training(
     )
     callbacks: list[cb.Callback] = [
         cb.LRMonitor(),
-        cb.Throughput(flops_per_token(model_cfg, model.num_params(), t.block_size), peak),
+        cb.Throughput(flops_per_token(model_cfg, n_params, t.block_size), peak),
         cb.JsonlMetrics(t.log_interval),
         cb.ConsoleLogger(t.log_interval, t.progress),
         cb.TensorBoard(t.log_interval),
@@ -139,7 +164,7 @@ def run_training(
     if not storage.is_local(c.run_dir):
         callbacks.insert(0, cb.RunFiles(c.run_dir))
 
-    checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings)
+    checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings, adapter)
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
@@ -151,7 +176,7 @@ def run_training(
     if info.is_main:
         log.info(
             "model %.2fM parameters, world size %d, %s, peak %.1f TFLOP/s for MFU",
-            model.num_params() / 1e6, info.world_size, info.device, peak / 1e12,
+            n_params / 1e6, info.world_size, info.device, peak / 1e12,
         )  # fmt: skip
     engine.fit()
     return engine
@@ -167,15 +192,8 @@ def _local_run_dir(run_dir: str) -> Path:
 
 
 def _load_initial_weights(model: DecoderModel, uri: str, device: torch.device) -> None:
-    """Fine-tuning start: our checkpoint (run or step dir) or a Hugging Face directory."""
-    if Path(uri, "config.json").exists() and not storage.exists(
-        storage.join(uri, storage.MANIFEST)
-    ):
-        from llm.interop.hf import from_hf
-
-        source: Any = from_hf(uri, device=device)
-    else:
-        source = load_checkpoint(uri, device=device).model
+    """Full fine-tuning start: our checkpoint (run or step dir) or a Hugging Face directory."""
+    source = load_base(uri, device)
     if source.config != model.config:
         raise ValueError(
             f"checkpoint.init_from={uri}: its model config differs from the requested one"
