@@ -287,3 +287,17 @@ def test_router_losses_follow_the_last_forward() -> None:
     # Differentiable: the router gets gradient from the aux loss alone.
     (logits.sum() * 0 + model.aux_loss()).backward()
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_a_model_built_on_meta_moves_after_reset_buffers() -> None:
+    """Loading builds on the meta device; buffers a family does not use (ALiBi slopes of
+    a rope model) must not stay meta tensors, or `.to()` fails."""
+    for preset in ("tiny", "bloom"):
+        config = ModelConfig.from_preset(preset, **shrink(preset))
+        weights = DecoderModel(config).state_dict()
+        with torch.device("meta"):
+            model = DecoderModel(config)
+        model.load_state_dict(weights, assign=True)  # as load_checkpoint does
+        model.reset_buffers("cpu")
+        assert all(b.device.type == "cpu" for b in model.buffers())
+        model.to(torch.float64).to("cpu")  # raised NotImplementedError (meta copy) before

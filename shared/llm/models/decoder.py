@@ -118,6 +118,8 @@ class DecoderModel(nn.Module):
         onto the meta device. They are always fp32."""
         c = self.config
         device = device or self.embed_tokens.weight.device
+        # Unused tables stay empty, but on `device`: a meta leftover would fail `.to()`.
+        self.rope_cos = self.rope_sin = self.alibi_slopes = torch.empty(0, device=device)
         if c.position == "rope":
             s = c.rope_scaling
             scaling = {} if s is None else dict(

@@ -107,7 +107,6 @@ def build_finetune_model(
     n_params = model.num_params()
     if f.method == "qlora":
         quantized = quantize_base(model, backend=f.quant_backend, device=device)
-        _materialize_meta_buffers(model)
         model.to(device)
         log.info("qlora: %d linear layers quantized to NF4", len(quantized))
     adapted = apply_lora(model, f.targets, r=f.r, alpha=f.alpha, dropout=f.dropout)
@@ -117,15 +116,6 @@ def build_finetune_model(
         f.method, len(adapted), trainable / 1e6, n_params / 1e6,
     )  # fmt: skip
     return model, n_params
-
-
-def _materialize_meta_buffers(model: torch.nn.Module) -> None:
-    """A loaded model keeps the buffers its config does not use (ALiBi slopes of a rope
-    model) as empty meta tensors, which `.to(device)` cannot copy: give them storage."""
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.is_meta:
-                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype)
 
 
 def resume_adapter(model: DecoderModel, ckpt: str, model_type: str | None) -> None:
