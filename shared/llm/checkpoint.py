@@ -55,15 +55,18 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
+    weights: bool = True,
 ) -> None:
     """Write every file of a checkpoint, then commit it with its manifest.
 
-    `model_state` overrides `model.state_dict()` (a full state gathered from DDP/FSDP).
+    `model_state` overrides `model.state_dict()` (a full state gathered from DDP/FSDP);
+    `weights=False` when the ranks already wrote them sharded (`llm.training.sharded`).
     """
     fs, root = storage.url_to_fs(uri)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
-        save_file(_weights(model, model_state), staging / WEIGHTS, metadata={"format": "pt"})
+        if weights:
+            save_file(_weights(model, model_state), staging / WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG).write_text(model.config.model_dump_json(indent=2))
         tokenizer.save(staging)
         if trainer_state is not None:
@@ -95,10 +98,13 @@ def load_checkpoint(
     """Load a run directory's newest committed checkpoint, or one checkpoint directory.
 
     Files are checked against the manifest first: a half-written or corrupt checkpoint
-    raises `storage.CheckpointError` instead of loading.
+    raises `storage.CheckpointError` instead of loading. A sharded checkpoint (an FSDP
+    run's, `llm.training.sharded`) is read whole into this one process.
     """
     ckpt = storage.resolve_checkpoint(uri)
-    storage.verify(ckpt, check_hashes=True)
+    manifest = storage.verify(ckpt, check_hashes=True)
+    if WEIGHTS not in manifest["files"]:
+        return _load_sharded_checkpoint(ckpt, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(ckpt, tmp)
         try:
@@ -119,6 +125,32 @@ def load_checkpoint(
             ) from e
     model.tie_weights()
     model.reset_buffers(device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
+
+
+def read_config(ckpt_uri: str) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate_json(storage.read_bytes(storage.join(ckpt_uri, CONFIG)))
+    except ValueError as e:
+        raise storage.CheckpointError(f"{ckpt_uri}/{CONFIG}: invalid model config: {e}") from e
+
+
+def _load_sharded_checkpoint(
+    ckpt: str, device: str | torch.device, dtype: torch.dtype | None
+) -> LoadedModel:
+    from llm.training.sharded import load_sharded_weights
+
+    config = read_config(ckpt)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(_local_copy(ckpt, tmp))
+    model = DecoderModel(config).to(device)
+    try:
+        load_sharded_weights(ckpt, model)
+    except Exception as e:  # DCP raises several kinds for a mismatch
+        raise storage.CheckpointError(f"{ckpt}: sharded weights do not load: {e}") from e
     if dtype is not None:
         model.to(dtype=dtype)
     model.eval()

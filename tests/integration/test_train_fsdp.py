@@ -1,4 +1,6 @@
-"""FSDP2 (`fully_shard`) under torchrun: 2 CPU processes (gloo) train, checkpoint and resume."""
+"""FSDP2 (`fully_shard`) under torchrun: 2 CPU processes (gloo) train, write sharded
+checkpoints (torch.distributed.checkpoint), resume exactly, and the engine's loader reads
+the shards back as one model."""
 
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ def test_fsdp_trains_and_resumes_exactly(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 8 and summary["val_loss"] < 4.6  # ln(vocab) before training
+    # Sharded: each rank wrote its own shard through torch.distributed.checkpoint, and no
+    # rank gathered the full weights.
+    files = set(storage.read_manifest(storage.checkpoint_dir(str(straight), 8))["files"])
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= files
+    assert "model.safetensors" not in files
     # As if the job died while committing step 8: the rerun resumes from step 4.
     (Path(storage.checkpoint_dir(str(resumed), 8)) / storage.MANIFEST).unlink()
     assert load_trainer_state(storage.latest_checkpoint(str(resumed)))["step"] == 4

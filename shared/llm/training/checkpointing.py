@@ -3,7 +3,8 @@
 `torch.distributed.checkpoint.state_dict` gives full (unsharded, unprefixed) model and
 optimizer state for plain, DDP and FSDP2 models alike; rank 0 writes, every rank waits,
 and the manifest goes last (llm.storage), so a job killed mid-write resumes from the
-previous checkpoint.
+previous checkpoint. With `sharded=True` (FSDP) every rank writes its own shards of model
+and optimizer instead (`llm.training.sharded`) and rank 0 adds the rest and the manifest.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Checkpointer:
         keep_last: int,
         settings: Any,
         adapter: AdapterWriter | None = None,
+        sharded: bool = False,
     ) -> None:
         self.run_dir, self.model, self.tokenizer, self.keep_last = (
             run_dir,
@@ -51,9 +53,12 @@ class Checkpointer:
             tokenizer,
             keep_last,
         )
-        self.settings, self.adapter = settings, adapter
+        self.settings, self.adapter, self.sharded = settings, adapter, sharded
 
     def __call__(self, engine: TrainingEngine) -> None:
+        if self.sharded:
+            self._save_sharded(engine)
+            return
         if self.adapter is not None:  # fine-tuning: the frozen base is not saved again
             model_sd = None
             optim_sd = get_optimizer_state_dict(engine.model, engine.optimizer, options=_FULL)
@@ -72,6 +77,24 @@ class Checkpointer:
             deleted = storage.retain(self.run_dir, self.keep_last)
             log.info(
                 "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""
+            )
+        barrier()
+
+    def _save_sharded(self, engine: TrainingEngine) -> None:
+        from llm.training.sharded import save_sharded
+
+        uri = storage.checkpoint_dir(self.run_dir, engine.step)
+        save_sharded(uri, engine.model, engine.optimizer)  # collective: every rank's shards
+        state = {**engine.state_dict(), "optimizer": None}  # collective: gathers RNG states
+        if engine.dist.is_main:
+            meta = {"step": engine.step, "val_loss": engine.last_val_loss, "sharded": True,
+                    "settings": self.settings.model_dump(mode="json")}  # fmt: skip
+            save_checkpoint(uri, self.model, self.tokenizer, state, meta, weights=False)
+            deleted = storage.retain(self.run_dir, self.keep_last)
+            log.info(
+                "sharded checkpoint %s committed%s",
+                uri,
+                f", removed {len(deleted)} old" if deleted else "",
             )
         barrier()
 

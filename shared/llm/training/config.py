@@ -61,6 +61,11 @@ class CheckpointConfig(_Section):
     interval: int = Field(default=500, gt=0, description="steps between checkpoints")
     keep_last: int = Field(default=2, gt=0)
     resume: bool = Field(default=True, description="continue from the newest committed checkpoint")
+    format: Literal["auto", "full", "sharded"] = Field(
+        default="auto",
+        description="sharded: every rank writes its own shards (torch.distributed.checkpoint);"
+        " full: rank 0 writes gathered weights; auto: sharded under FSDP, else full",
+    )
     init_from: str | None = Field(
         default=None, description="start from these weights (our checkpoint or an HF directory)"
     )

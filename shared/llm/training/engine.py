@@ -105,7 +105,8 @@ class TrainingEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from llm.training.checkpointing import restore_optimizer
 
-        restore_optimizer(self.model, self.optimizer, state["optimizer"])
+        if state["optimizer"] is not None:  # None: a sharded checkpoint restored it already
+            restore_optimizer(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llm import storage
-from llm.checkpoint import load_checkpoint, load_trainer_state
+from llm.checkpoint import load_checkpoint, load_trainer_state, read_config
 from llm.config import ModelConfig
 from llm.data.tokenizers import BaseTokenizer
 from llm.models.decoder import DecoderModel
@@ -42,6 +42,7 @@ from llm.training.finetune import (
     resume_adapter,
 )
 from llm.training.optim import build_optimizer, build_scheduler
+from llm.training.sharded import is_sharded, load_sharded
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,15 @@ def run_training(
         if c.init_from:
             _load_initial_weights(model, c.init_from, info.device)
         if latest is not None:
-            loaded = load_checkpoint(latest, device=info.device)
-            if loaded.config != model_cfg:
+            if read_config(latest) != model_cfg:
                 raise ValueError(
                     f"{latest}: its model config differs from the requested one;"
                     " use a new checkpoint.run_dir or the same model settings"
                 )
-            model.load_state_dict(loaded.model.state_dict())
+            if not is_sharded(latest):  # sharded ones load after wrapping, below
+                model.load_state_dict(
+                    load_checkpoint(latest, device=info.device).model.state_dict()
+                )
         n_params = model.num_params()
 
     if o.compile:
@@ -164,12 +167,19 @@ def run_training(
     if not storage.is_local(c.run_dir):
         callbacks.insert(0, cb.RunFiles(c.run_dir))
 
-    checkpointer = Checkpointer(c.run_dir, model, tokenizer, c.keep_last, settings, adapter)
+    fsdp = info.enabled and settings.distributed.strategy == "fsdp"
+    # Adapters are saved alone (AdapterWriter); sharding is for whole-model state.
+    sharded = adapter is None and (c.format == "sharded" or (c.format == "auto" and fsdp))
+    checkpointer = Checkpointer(
+        c.run_dir, model, tokenizer, c.keep_last, settings, adapter, sharded=sharded
+    )
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
     )  # fmt: skip
     if latest is not None:
+        if is_sharded(latest):
+            load_sharded(latest, wrapped, optimizer)  # collective: each rank its shards
         engine.load_state_dict(load_trainer_state(latest))
         log.info("resumed from %s at step %d", latest, engine.step)
     barrier()

@@ -12,6 +12,7 @@ DCP reshards on load: a checkpoint saved by N ranks resumes on M, and a single p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,5 +54,8 @@ def load_sharded(ckpt_uri: str, model: nn.Module, optimizer: torch.optim.Optimiz
 def load_sharded_weights(ckpt_uri: str, model: nn.Module) -> None:
     """One process, no process group: the full model weights of a sharded checkpoint."""
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=FsspecReader(storage.join(ckpt_uri, DCP_DIR)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        reader = FsspecReader(storage.join(ckpt_uri, DCP_DIR))
+        dcp.load(state, storage_reader=reader, no_dist=True)
     model.load_state_dict(state["model"])
