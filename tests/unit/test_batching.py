@@ -176,3 +176,18 @@ def test_prompt_logprobs_equal_a_full_forward(chunk: int) -> None:
         torch.testing.assert_close(got, want.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0])
         for i, (_, _, top) in enumerate(scores):
             assert [t for t, _ in top] == want[i].topk(k).indices.tolist()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_attending_over_a_cache_prefix_equals_the_whole_cache(preset: str) -> None:
+    model = _model(preset)
+    model.setup_cache(2, 96)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        model(prompt, torch.arange(10).expand(2, -1))
+        step = torch.randint(0, model.config.vocab_size, (2, 1))
+        pos = torch.tensor([[10], [7]])  # rows at different positions
+        whole = model(step, pos)
+        prefix = model(step, pos, kv_len=16)
+    torch.testing.assert_close(prefix, whole, atol=1e-5, rtol=1e-5)
+    model.clear_cache()

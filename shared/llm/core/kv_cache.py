@@ -24,14 +24,17 @@ def _scatter_at(
     new: torch.Tensor,
     dim: int,
     rows: torch.Tensor | None = None,
+    kv_len: int = 0,
 ) -> torch.Tensor:
     """Write `new` into `cache` along `dim` at per-row positions `input_pos` (B, T), in cache
-    rows `rows` (B,) or the first B rows; return those rows (a copy when `rows` is set)."""
+    rows `rows` (B,) or the first B rows; return those rows (a copy when `rows` is set),
+    only their first `kv_len` positions when it is > 0 (attention needs no more)."""
     if rows is None:  # the first B rows (all of them, or a decode over the lowest slots)
         shape = [1] * cache.ndim
         shape[0], shape[dim] = input_pos.shape
         idx = input_pos.view(shape).expand(new.shape)
-        return cache[: new.shape[0]].scatter_(dim, idx, new.to(cache.dtype))
+        written = cache[: new.shape[0]].scatter_(dim, idx, new.to(cache.dtype))
+        return written.narrow(dim, 0, kv_len) if kv_len else written
     # Index every dim before the last: rows, the dims between (heads), positions.
     B, T = input_pos.shape
     index: list[torch.Tensor] = [rows.view(B, *[1] * (dim - 1), 1)]
@@ -40,7 +43,7 @@ def _scatter_at(
         index.append(torch.arange(n, device=cache.device).view(1, *[1] * (d - 1), n, 1))
     index.append(input_pos.view(B, *[1] * (dim - 1), T))
     cache.index_put_(tuple(index), new.to(cache.dtype))
-    return cache.index_select(0, rows)
+    return (cache.narrow(dim, 0, kv_len) if kv_len else cache).index_select(0, rows)
 
 
 class KVCache(nn.Module):
@@ -68,12 +71,13 @@ class KVCache(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         rows: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at positions input_pos (B, T) of cache rows `rows`
         (B,) or of the first B rows; return those rows' caches, (B, n_kv, L, hd) each."""
         return (
-            _scatter_at(self.k_cache, input_pos, k, 2, rows),
-            _scatter_at(self.v_cache, input_pos, v, 2, rows),
+            _scatter_at(self.k_cache, input_pos, k, 2, rows, kv_len),
+            _scatter_at(self.v_cache, input_pos, v, 2, rows, kv_len),
         )
 
     def reset(self) -> None:
@@ -108,12 +112,13 @@ class LatentKVCache(nn.Module):
         latent: torch.Tensor,
         k_rope: torch.Tensor,
         rows: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write latent (B, T, r) and k_rope (B, T, dr) at input_pos (B, T) of cache rows
         `rows` (B,) or of the first B rows; return those rows' caches."""
         return (
-            _scatter_at(self.latent_cache, input_pos, latent, 1, rows),
-            _scatter_at(self.k_rope_cache, input_pos, k_rope, 1, rows),
+            _scatter_at(self.latent_cache, input_pos, latent, 1, rows, kv_len),
+            _scatter_at(self.k_rope_cache, input_pos, k_rope, 1, rows, kv_len),
         )
 
     def reset(self) -> None:

@@ -38,13 +38,16 @@ class TransformerBlock(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); the other arguments go to attention."""
         if self.pre_norm:
-            h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, cache_rows)
+            h = self.self_attn(
+                self.input_layernorm(x), cos, sin, input_pos, mask, cache_rows, kv_len
+            )
             x = x + self.resid_dropout(h)
             return x + self.mlp(self.post_attention_layernorm(x))
         x = self.input_layernorm(
-            x + self.resid_dropout(self.self_attn(x, cos, sin, input_pos, mask, cache_rows))
+            x + self.resid_dropout(self.self_attn(x, cos, sin, input_pos, mask, cache_rows, kv_len))
         )
         return self.post_attention_layernorm(x + self.mlp(x))

@@ -7,8 +7,10 @@ holding every slot's parameters. Each `step()`:
 1. prefills waiting prompts into their slots, at most `prefill_chunk` prompt tokens per
    step (a long prompt takes several steps, so running requests keep streaming);
 2. runs one decode step over the slots that are generating: tokens (B, 1) at per-slot
-   positions, B the smallest power of two covering the highest busy slot, so the step has
-   a handful of static shapes (compiled once each with `compile=True`);
+   positions, B the smallest power of two covering the highest busy slot, attending over
+   the first K cache positions, K the smallest power of two (>= 64) above every busy
+   position, so the step has a handful of static shapes (compiled once each with
+   `compile=True`) and its attention costs what the longest request needs, not the context;
 3. samples every row at once with its own parameters, reads the tokens (and logprobs)
    back in one host transfer, and frees the slots of finished requests.
 
@@ -63,9 +65,9 @@ class TokenEvent:
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
-def _bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, capped at limit."""
-    return min(limit, 1 << max(0, n - 1).bit_length())
+def _bucket(n: int, limit: int, least: int = 1) -> int:
+    """The smallest power of two >= max(n, least), capped at limit."""
+    return min(limit, 1 << max(0, max(n, least) - 1).bit_length())
 
 
 class BatchGenerator:
@@ -93,8 +95,10 @@ class BatchGenerator:
         self._free = list(range(n_slots))  # a heap would do; n_slots is small
         self._prefilling: collections.deque[Request] = collections.deque()
         self._decoding: dict[int, Request] = {}  # slot -> request
-        self._decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode_step
+        self._decode: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode_step
         if compile:
+            # One graph per (batch width, attended length) bucket: a few dozen at most.
+            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             self._decode = torch.compile(self._decode_step, dynamic=False)
 
     # -- slots --------------------------------------------------------------------------
@@ -157,8 +161,12 @@ class BatchGenerator:
             rows = torch.tensor([request.slot], device=self.device)
             scoring = request.prompt_logprobs is not None
             logits = self.model(
-                ids[None], positions[None], cache_rows=rows, logits_to_keep=0 if scoring else 1
-            )  # (1, n or 1, V)
+                ids[None],
+                positions[None],
+                cache_rows=rows,
+                logits_to_keep=0 if scoring else 1,
+                kv_len=start + n,
+            )  # fmt: skip  (1, n or 1, V)
             if scoring:
                 self._score_prompt(request, logits[0], start)
             request.prefilled += n
@@ -176,7 +184,10 @@ class BatchGenerator:
         if self._decoding:
             slots = sorted(self._decoding)
             width = _bucket(slots[-1] + 1, self.n_slots)
-            logits = self._decode(self.tokens[:width], self.pos[:width])  # (width, V)
+            # This step's positions are prompt + generated - 1: attend below the longest.
+            longest = max(len(r.prompt_ids) + r.generated for r in self._decoding.values())
+            kv_len = _bucket(longest, self.max_seq_len, least=64)
+            logits = self._decode(self.tokens[:width], self.pos[:width], kv_len)  # (width, V)
             rows = torch.tensor(slots, device=self.device)
             events += self._sample(logits[rows], [self._decoding[s] for s in slots], advance=True)
         return events
@@ -196,8 +207,8 @@ class BatchGenerator:
         for t, lp, i, v in zip(targets, chosen, ids, values, strict=True):
             request.prompt_scores.append((t, lp, list(zip(i, v, strict=True))))
 
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, pos)[:, -1]  # (B, V)
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.model(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
 
     def _sample(
         self, logits: torch.Tensor, requests: list[Request], *, advance: bool

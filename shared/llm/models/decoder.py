@@ -241,6 +241,7 @@ class DecoderModel(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        kv_len: int = 0,
     ) -> torch.Tensor:
         """
         Args:
@@ -255,6 +256,8 @@ class DecoderModel(nn.Module):
                 e.g. one slot's prefill while others decode; None: row b is cache row b.
             logits_to_keep: > 0: logits of the last this many positions only (a prefill
                 needs the last one; the LM head over every position is wasted work).
+            kv_len: with a cache, > 0: every query position is below kv_len, so attention
+                reads only the cache's first kv_len positions instead of all of them.
         Returns:
             logits: (B, T, vocab_size)
         """
@@ -275,7 +278,7 @@ class DecoderModel(nn.Module):
             k_pos = q_pos[0]  # (T,)
         else:
             q_pos = input_pos  # (B, T)
-            k_pos = torch.arange(self.cache_max_seq_len, device=tokens.device)  # (L,)
+            k_pos = torch.arange(kv_len or self.cache_max_seq_len, device=tokens.device)  # (L,)
 
         x = self.embed_tokens(tokens)  # (B, T, dim)
         if c.position == "learned":
@@ -298,7 +301,7 @@ class DecoderModel(nn.Module):
             )
 
         for layer, window in zip(self.layers, self._layer_windows, strict=True):
-            x = layer(x, cos, sin, input_pos, masks[window], cache_rows)
+            x = layer(x, cos, sin, input_pos, masks[window], cache_rows, kv_len)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)

@@ -65,6 +65,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> torch.Tensor:
         """
         Args:
@@ -72,6 +73,8 @@ class Attention(nn.Module):
             cos, sin: rope angles for these positions, (T, hd) or (B, T, hd); unused without rope.
             input_pos: (B, T) absolute positions; required when a cache is set.
             cache_rows: (B,) the cache rows (slots) these rows use; None: all, in order.
+            kv_len: > 0: attend over the cache's first kv_len positions only (all this
+                step's queries sit below it); 0: the whole cache.
             mask: None for plain causal attention without a cache; else (B, 1|H, T, L),
                 boolean (True = attend) or an additive bias (ALiBi).
         Returns:
@@ -90,7 +93,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
 
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, nkv, L, hd)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, nkv, L, hd)
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, self.scale, dropout, eager=self.eager)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)

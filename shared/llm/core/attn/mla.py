@@ -81,6 +81,7 @@ class MultiHeadLatentAttention(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        kv_len: int = 0,
     ) -> torch.Tensor:
         """
         Args:
@@ -88,6 +89,8 @@ class MultiHeadLatentAttention(nn.Module):
             cos, sin: rope angles (T, dr) or (B, T, dr) for the rope part (dr = qk_rope_head_dim).
             input_pos: (B, T) absolute positions; required when a cache is set.
             cache_rows: (B,) the cache rows (slots) these rows use; None: all, in order.
+            kv_len: > 0: attend over the cache's first kv_len positions only (all this
+                step's queries sit below it); 0: the whole cache.
             mask: None for causal attention without a cache; else (B, 1, T, L) boolean.
         Returns:
             (B, T, dim)
@@ -120,7 +123,7 @@ class MultiHeadLatentAttention(nn.Module):
             y = y.transpose(1, 2)  # (B, T, H, dv)
         else:
             latent, k_rope = self.kv_cache.update(
-                input_pos, latent, k_rope, cache_rows
+                input_pos, latent, k_rope, cache_rows, kv_len
             )  # (B, L, r), (B, L, dr)
             w = self.kv_b_proj.weight.view(H, dn + dv, self.kv_lora_rank)
             w_k, w_v = w.split([dn, dv], dim=1)  # (H, dn, r), (H, dv, r)
