@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_gateway.errors import OpenAIError
-from llm_gateway.telemetry import Metrics
+from llm_gateway.telemetry import REQUEST_SPAN, Metrics
 
 log = logging.getLogger("llm_gateway.access")
 
@@ -125,6 +125,7 @@ class GatewayMiddleware:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": path},
         ) as span:
+            token = REQUEST_SPAN.set(span)
             early = self._auth_error(scope) or self._length_error(scope)
             try:
                 if early is not None:
@@ -135,6 +136,7 @@ class GatewayMiddleware:
                 if received > self.max_body_bytes or early is not None:
                     await _drain(receive)
                 self.metrics.in_flight.dec()
+                REQUEST_SPAN.reset(token)
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
                 elapsed = time.perf_counter() - started
                 span.update_name(f"{method} {route}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
@@ -103,10 +104,16 @@ def setup_tracing(service_name: str = "llm-gateway") -> TracerProvider:
     return provider
 
 
+# The request's gateway span, set by the middleware: the engine call's parent even when
+# spans opened in between (FastAPI's own, under the global provider) are current.
+REQUEST_SPAN: ContextVar[trace.Span | None] = ContextVar("llm_gateway_request_span", default=None)
+
+
 def trace_metadata() -> Sequence[tuple[str, str]]:
-    """The current trace context (W3C `traceparent`/`tracestate`) as gRPC metadata."""
+    """The gateway span's trace context (W3C `traceparent`/`tracestate`) as gRPC metadata."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    span = REQUEST_SPAN.get()
+    propagate.inject(carrier, context=trace.set_span_in_context(span) if span else None)
     return tuple(carrier.items())
 
 

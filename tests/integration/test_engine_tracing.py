@@ -44,3 +44,51 @@ def test_generate_span_is_a_child_of_the_callers_span(tiny_checkpoint: str, span
     assert span.kind == trace.SpanKind.SERVER
     assert span.attributes["llm.completion_tokens"] == 3
     assert span.attributes["llm.finish_reason"] == "FINISH_REASON_LENGTH"
+
+
+def test_one_trace_spans_gateway_and_engine(tiny_checkpoint: str, span_exporter) -> None:
+    """The real gateway app and the real engine server in one process, one exporter: the
+    engine's span is a child of the gateway's request span."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from llm_gateway.app import create_app
+    from llm_gateway.settings import GatewaySettings
+
+    ready, stop = threading.Event(), threading.Event()
+    port: list[int] = []
+
+    def serve() -> None:
+        async def main() -> None:
+            engine = await start_engine("127.0.0.1", 0)
+            await engine.load(tiny_checkpoint, n_slots=1)
+            port.append(engine.port)
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await engine.stop(0)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    try:
+        app = create_app(GatewaySettings(engine=f"127.0.0.1:{port[0]}"))
+        with TestClient(app) as client:
+            body = {"model": "tiny", "prompt": "The ", "max_tokens": 3, "temperature": 0}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+    finally:
+        stop.set()
+        thread.join(30)
+    spans = span_exporter.get_finished_spans()
+    (gateway,) = [
+        s
+        for s in spans
+        if s.name == "POST /v1/completions" and s.instrumentation_scope.name == "llm_gateway"
+    ]  # fmt: skip  (FastAPI opens spans of its own under the global provider)
+    engine_spans = [s for s in spans if s.name == "llm.engine.Generate"]
+    mine = [s for s in engine_spans if s.context.trace_id == gateway.context.trace_id]
+    assert len(mine) == 1 and mine[0].parent.span_id == gateway.context.span_id
