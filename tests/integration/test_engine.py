@@ -311,10 +311,11 @@ def test_full_queue_answers_resource_exhausted_and_drops_nothing(engine: Engine)
     results = asyncio.run(burst())
     rejected = [r for r in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
     completed = [r for r in results if isinstance(r, int)]
-    # SLOTS running + MAX_QUEUE waiting fit; the rest of a simultaneous burst is refused.
+    # MAX_QUEUE waiting (plus those the scheduler moved into the SLOTS meanwhile) fit; the
+    # rest of a simultaneous burst is refused.
     assert rejected, results
     assert len(rejected) + len(completed) == n, results  # nothing failed any other way
-    assert len(completed) >= SLOTS + MAX_QUEUE
+    assert len(completed) >= MAX_QUEUE
     assert all(c == 256 - len("The ") for c in completed)  # every accepted request ran fully
     assert run(engine, text="The ", sampling=GREEDY, stopping=pb.StoppingCriteria(max_tokens=2))
 
