@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +69,30 @@ def wait_ready(base_url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{base_url} did not become ready")
+
+
+@contextlib.contextmanager
+def running_stack(
+    checkpoint: str, logs: Path, engine_args: Sequence[str] = (), gateway_args: Sequence[str] = ()
+) -> Iterator[tuple[Service, Service]]:
+    """An engine process (one torch thread) and a gateway process in front of it, ready."""
+    engine = start(
+        "llm_engine",
+        ["--checkpoint", checkpoint, "--port", "0", "--threads", "1", *engine_args],
+        logs / "engine.log",
+        "engine_listening",
+    )
+    gateway = None
+    try:
+        gateway = start(
+            "llm_gateway",
+            ["--engine", f"127.0.0.1:{engine.port}", "--port", "0", *gateway_args],
+            logs / "gateway.log",
+            "gateway_listening",
+        )
+        wait_ready(f"http://127.0.0.1:{gateway.port}")
+        yield engine, gateway
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(engine)

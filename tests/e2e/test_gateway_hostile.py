@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_services import Service, start, stop, wait_ready
+from e2e_services import Service, running_stack
 
 KEY = "sk-hostile-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -219,26 +219,8 @@ def keyed_stack(
     logs = tmp_path_factory.mktemp("hostile")
     keys = Path(logs / "api-keys")
     keys.write_text(KEY + "\n")
-    engine = start(
-        "llm_engine",
-        ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1"],
-        logs / "engine.log",
-        "engine_listening",
-    )
-    gateway = None
-    try:
-        gateway = start(
-            "llm_gateway",
-            ["--engine", f"127.0.0.1:{engine.port}", "--port", "0", "--api-keys-file", str(keys)],
-            logs / "gateway.log",
-            "gateway_listening",
-        )
-        wait_ready(f"http://127.0.0.1:{gateway.port}")
-        yield engine, gateway
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(engine)
+    with running_stack(tiny_checkpoint, logs, (), ["--api-keys-file", str(keys)]) as services:
+        yield services
 
 
 def test_malformed_requests_get_openai_4xx_errors(keyed_stack: tuple[Service, Service]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from e2e_services import Service, start, stop, wait_ready
+from e2e_services import Service, running_stack
 from support import free_port
 
 CLIENTS, LEAVERS_EVERY = 64, 4  # every 4th client disconnects: 16 of 64
@@ -27,29 +27,11 @@ def roomy_stack(
 ) -> Iterator[tuple[Service, Service, str]]:
     """An engine whose queue holds every client at once, with its Prometheus metrics on
     (the URL is the third item)."""
-    logs = tmp_path_factory.mktemp("load")
     metrics_port = free_port()
-    engine = start(
-        "llm_engine",
-        ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1", "--max-queue", "128",
-         "--metrics-port", str(metrics_port)],
-        logs / "engine.log",
-        "engine_listening",
-    )  # fmt: skip
-    gateway = None
-    try:
-        gateway = start(
-            "llm_gateway",
-            ["--engine", f"127.0.0.1:{engine.port}", "--port", "0"],
-            logs / "gateway.log",
-            "gateway_listening",
-        )
-        wait_ready(f"http://127.0.0.1:{gateway.port}")
+    engine_args = ["--max-queue", "128", "--metrics-port", str(metrics_port)]
+    logs = tmp_path_factory.mktemp("load")
+    with running_stack(tiny_checkpoint, logs, engine_args) as (engine, gateway):
         yield engine, gateway, f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(engine)
 
 
 async def stream_once(client: httpx.AsyncClient, model: str, leave: bool) -> dict:

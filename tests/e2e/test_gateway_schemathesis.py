@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_services import ENV, Service, start, stop, wait_ready
+from e2e_services import ENV, Service, running_stack
 
 HERE = Path(__file__).resolve().parent
 MAX_EXAMPLES = 30
@@ -24,28 +24,10 @@ MAX_EXAMPLES = 30
 @pytest.fixture(scope="module")
 def gateway(tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     logs = tmp_path_factory.mktemp("schemathesis")
-    engine = start(
-        "llm_engine",
-        ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1", "--max-queue", "8"],
-        logs / "engine.log",
-        "engine_listening",
-    )
-    gateway = None
-    try:
-        gateway = start(
-            "llm_gateway",
-            ["--engine", f"127.0.0.1:{engine.port}", "--port", "0"],
-            logs / "gateway.log",
-            "gateway_listening",
-        )
-        wait_ready(f"http://127.0.0.1:{gateway.port}")
+    with running_stack(tiny_checkpoint, logs, ["--max-queue", "8"]) as (_, gateway):
         yield gateway
         errors = [r for r in gateway.logs() if r.get("level") in ("ERROR", "CRITICAL")]
         assert not errors, errors[:3]
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(engine)
 
 
 def test_schemathesis_finds_no_server_errors(gateway: Service, tmp_path: Path) -> None:
