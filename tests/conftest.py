@@ -74,3 +74,12 @@ def span_exporter() -> object:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return exporter
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """A tiny model decodes faster on one thread than fighting for the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from support import stop_process
 
 from llm_engine.jsonlog import read_announcement
 
@@ -51,12 +52,7 @@ def start(module: str, args: list[str], log: Path, event: str) -> Service:
 
 
 def stop(service: Service) -> int:
-    service.proc.terminate()
-    try:
-        return service.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        service.proc.kill()
-        return service.proc.wait()
+    return stop_process(service.proc)
 
 
 def wait_ready(base_url: str, timeout: float = 60) -> None:

@@ -12,26 +12,9 @@ import pytest
 import torch
 from e2e_services import Service
 
-from llm.checkpoint import LoadedModel, load_checkpoint
+from llm.checkpoint import LoadedModel
 
 PROMPT = "The "
-
-
-@pytest.fixture(scope="module")
-def gateway(stack: tuple[Service, Service]) -> Service:
-    return stack[1]
-
-
-@pytest.fixture(scope="module")
-def client(gateway: Service) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="x", max_retries=0, timeout=30
-    )
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint: str) -> LoadedModel:
-    return load_checkpoint(tiny_checkpoint)
 
 
 def async_client(gateway: Service) -> openai.AsyncOpenAI:

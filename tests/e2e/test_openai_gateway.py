@@ -10,26 +10,8 @@ import openai
 import pytest
 from e2e_services import Service, start, stop, wait_ready
 
-from llm.checkpoint import LoadedModel, load_checkpoint
+from llm.checkpoint import LoadedModel
 from llm.inference import SamplingParams, generate
-
-
-@pytest.fixture(scope="module")
-def gateway(stack: tuple[Service, Service]) -> Service:
-    return stack[1]
-
-
-@pytest.fixture(scope="module")
-def client(gateway: Service) -> openai.OpenAI:
-    # No retries: a 429/503 must surface, not be retried into a pass.
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="x", max_retries=0, timeout=30
-    )
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint: str) -> LoadedModel:
-    return load_checkpoint(tiny_checkpoint)
 
 
 def greedy_text(ref: LoadedModel, prompt_ids: list[int], n: int) -> tuple[str, list[int]]:

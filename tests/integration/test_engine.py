@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.inference import SamplingParams, generate, stream_generate
@@ -90,12 +90,7 @@ def start_engine(
         channel.close()
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 @pytest.fixture(scope="module")

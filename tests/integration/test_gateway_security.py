@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fake_engine import MODEL, FakeServer, serve_gateway, wait_for
 from fastapi.testclient import TestClient
+from support import stop_process
 
 from llm_engine.jsonlog import read_announcement
 from llm_gateway.app import create_app
@@ -181,15 +182,6 @@ def start_gateway(args: list[str], env: dict[str, str], log: Path) -> tuple[subp
         raise AssertionError(log.read_text()) from None
 
 
-def stop_gateway(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_cli_without_keys_warns_and_binds_loopback(fake: FakeServer, tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     proc, announced = start_gateway(
@@ -199,7 +191,7 @@ def test_cli_without_keys_warns_and_binds_loopback(fake: FakeServer, tmp_path: P
         assert announced["host"] == "127.0.0.1"
         assert httpx.get(f"http://127.0.0.1:{announced['port']}/healthz").status_code == 200
     finally:
-        stop_gateway(proc)
+        stop_process(proc)
     warnings = [json.loads(line) for line in log.read_text().splitlines() if "NO API KEY" in line]
     assert warnings and warnings[0]["level"] == "WARNING"
 
@@ -221,7 +213,7 @@ def test_cli_keys_from_a_secret_file_are_never_logged(fake: FakeServer, tmp_path
             got = httpx.post(f"{base}/completions", json=completion(), headers=headers)
             assert got.status_code == status, (key, got.text)
     finally:
-        stop_gateway(proc)
+        stop_process(proc)
     text = log.read_text()
     assert '"api_keys_loaded"' in text and '"count": 2' in text
     assert '"status": 401' in text  # the refused requests are logged...

@@ -4,7 +4,6 @@ run alone, whatever arrives, leaves or is cancelled around it."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,12 +16,7 @@ from llm.models.decoder import DecoderModel
 PRESETS = ["tiny", "tiny-moe", "deepseek-v2-lite", "bloom", "mistral"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(preset: str) -> DecoderModel:

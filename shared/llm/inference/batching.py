@@ -180,7 +180,7 @@ class BatchGenerator:
                     self._release(request)
                     events.append(TokenEvent(request, -1, None, [], "length", request.prompt_scores))  # fmt: skip
                 else:
-                    events += self._sample(logits[:, -1], [request], advance=False)
+                    events += self._sample(logits[:, -1], [request], rows, advance=False)
         if self._decoding:
             slots = sorted(self._decoding)
             width = _bucket(slots[-1] + 1, self.n_slots)
@@ -189,7 +189,8 @@ class BatchGenerator:
             kv_len = _bucket(longest, self.max_seq_len, least=64)
             logits = self._decode(self.tokens[:width], self.pos[:width], kv_len)  # (width, V)
             rows = torch.tensor(slots, device=self.device)
-            events += self._sample(logits[rows], [self._decoding[s] for s in slots], advance=True)
+            requests = [self._decoding[s] for s in slots]
+            events += self._sample(logits[rows], requests, rows, advance=True)
         return events
 
     def _score_prompt(self, request: Request, logits: torch.Tensor, start: int) -> None:
@@ -211,11 +212,11 @@ class BatchGenerator:
         return self.model(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
 
     def _sample(
-        self, logits: torch.Tensor, requests: list[Request], *, advance: bool
+        self, logits: torch.Tensor, requests: list[Request], rows: torch.Tensor, *, advance: bool
     ) -> list[TokenEvent]:
-        """Sample rows of `logits` (B, V), one per request, and emit the tokens."""
+        """Sample rows of `logits` (B, V), one per request (in slots `rows`, (B,)), and emit
+        the tokens."""
         slots = [r.slot for r in requests]
-        rows = torch.tensor(slots, device=self.device)
         token = self.sampler(logits, rows, slots)  # (B,)
         self.sampler.record(token, rows, slots)
         self.tokens.index_copy_(0, rows, token[:, None])
