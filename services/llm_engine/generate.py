@@ -83,20 +83,12 @@ def run_batch(
             running[id(job.request)] = job
         for event in batch.step():
             job = running[id(event.request)]
-            if event.token_id in job.request.stop_token_ids:
-                job.finish_reason = "stop"
-            else:
-                delta = job.decoder.add([event.token_id])
+            delta, job.finish_reason = batch.detokenize(event, job.decoder)
+            if delta:
                 job.text += delta
                 if stream:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
-                if job.decoder.stopped:
-                    job.finish_reason = "stop"
-                    if event.finish_reason is None:
-                        batch.cancel(job.request)
-                else:
-                    job.finish_reason = event.finish_reason
             if job.finish_reason is not None:
                 rest = job.decoder.flush()
                 job.text += rest

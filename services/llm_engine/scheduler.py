@@ -245,16 +245,13 @@ class Scheduler:
         if token < 0:  # max_tokens=0: the prompt was only scored
             self._finish(slot, "length")
             return
-        if token in slot.request.spec.stop_token_ids:
+        delta, reason = self.batch.detokenize(event, slot.decoder)
+        if delta is None:  # a stop token
             self._finish(slot, "stop", stop_token=token)
             return
-        _emit(slot.request, Token(token, slot.decoder.add([token]), event.logprob, event.top))
-        if slot.decoder.stopped:
-            if event.finish_reason is None:  # a stop string: free the slot now
-                self.batch.cancel(slot.work)
-            self._finish(slot, "stop")
-        elif event.finish_reason is not None:
-            self._finish(slot, event.finish_reason)
+        _emit(slot.request, Token(token, delta, event.logprob, event.top))
+        if reason is not None:
+            self._finish(slot, reason)
 
     def _finish(self, slot: _Slot, reason: str, stop_token: int | None = None) -> None:
         self._free(slot, reason)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llm.inference.detokenize import IncrementalDecoder
 from llm.inference.sampling import Sampler, SamplingParams
 from llm.models.decoder import DecoderModel
 
@@ -138,6 +139,23 @@ class BatchGenerator:
             self._prefilling.remove(request)
         self._decoding.pop(request.slot, None)
         self._release(request)
+
+    def detokenize(
+        self, event: TokenEvent, decoder: IncrementalDecoder
+    ) -> tuple[str | None, str | None]:
+        """The text delta of `event`'s token and the request's finish reason, if it ends.
+
+        A stop token has no text (None); a stop string, found by `decoder` across tokens,
+        ends the request here and frees its slot at once.
+        """
+        if event.token_id in event.request.stop_token_ids:
+            return None, "stop"
+        delta = decoder.add([event.token_id])
+        if decoder.stopped:
+            if event.finish_reason is None:
+                self.cancel(event.request)
+            return delta, "stop"
+        return delta, event.finish_reason
 
     def _release(self, request: Request) -> None:
         self.sampler.release(request.slot)
