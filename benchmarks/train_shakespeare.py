@@ -5,7 +5,7 @@ batch 12, 2000 iterations, dropout 0 (lr 1e-3, warmup 100, cosine to 1e-4, betas
 weight decay 0.1, grad clip 1.0, from `config/train_shakespeare_char.py`).
 
 - ours: `llm-train`'s path in-process (settings -> `build_data` -> `run_training`), our
-  default architecture at those sizes, per-block `torch.compile`, fused AdamW, and bf16
+  default architecture at those sizes, `torch.compile` (whole model: 4 layers), fused AdamW, and bf16
   autocast only when asked (`--precision bf16`; on small CPU matmuls it rarely helps).
 - reference: `transformers.GPT2LMHeadModel` of the same sizes, trained by a plain AdamW
   loop (same schedule) on the very same batches (the data module's batch `k` is a pure

@@ -3,7 +3,8 @@
 Both sides train the same model (our `llama` preset shrunk; the HF model is built from it
 with `config_to_hf` and loaded with the same weights) on the same random batches with
 AdamW at the same hyperparameters (lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0).
-- ours: `TrainingEngine.train_step` (what `llm-train` runs): per-block `torch.compile`,
+- ours: `TrainingEngine.train_step` (what `llm-train` runs): `torch.compile` (the
+  default `compile_scope`: the whole model up to 8 layers),
   fused AdamW, decay/no-decay groups, the NaN guard, in the chosen precision.
 - reference: a plain loop a transformers user writes: `model(input_ids, labels=...)`,
   backward, clip, `torch.optim.AdamW` (torch's default implementation), eager.
@@ -32,7 +33,7 @@ from llm.config import ModelConfig
 from llm.interop.hf import config_to_hf, state_dict_to_hf
 from llm.models.decoder import DecoderModel
 from llm.training.config import OptimizationConfig, TrainingConfig
-from llm.training.distributed import DistInfo, apply_compile
+from llm.training.distributed import DistInfo, apply_compile, compile_scope
 from llm.training.engine import TrainingEngine
 from llm.training.optim import build_optimizer, build_scheduler
 
@@ -110,7 +111,7 @@ def main() -> int:
         compile=not args.no_compile,
     )  # fmt: skip
     if optim_cfg.compile:
-        apply_compile(ours)
+        apply_compile(ours, compile_scope(optim_cfg.compile_scope, args.layers, fsdp=False))
     opt = build_optimizer(ours, LR, WD, BETAS)
     sched = build_scheduler(opt, 0, 10**6, "constant")
     info = DistInfo(0, 0, 1, device)

@@ -1,4 +1,4 @@
-"""Trainer paths beyond the plain fp32 loop: bf16, per-block compile, the NaN guard, early
+"""Trainer paths beyond the plain fp32 loop: bf16, compile (whole model or per block), the NaN guard, early
 stopping, and clear errors for what the platform cannot do."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 import torch
 from test_trainer_data import train
 
+from llm.checkpoint import load_checkpoint
+from llm.training.distributed import compile_scope
 from llm.training.engine import NonFiniteLossError, causal_lm_loss
 from llm.training.run import preflight
 
@@ -28,14 +30,27 @@ def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
     assert losses[-1] < losses[0] - 0.3, engine.history
 
 
-def test_per_block_compile_trains(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_training_trains(tmp_path: Path, scope: str) -> None:
     engine = train(
         tmp_path, 6, training={**SMALL, "eval_interval": 3},
-        optimization={**FAST, "compile": True}, checkpoint={"interval": 6},
+        optimization={**FAST, "compile": True, "compile_scope": scope},
+        checkpoint={"interval": 6},
     )  # fmt: skip
-    blocks = engine.model.layers
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    model = engine.model
+    compiled = [m for m in (model, *model.layers) if getattr(m, "_compiled_call_impl", None)]
+    assert compiled == ([model] if scope == "model" else list(model.layers))
     assert engine.history[-1]["val_loss"] < engine.history[0]["val_loss"]
+    # the checkpoint holds the plain parameter names (no compile wrapper prefix)
+    saved = load_checkpoint(str(tmp_path)).model.state_dict()
+    assert saved.keys() == model.state_dict().keys()
+
+
+def test_compile_scope_auto() -> None:
+    assert compile_scope("auto", 4, fsdp=False) == "model"
+    assert compile_scope("auto", 4, fsdp=True) == "blocks"  # FSDP shards block by block
+    assert compile_scope("auto", 32, fsdp=False) == "blocks"  # one block's compile, reused
+    assert compile_scope("model", 32, fsdp=False) == "model"
 
 
 def nan_on(calls: set[int]) -> Any:

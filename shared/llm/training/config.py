@@ -44,7 +44,13 @@ class OptimizationConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="autocast dtype; fp16 uses a grad scaler (GPU only)"
     )
-    compile: bool = Field(default=False, description="torch.compile each block")
+    compile: bool = Field(default=False, description="torch.compile the model (see compile_scope)")
+    compile_scope: Literal["auto", "model", "blocks"] = Field(
+        default="auto",
+        description="model: one graph (fastest steps, longer first compile); blocks: each"
+        " block alone (short compiles, what FSDP needs); auto: blocks under FSDP or past"
+        " 8 layers, else model",
+    )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
     )

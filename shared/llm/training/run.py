@@ -1,7 +1,7 @@
 """Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
 
 The order of `apply_*` calls is fixed here (STYLE.md 5): build on the device ->
-(optional) load initial weights -> compile blocks -> DDP/FSDP. Fine-tuning with adapters
+(optional) load initial weights -> compile -> DDP/FSDP. Fine-tuning with adapters
 (`finetune.method` lora/qlora) replaces the first two: load the base from
 `checkpoint.init_from` -> (qlora) quantize it -> apply LoRA (`llm.training.finetune`).
 """
@@ -30,6 +30,7 @@ from llm.training.distributed import (
     apply_ddp,
     apply_fsdp,
     barrier,
+    compile_scope,
     init_distributed,
 )
 from llm.training.engine import Batch, TrainData, TrainingEngine, causal_lm_loss
@@ -138,8 +139,9 @@ def run_training(
                 )
         n_params = model.num_params()
 
+    fsdp = info.enabled and settings.distributed.strategy == "fsdp"
     if o.compile:
-        apply_compile(model)
+        apply_compile(model, compile_scope(o.compile_scope, model_cfg.n_layers, fsdp))
     wrapped = model
     if info.enabled:
         if settings.distributed.strategy == "fsdp":
@@ -167,7 +169,6 @@ def run_training(
     if not storage.is_local(c.run_dir):
         callbacks.insert(0, cb.RunFiles(c.run_dir))
 
-    fsdp = info.enabled and settings.distributed.strategy == "fsdp"
     # Adapters are saved alone (AdapterWriter); sharding is for whole-model state.
     sharded = adapter is None and (c.format == "sharded" or (c.format == "auto" and fsdp))
     checkpointer = Checkpointer(
