@@ -10,7 +10,9 @@ directly against `llm-engine` (gRPC), in one run, against the same engine proces
    process on every CPU (on a 2-core machine the gateway then takes CPU from the engine),
    and with the engine pinned alone to one CPU (as deployed: separate pods).
 
-Both paths send the request the gateway itself builds (`CompletionRequest.engine_calls`), so
+The gateway multiplexes its generations on one `GenerateMany` stream (`--no-multiplex`: a
+`Generate` call each, as the direct path makes). Both paths send the request the gateway
+itself builds (`CompletionRequest.engine_calls`), so
 the engine does the same work. Clients are lean on both sides so that the difference is the
 gateway: grpc.aio for the engine, a raw keep-alive HTTP/1.1 client (TCP_NODELAY) for the
 gateway. Everything shares the machine's cores, as a gateway beside its engine would.
@@ -253,6 +255,10 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="engine torch threads")
+    parser.add_argument(
+        "--multiplex", action=argparse.BooleanOptionalAction, default=True,
+        help="the gateway's generations share one GenerateMany stream (llm-gateway --multiplex)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,12 +274,14 @@ def main() -> None:
         try:
             gateway = Process(
                 "llm_gateway",
-                ["--engine", f"127.0.0.1:{engine.port}", "--port", "0", "--log-level", "WARNING"],
+                ["--engine", f"127.0.0.1:{engine.port}", "--port", "0", "--log-level", "WARNING",
+                 "--multiplex" if args.multiplex else "--no-multiplex"],
                 "gateway_listening", Path(tmp) / "gateway.log",
             )  # fmt: skip
             wait_serving(engine.port)
+            mode = "one GenerateMany stream" if args.multiplex else "a Generate call per request"
             print(f"engine: {checkpoint} ({args.threads} torch thread(s), {args.streams} slots); "
-                  f"gateway: llm-gateway in front of it; {os.cpu_count()} CPUs shared")  # fmt: skip
+                  f"gateway: llm-gateway in front of it ({mode}); {os.cpu_count()} CPUs shared")  # fmt: skip
             asyncio.run(run(args, engine, gateway))
         finally:
             if gateway is not None:

@@ -12,12 +12,13 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.trace import Span
 
 from llm import storage
 from llm.checkpoint import LoadedModel, load_checkpoint
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+Metadata = Iterable[tuple[str, str | bytes]]
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EngineState:
 class EngineServicer(pb_grpc.EngineServicer):
     def __init__(self) -> None:
         self.state: EngineState | None = None
+        self.draining = False  # SIGTERM: GenerateMany streams refuse new generations
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> EngineState:
         if self.state is None:
@@ -62,10 +65,14 @@ class EngineServicer(pb_grpc.EngineServicer):
         assert self.state is not None
         return self.state
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateChunk]:
-        state = await self._ready(context)
+    def _start(
+        self, state: EngineState, request: pb.GenerateRequest, metadata: Metadata,
+        sink: Callable[[Event], None],
+    ) -> tuple[GenerationRequest, Span]:  # fmt: skip
+        """Validate and queue one generation; its events go to `sink` (on the scheduler
+        thread). Raises `_Refused` with the status a call ends with."""
+        if self.draining:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
         config = state.loaded.config
         try:
             spec = validation.generation_spec(
@@ -75,33 +82,42 @@ class EngineServicer(pb_grpc.EngineServicer):
                 context_length=config.max_seq_len,
             )
         except validation.InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:  # called on the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         job = GenerationRequest(spec, sink)
         if request.request_id:
             job.request_id = request.request_id
-
         try:
             state.scheduler.submit(job)
         except QueueFull as e:
             log.warning("queue_full", extra={"request_id": job.request_id, "reason": str(e)})
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"engine queue is full: {e}")
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"engine queue is full: {e}"
+            ) from None
         span = tracing.start_span(
             "llm.engine.Generate",
-            context.invocation_metadata(),
+            metadata,
             {
                 "llm.request_id": job.request_id,
                 "llm.prompt_tokens": len(spec.prompt_ids),
                 "llm.max_new_tokens": spec.max_new_tokens,
             },
         )
+        return job, span
 
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        state = await self._ready(context)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # called on the scheduler thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            job, span = self._start(state, request, context.invocation_metadata(), sink)
+        except _Refused as e:
+            await context.abort(e.code, e.message)
         decode = state.loaded.tokenizer.decode
         done = False
         try:
@@ -112,21 +128,11 @@ class EngineServicer(pb_grpc.EngineServicer):
                 while not events.empty():
                     batch.append(events.get_nowait())
                 chunk, failure = _merge(batch, decode)
-                done = failure is not None or chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                if chunk.finish_reason:
-                    span.set_attribute("llm.completion_tokens", chunk.usage.completion_tokens)
-                    span.set_attribute(
-                        "llm.finish_reason", pb.FinishReason.Name(chunk.finish_reason)
-                    )
+                done = failure is not None or _finished(chunk, span)
                 if failure is None or chunk.token_ids:
                     yield chunk
                 if failure is not None:
-                    code = (
-                        grpc.StatusCode.UNAVAILABLE
-                        if failure.unavailable
-                        else grpc.StatusCode.INTERNAL
-                    )
-                    await context.abort(code, failure.message)
+                    await context.abort(_failure_code(failure), failure.message)
         except asyncio.CancelledError:
             # The client went away or the deadline passed (context.cancelled() stays False
             # in grpc.aio, so the exception is the signal): free the slot at the next token.
@@ -137,6 +143,81 @@ class EngineServicer(pb_grpc.EngineServicer):
             if not done:
                 job.cancel()
             span.end()
+
+    async def GenerateMany(
+        self,
+        request_iterator: AsyncIterator[pb.GenerateManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.GenerateManyResponse]:
+        """Many generations over one stream: each message down carries what every running
+        generation produced since the last one, so a gateway pays one message per step
+        instead of one per token per request."""
+        state = await self._ready(context)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event | _Refused | None]] = asyncio.Queue()
+        running: dict[int, tuple[GenerationRequest, Span]] = {}
+
+        def start(item: pb.GenerateManyRequest) -> None:
+            def sink(event: Event, i: int = item.id) -> None:  # on the scheduler thread
+                loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+            if item.id in running:
+                events.put_nowait((item.id, _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"id {item.id} is already running")))  # fmt: skip
+                return
+            try:
+                running[item.id] = self._start(state, item.generate, item.metadata.items(), sink)
+            except _Refused as e:
+                events.put_nowait((item.id, e))
+
+        def end(i: int, cancelled: bool) -> None:
+            job, span = running.pop(i)
+            if cancelled:
+                job.cancel()
+                span.set_attribute("llm.cancelled", True)
+                log.info("request_cancel_requested", extra={"request_id": job.request_id})
+            span.end()
+
+        async def read() -> None:
+            async for item in request_iterator:
+                if not item.cancel:
+                    start(item)
+                elif item.id in running:
+                    end(item.id, cancelled=True)
+            events.put_nowait((0, None))  # half-closed: end once the running ones end
+
+        reader = asyncio.create_task(read())
+        decode = state.loaded.tokenizer.decode
+        closed = False
+        try:
+            while True:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                per_id: dict[int, list[Event]] = {}
+                out = pb.GenerateManyResponse()
+                for i, event in batch:
+                    if event is None:
+                        closed = True
+                    elif isinstance(event, _Refused):
+                        out.chunks.add(id=i, code=event.code.value[0], message=event.message)
+                    elif i in running:  # else cancelled meanwhile: nothing more is sent
+                        per_id.setdefault(i, []).append(event)
+                for i, evs in per_id.items():
+                    chunk, failure = _merge(evs, decode)
+                    item = out.chunks.add(id=i, chunk=chunk)
+                    if failure is not None:
+                        item.code, item.message = _failure_code(failure).value[0], failure.message
+                        end(i, cancelled=False)
+                    elif _finished(chunk, running[i][1]):
+                        end(i, cancelled=False)
+                if out.chunks:
+                    yield out
+                if closed and not running:
+                    return
+        finally:
+            reader.cancel()
+            for i in list(running):
+                end(i, cancelled=True)
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -198,6 +279,27 @@ def _merge(
                 lp.top.add(token_id=token_id, token=decode([token_id]), logprob=logprob)
             chunk.logprobs.append(lp)
     return chunk, None
+
+
+class _Refused(Exception):
+    """A generation that cannot start: the status its call ends with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _failure_code(failure: Failed) -> grpc.StatusCode:
+    return grpc.StatusCode.UNAVAILABLE if failure.unavailable else grpc.StatusCode.INTERNAL
+
+
+def _finished(chunk: pb.GenerateChunk, span: Span) -> bool:
+    """True on the last chunk of a generation (and its span says how it ended)."""
+    if chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        return False
+    span.set_attribute("llm.completion_tokens", chunk.usage.completion_tokens)
+    span.set_attribute("llm.finish_reason", pb.FinishReason.Name(chunk.finish_reason))
+    return True
 
 
 def _apply_adapter(loaded: LoadedModel, adapter: str, merge: bool) -> None:
@@ -271,6 +373,7 @@ class RunningEngine:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking requests, let running streams finish for `grace` s, stop the thread."""
         await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
         await self.server.stop(grace)
         if self.servicer.state is not None:
             await asyncio.to_thread(self.servicer.state.scheduler.stop)

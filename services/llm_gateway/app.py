@@ -73,6 +73,7 @@ def create_app(
         model_info_ttl_s=settings.model_info_ttl_s,
         health_retry_s=settings.health_retry_s,
         resolve_interval_s=settings.resolve_interval_s,
+        multiplex=settings.multiplex,
     )
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)

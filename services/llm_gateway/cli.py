@@ -142,12 +142,17 @@ def run(
     request_timeout_s: Annotated[
         float | None, typer.Option(help="deadline of one request, seconds (504)")
     ] = None,
+    multiplex: Annotated[
+        bool | None,
+        typer.Option(help="one GenerateMany stream per engine (off: a call per generation)"),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve the OpenAI API in front of one or more llm-engines."""
     flags = dict(
         engine=engine, host=host, port=port, api_keys=api_key or None, api_keys_file=api_keys_file,
-        max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, log_level=log_level,
+        max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
+        log_level=log_level,
     )  # fmt: skip
     settings = settings_from_flags(GatewaySettings, flags)
     assert isinstance(settings, GatewaySettings)

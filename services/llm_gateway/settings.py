@@ -66,6 +66,11 @@ class GatewaySettings(BaseSettings):
         default=10.0, gt=0, description="how often dns:/// targets are resolved again"
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
+    multiplex: bool = Field(
+        default=False,
+        description="one GenerateMany stream per engine for all generations (one message per"
+        " engine step); off: a Generate call per generation",
+    )
     log_level: str = "INFO"
 
     @field_validator("engine", mode="before")

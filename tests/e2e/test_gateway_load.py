@@ -21,16 +21,18 @@ MAX_TOKENS, LEAVER_MAX_TOKENS = 8, 200
 PROMPT = "The "
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["per-call", "multiplexed"])
 def roomy_stack(
-    tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Service, Service, str]]:
     """An engine whose queue holds every client at once, with its Prometheus metrics on
-    (the URL is the third item)."""
+    (the URL is the third item); the gateway makes a Generate call per generation, or
+    multiplexes them all on one GenerateMany stream."""
     metrics_port = free_port()
     engine_args = ["--max-queue", "128", "--metrics-port", str(metrics_port)]
+    gateway_args = ["--multiplex"] if request.param == "multiplexed" else []
     logs = tmp_path_factory.mktemp("load")
-    with running_stack(tiny_checkpoint, logs, engine_args) as (engine, gateway):
+    with running_stack(tiny_checkpoint, logs, engine_args, gateway_args) as (engine, gateway):
         yield engine, gateway, f"http://127.0.0.1:{metrics_port}/metrics"
 
 

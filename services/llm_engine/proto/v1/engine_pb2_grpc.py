@@ -49,6 +49,11 @@ class EngineStub:
                 request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/llm.engine.v1.Engine/GenerateMany',
+                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -76,6 +81,17 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """GenerateMany runs many generations over one stream, for a gateway: starts and
+        cancels go up; each message down carries the chunks of every generation that
+        progressed since the last one (one message per scheduler step, not per token per
+        request). A generation's chunks are exactly those Generate would stream, and one that
+        fails ends with the status code Generate would end with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +109,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.FromString,
                     response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.FromString,
+                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +197,33 @@ class Engine:
             '/llm.engine.v1.Engine/ModelInfo',
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llm.engine.v1.Engine/GenerateMany',
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
