@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="engine torch threads")
     parser.add_argument(
         "--multiplex", action=argparse.BooleanOptionalAction, default=True,
-        help="the gateway's generations share one GenerateMany stream (llm-gateway --multiplex)",
+        help="the gateway's generations share one GenerateMany stream (llm-gateway's default)",
     )  # fmt: skip
     args = parser.parse_args()
 

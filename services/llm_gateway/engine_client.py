@@ -92,7 +92,7 @@ class EnginePool:
         model_info_ttl_s: float = 10.0,
         health_retry_s: float = 1.0,
         resolve_interval_s: float = 10.0,
-        multiplex: bool = False,
+        multiplex: bool = True,
     ) -> None:
         self.targets = list(targets)
         self.multiplex = multiplex
@@ -299,6 +299,7 @@ class Multiplexer:
         self.calls: dict[int, MuxCall] = {}
         self.closing = False
         self.supported = True
+        self.probed = False
         self._ids = itertools.count(1)
         self._outbox: asyncio.Queue[pb.GenerateManyRequest] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -321,7 +322,29 @@ class Multiplexer:
         if self.calls.pop(call.id, None) is not None and self._outbox is not None:
             self._outbox.put_nowait(pb.GenerateManyRequest(id=call.id, cancel=True))
 
+    async def _probe(self) -> grpc.aio.AioRpcError | None:
+        """Whether the engine has GenerateMany: an empty stream, half-closed at once, ends
+        OK there and UNIMPLEMENTED on an engine from before it (asked before any
+        generation is written, so none is sent where it cannot run)."""
+        probe = self.stub.GenerateMany()
+        try:
+            await probe.done_writing()
+            async for _ in probe:
+                pass
+        except grpc.aio.AioRpcError as e:
+            if _unsupported(e):
+                self.supported = False
+                log.info("engine_without_generate_many", extra={"engine": self.address})
+            return e
+        self.probed = True
+        return None
+
     async def _read(self, outbox: asyncio.Queue[pb.GenerateManyRequest]) -> None:
+        if not self.probed and (error := await self._probe()) is not None:
+            calls, self.calls = list(self.calls.values()), {}
+            for call in calls:
+                call.fail(error)
+            return
         stream = self.stub.GenerateMany()
 
         async def write() -> None:  # grpc.aio takes one write at a time
@@ -363,9 +386,11 @@ class MuxCall:
         self.mux, self.id = mux, id_
         self._request, self._metadata = request, metadata
         self._deadline = time.monotonic() + timeout_s
-        self._items: asyncio.Queue[pb.GenerateManyChunk | grpc.aio.AioRpcError] = asyncio.Queue()
+        self._items: asyncio.Queue[pb.GenerateManyChunk | grpc.aio.AioRpcError | None] = (
+            asyncio.Queue()
+        )
         self._error: grpc.aio.AioRpcError | None = None
-        self._ended = False
+        self._ended = self._cancelled = False
         self._fallback: grpc.aio.UnaryStreamCall | None = None
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire)
 
@@ -382,11 +407,15 @@ class MuxCall:
     async def read(self) -> Any:
         if self._fallback is not None:
             return await self._fallback.read()
+        if self._cancelled:  # as a cancelled grpc.aio call reads
+            raise asyncio.CancelledError()
         if self._error is not None:
             raise self._error
         if self._ended:
             return grpc.aio.EOF
         item = await self._items.get()
+        if item is None:  # cancelled while this read waited
+            raise asyncio.CancelledError()
         if isinstance(item, grpc.aio.AioRpcError):
             if _unsupported(item):  # nothing ran: ask plainly
                 remaining = max(self._deadline - time.monotonic(), 0.001)
@@ -416,6 +445,7 @@ class MuxCall:
             return self._fallback.cancel()
         if self._ended:
             return False
-        self._ended = True
+        self._ended = self._cancelled = True
         self.mux.cancel(self)
+        self._items.put_nowait(None)  # wakes a read waiting for the next chunk
         return True

@@ -67,7 +67,7 @@ class GatewaySettings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
     multiplex: bool = Field(
-        default=False,
+        default=True,
         description="one GenerateMany stream per engine for all generations (one message per"
         " engine step); off: a Generate call per generation",
     )

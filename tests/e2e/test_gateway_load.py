@@ -30,7 +30,7 @@ def roomy_stack(
     multiplexes them all on one GenerateMany stream."""
     metrics_port = free_port()
     engine_args = ["--max-queue", "128", "--metrics-port", str(metrics_port)]
-    gateway_args = ["--multiplex"] if request.param == "multiplexed" else []
+    gateway_args = [] if request.param == "multiplexed" else ["--no-multiplex"]
     logs = tmp_path_factory.mktemp("load")
     with running_stack(tiny_checkpoint, logs, engine_args, gateway_args) as (engine, gateway):
         yield engine, gateway, f"http://127.0.0.1:{metrics_port}/metrics"

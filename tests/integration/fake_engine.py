@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from many import generate_many_aio
 
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -67,12 +68,48 @@ class FakeEngine(pb_grpc.EngineServicer):
         finally:
             self.active -= 1
 
+    async def GenerateMany(
+        self, request_iterator: AsyncIterator[pb.GenerateManyRequest], context: object
+    ) -> AsyncIterator[pb.GenerateManyResponse]:
+        async for response in generate_many_aio(self.Generate, request_iterator):
+            yield response
+
+
+class PerCallFakeEngine(FakeEngine):
+    """An engine from before GenerateMany (its server does not know the method): the
+    gateway falls back to a Generate call per generation."""
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        def stream(method: Callable, request: type, response: type) -> grpc.RpcMethodHandler:
+            return grpc.unary_stream_rpc_method_handler(
+                method, request.FromString, response.SerializeToString
+            )
+
+        def unary(method: Callable, request: type, response: type) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                method, request.FromString, response.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            ENGINE_SERVICE,
+            {
+                "Generate": stream(self.Generate, pb.GenerateRequest, pb.GenerateChunk),
+                "ModelInfo": unary(self.ModelInfo, pb.ModelInfoRequest, pb.ModelInfoResponse),
+            },
+        )
+
 
 class FakeServer:
     """`FakeEngine` served on its own event loop thread; `port`, `set_health`, `stop`."""
 
-    def __init__(self, name: str = "a", *, with_health: bool = True) -> None:
-        self.engine = FakeEngine(name)
+    def __init__(
+        self,
+        name: str = "a",
+        *,
+        with_health: bool = True,
+        engine_cls: type[FakeEngine] = FakeEngine,
+    ) -> None:
+        self.engine = engine_cls(name)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -84,7 +121,10 @@ class FakeServer:
 
     async def _start(self, with_health: bool) -> int:
         self.server = grpc.aio.server()
-        pb_grpc.add_EngineServicer_to_server(self.engine, self.server)
+        if isinstance(self.engine, PerCallFakeEngine):
+            self.server.add_generic_rpc_handlers((self.engine.handlers(),))
+        else:
+            pb_grpc.add_EngineServicer_to_server(self.engine, self.server)
         if with_health:
             self.health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -10,6 +10,7 @@ from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
+from many import generate_many_sync
 
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -88,6 +89,11 @@ class ScriptedEngine(pb_grpc.EngineServicer):
                 prompt_tokens=3 if kind == "chat" else len(ids), completion_tokens=generated
             ),
         )
+
+    def GenerateMany(
+        self, request_iterator: Iterator[pb.GenerateManyRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateManyResponse]:
+        return generate_many_sync(self.Generate, request_iterator)
 
 
 @contextmanager
