@@ -120,13 +120,18 @@ class EngineServicer(pb_grpc.EngineServicer):
             await context.abort(e.code, e.message)
         decode = state.loaded.tokenizer.decode
         done = False
+        held: list[Event] = []
         try:
             while not done:
                 # Relay everything that is ready as one chunk: a slow reader gets fewer,
                 # larger chunks instead of an ever longer backlog.
-                batch = [await events.get()]
+                batch = [*held, await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
+                if request.whole and not isinstance(batch[-1], (Finished, Failed)):
+                    held = batch  # sent as one chunk at the end
+                    continue
+                held = []
                 chunk, failure = _merge(batch, decode)
                 done = failure is not None or _finished(chunk, span)
                 if failure is None or chunk.token_ids:
@@ -156,6 +161,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event | _Refused | None]] = asyncio.Queue()
         running: dict[int, tuple[GenerationRequest, Span]] = {}
+        whole: set[int] = set()  # generations sent as one chunk at their end
+        held: dict[int, list[Event]] = {}  # their events so far
 
         def start(item: pb.GenerateManyRequest) -> None:
             def sink(event: Event, i: int = item.id) -> None:  # on the scheduler thread
@@ -168,8 +175,13 @@ class EngineServicer(pb_grpc.EngineServicer):
                 running[item.id] = self._start(state, item.generate, item.metadata.items(), sink)
             except _Refused as e:
                 events.put_nowait((item.id, e))
+                return
+            if item.generate.whole:
+                whole.add(item.id)
 
         def end(i: int, cancelled: bool) -> None:
+            held.pop(i, None)
+            whole.discard(i)
             job, span = running.pop(i)
             if cancelled:
                 job.cancel()
@@ -202,6 +214,10 @@ class EngineServicer(pb_grpc.EngineServicer):
                         out.chunks.add(id=i, code=event.code.value[0], message=event.message)
                     elif i in running:  # else cancelled meanwhile: nothing more is sent
                         per_id.setdefault(i, []).append(event)
+                for i in [i for i in per_id if i in whole]:
+                    held.setdefault(i, []).extend(per_id.pop(i))
+                    if isinstance(held[i][-1], (Finished, Failed)):
+                        per_id[i] = held.pop(i)  # a whole generation goes in one chunk
                 for i, evs in per_id.items():
                     chunk, failure = _merge(evs, decode)
                     item = out.chunks.add(id=i, chunk=chunk)

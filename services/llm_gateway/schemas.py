@@ -96,6 +96,7 @@ class _Request(BaseModel):
     ) -> None:
         """Sampling and stopping of the `k`-th choice of a prompt."""
         request.request_id = request_id
+        request.whole = not self.stream  # one engine message per choice, not one per token
         s = request.sampling
         s.temperature = 1.0 if self.temperature is None else self.temperature
         s.top_p = 1.0 if self.top_p is None else self.top_p

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from llm_gateway.engine_client import EnginePool, Lease
 GREEDY = pb.SamplingParams(temperature=0)
 
 
-def request(text: str, max_tokens: int = 8, **kw: object) -> pb.GenerateRequest:
+def request(text: str, max_tokens: int = 8, **kw: Any) -> pb.GenerateRequest:
     stopping = pb.StoppingCriteria(max_tokens=max_tokens)
     return pb.GenerateRequest(text=text, sampling=GREEDY, stopping=stopping, **kw)
 
@@ -58,16 +59,22 @@ def test_generate_many_equals_generate_and_refuses_per_generation(tiny_checkpoin
         bad = request("x")
         bad.sampling.temperature = -1
         up.append(pb.GenerateManyRequest(id=9, generate=bad))
+        # `whole`: the same generation, as one chunk at its end (Generate likewise)
+        up.append(pb.GenerateManyRequest(id=4, generate=request(prompts[3], 9, whole=True)))
+        expected[4] = expected[3]
+        whole_chunks = [c async for c in stub.Generate(request(prompts[3], 9, whole=True))]
+        assert len(whole_chunks) == 1 and whole_chunks[0].text == expected[3][1]
 
         async def requests():
             for item in up:
                 yield item
 
-        got: dict[int, tuple[list[int], str, int]] = {i: ([], "", 0) for i in prompts}
+        got: dict[int, tuple[list[int], str, int]] = {i: ([], "", 0) for i in [*prompts, 4]}
         errors: dict[int, tuple[int, str]] = {}
-        shared_messages = 0
+        shared_messages = whole_messages = 0
         async for response in stub.GenerateMany(requests()):
             shared_messages += len({c.id for c in response.chunks}) > 1
+            whole_messages += sum(c.id == 4 for c in response.chunks)
             for c in response.chunks:
                 if c.code:
                     errors[c.id] = (c.code, c.message)
@@ -77,6 +84,7 @@ def test_generate_many_equals_generate_and_refuses_per_generation(tiny_checkpoin
                              c.chunk.finish_reason or reason)  # fmt: skip
         # the stream ended by itself: requests half-closed and every generation finished
         assert got == expected
+        assert whole_messages == 1
         assert list(errors) == [9]
         assert errors[9][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "temperature" in errors[9][1]
