@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from llm.config import PRESETS
 from llm.settings import load_settings
 from llm.training.data import build_data
 from llm.training.distributed import DistInfo
@@ -16,6 +17,7 @@ from llm.training.engine import TrainingEngine
 from llm.training.run import run_training
 
 TINY_STEPS = 300
+VOCAB = 97  # the vocabulary of shrunk test models
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -55,3 +57,25 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def shrink(preset: str) -> dict[str, object]:
+    """Overrides that keep a preset's features (GQA, MoE, MLA, windows, scaling) at test size."""
+    p = PRESETS[preset]
+    o: dict[str, object] = dict(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=4, max_seq_len=64)
+    o["n_kv_heads"] = 4 if p.get("n_kv_heads", p["n_heads"]) == p["n_heads"] else 2
+    if "head_dim" in p:
+        o["head_dim"] = 10  # deliberately not dim / n_heads
+    if "hidden_dim" in p:
+        o["hidden_dim"] = 40
+    if p.get("mlp_impl") == "moe":
+        o.update(n_experts=4, n_experts_per_tok=2, moe_hidden_dim=24)
+        if p.get("shared_expert_hidden_dim"):
+            o["shared_expert_hidden_dim"] = 32
+    if p.get("attn_impl") == "mla":
+        o.update(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    if p.get("sliding_window"):
+        o["sliding_window"] = 5
+    if p.get("rope_scaling"):
+        o["rope_scaling"] = {**p["rope_scaling"], "original_max_seq_len": 16}
+    return o

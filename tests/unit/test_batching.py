@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tests.unit.test_model import shrink
+from tests.support import shrink
 
 from llm.config import ModelConfig
 from llm.inference import BatchGenerator, Request, SamplingParams, generate

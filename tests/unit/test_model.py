@@ -9,35 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.support import VOCAB, shrink
 
 from llm.config import PRESETS, ModelConfig
 from llm.models.decoder import DecoderModel
 
 B = 2
 TOL = dict(atol=1e-5, rtol=1e-5)
-VOCAB = 97
-
-
-def shrink(preset: str) -> dict[str, object]:
-    """Overrides that keep a preset's features (GQA, MoE, MLA, windows, scaling) at test size."""
-    p = PRESETS[preset]
-    o: dict[str, object] = dict(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=4, max_seq_len=64)
-    o["n_kv_heads"] = 4 if p.get("n_kv_heads", p["n_heads"]) == p["n_heads"] else 2
-    if "head_dim" in p:
-        o["head_dim"] = 10  # deliberately not dim / n_heads
-    if "hidden_dim" in p:
-        o["hidden_dim"] = 40
-    if p.get("mlp_impl") == "moe":
-        o.update(n_experts=4, n_experts_per_tok=2, moe_hidden_dim=24)
-        if p.get("shared_expert_hidden_dim"):
-            o["shared_expert_hidden_dim"] = 32
-    if p.get("attn_impl") == "mla":
-        o.update(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
-    if p.get("sliding_window"):
-        o["sliding_window"] = 5
-    if p.get("rope_scaling"):
-        o["rope_scaling"] = {**p["rope_scaling"], "original_max_seq_len": 16}
-    return o
 
 
 # name -> (preset, overrides on top of the shrunk preset)
