@@ -332,18 +332,25 @@ class Multiplexer:
             async for _ in probe:
                 pass
         except grpc.aio.AioRpcError as e:
-            if _unsupported(e):
-                self.supported = False
-                log.info("engine_without_generate_many", extra={"engine": self.address})
+            self._note_unsupported(e)
             return e
         self.probed = True
         return None
 
+    def _note_unsupported(self, e: grpc.aio.AioRpcError) -> None:
+        if _unsupported(e):  # an engine from before GenerateMany
+            self.supported = False
+            log.info("engine_without_generate_many", extra={"engine": self.address})
+
+    def _fail_all(self, error: grpc.aio.AioRpcError) -> None:
+        """The generations waiting here end with `error` (the next one opens a new stream)."""
+        calls, self.calls = list(self.calls.values()), {}
+        for call in calls:
+            call.fail(error)
+
     async def _read(self, outbox: asyncio.Queue[pb.GenerateManyRequest]) -> None:
         if not self.probed and (error := await self._probe()) is not None:
-            calls, self.calls = list(self.calls.values()), {}
-            for call in calls:
-                call.fail(error)
+            self._fail_all(error)
             return
         stream = self.stub.GenerateMany()
 
@@ -362,17 +369,13 @@ class Multiplexer:
                     break
         except grpc.aio.AioRpcError as e:
             failure = e
-            if _unsupported(e):  # an engine from before GenerateMany
-                self.supported = False
-                log.info("engine_without_generate_many", extra={"engine": self.address})
+            self._note_unsupported(e)
         finally:
             writer.cancel()
             stream.cancel()
             # Whatever ended the stream (the engine, the network, this task's cancel): the
-            # generations on it end now; the next one opens a new stream.
-            calls, self.calls = list(self.calls.values()), {}
-            for call in calls:
-                call.fail(failure)
+            # generations on it end now.
+            self._fail_all(failure)
 
 
 class MuxCall:
@@ -418,6 +421,7 @@ class MuxCall:
             raise asyncio.CancelledError()
         if isinstance(item, grpc.aio.AioRpcError):
             if _unsupported(item):  # nothing ran: ask plainly
+                self._timer.cancel()  # the Generate call has the deadline now
                 remaining = max(self._deadline - time.monotonic(), 0.001)
                 self._fallback = self.mux.stub.Generate(
                     self._request, timeout=remaining, metadata=self._metadata
