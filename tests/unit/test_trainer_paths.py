@@ -32,6 +32,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_training_trains(tmp_path: Path, scope: str) -> None:
+    torch._dynamo.utils.counters.clear()
     engine = train(
         tmp_path, 6, training={**SMALL, "eval_interval": 3},
         optimization={**FAST, "compile": True, "compile_scope": scope},
@@ -41,6 +42,9 @@ def test_compiled_training_trains(tmp_path: Path, scope: str) -> None:
     compiled = [m for m in (model, *model.layers) if getattr(m, "_compiled_call_impl", None)]
     assert compiled == ([model] if scope == "model" else list(model.layers))
     assert engine.history[-1]["val_loss"] < engine.history[0]["val_loss"]
+    # one graph, the training one: evaluation runs the same modules eagerly, not compiling
+    # an inference graph (optimization.compile_eval)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     # the checkpoint holds the plain parameter names (no compile wrapper prefix)
     saved = load_checkpoint(str(tmp_path)).model.state_dict()
     assert saved.keys() == model.state_dict().keys()

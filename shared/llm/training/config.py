@@ -51,6 +51,12 @@ class OptimizationConfig(_Section):
         " block alone (short compiles, what FSDP needs); auto: blocks under FSDP or past"
         " 8 layers, else model",
     )
+    compile_eval: bool = Field(
+        default=False,
+        description="evaluate through the compiled model too (a second compile, of the"
+        " inference graph); off: evaluation runs the same modules eagerly, which costs less"
+        " than that compile unless evaluation is a large share of the run",
+    )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
     )
