@@ -7,10 +7,13 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.support import shrink
 
 from llm.config import ModelConfig
+from llm.core.kv_cache import KVCache
 from llm.inference import BatchGenerator, Request, SamplingParams, generate
+from llm.inference.batching import DecodeLinears
 from llm.models.decoder import DecoderModel
 
 PRESETS = ["tiny", "tiny-moe", "deepseek-v2-lite", "bloom", "mistral"]
@@ -185,3 +188,45 @@ def test_attending_over_a_cache_prefix_equals_the_whole_cache(preset: str) -> No
         prefix = model(step, pos, kv_len=16)
     torch.testing.assert_close(prefix, whole, atol=1e-5, rtol=1e-5)
     model.clear_cache()
+
+
+@pytest.mark.parametrize("rows", [1, 6, 128, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linears_equal_f_linear(rows: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, 48)  # (B, T, in), as a decode step's activations
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    with DecodeLinears():
+        got = layer(x)
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))
+    if rows > 1:  # up to 128 rows it ran as W @ x^T (its result is that product transposed)
+        assert (got.stride(-1) == 1) == (rows > 128)
+
+
+def test_compiled_decode_writes_the_cache_in_place() -> None:
+    """A compiled decode step writes its new entries into the cache in place and attends
+    over a view of it: its code never loops over the cache (a `scatter_` into `cache[:B]`
+    compiled into a copy of all B rows, at every layer of every step)."""
+    from torch._inductor.utils import run_and_get_code
+
+    cache = KVCache(batch_size=4, n_kv_heads=2, max_seq_len=1000, head_dim=8)
+    k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8)
+    pos = torch.tensor([[5], [0], [999]])
+    step = torch.compile(lambda p, k, v: [t.sum(-1) for t in cache.update(p, k, v, kv_len=16)])
+    with torch.no_grad():
+        (keys, _), codes = run_and_get_code(step, pos, k, v)
+    torch.testing.assert_close(cache.k_cache[torch.arange(3), :, pos[:, 0]], k[:, :, 0])
+    torch.testing.assert_close(cache.v_cache[torch.arange(3), :, pos[:, 0]], v[:, :, 0])
+    torch.testing.assert_close(keys, cache.k_cache[:3, :, :16].sum(-1))
+    rows = 3 * 2 * 1000 * 8  # the elements of the cache's first 3 rows
+    assert all(f"{rows}L" not in code and f"{4 * rows // 3}L" not in code for code in codes)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager() -> None:
+    model = _model("tiny")
+    requests = _requests(model.config.vocab_size, 6, seed=3)
+    compiled = _run_together(model, requests, seed=4, prefill_chunk=7, compile=True)
+    eager = _run_together(model, [_clone(r) for r in requests], seed=4, prefill_chunk=7)
+    for got, want in zip(compiled.values(), eager.values(), strict=True):
+        _assert_same(got, want)
