@@ -21,7 +21,8 @@ write one entry at the slot's `pos`, kept at the next position a prefill chunk w
 Requests are independent of each other: a row's logits do not depend on other rows, and
 the sampling noise depends only on the request's seed and step.
 
-On the CPU a decode step computes its linear layers as `W @ x^T` (`DecodeLinears`).
+On the CPU, decode steps and short prefill chunks compute their linear layers as `W @ x^T`
+(`FewRowLinears`).
 """
 
 from __future__ import annotations
@@ -70,14 +71,16 @@ class TokenEvent:
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
-class DecodeLinears(TorchFunctionMode):
-    """`F.linear` over at most `max_rows` rows as `(W @ x^T)^T`, for float32 on the CPU.
+class FewRowLinears(TorchFunctionMode):
+    """`F.linear` over 2 to `max_rows` rows as `(W @ x^T)^T`, for float32 on the CPU.
 
     MKL's sgemm runs `x @ W^T` with few rows far below its peak: measured here (AVX2, 2
     threads) the product of 16 rows with a 2816x1024 weight takes 2.6-3.6 ms as `x @ W^T`
-    and 1.1-1.4 ms as `W @ x^T`, 1.2-3.5x faster from 1 to 64 rows and 1.3x at 128, equal
-    near 256 (prefill and training keep `F.linear`). Same products, summed in another
-    order. Under `torch.compile` the mode is traced into the graph."""
+    and 1.1-1.4 ms as `W @ x^T`, 1.3-3.5x faster from 2 to 64 rows and 1.3x at 128, equal
+    near 256 (long prefill chunks and training keep `F.linear`). One row stays too: a
+    compiled single-stream decode step of a 200M model is ~8% slower as `W @ x^T`. Same
+    products, summed in another order. Under `torch.compile` the mode is traced into the
+    graph."""
 
     def __init__(self, max_rows: int = 128) -> None:
         super().__init__()
@@ -91,7 +94,7 @@ class DecodeLinears(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
-            if rows <= self.max_rows and x.dtype == weight.dtype == torch.float32:
+            if 2 <= rows <= self.max_rows and x.dtype == weight.dtype == torch.float32:
                 y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out)
                 y = y.reshape(*x.shape[:-1], weight.shape[0])
                 return y if bias is None else y + bias
@@ -210,7 +213,7 @@ class BatchGenerator:
             positions = torch.arange(start, start + n, device=self.device)
             rows = torch.tensor([request.slot], device=self.device)
             scoring = request.prompt_logprobs is not None
-            logits = self.model(
+            logits = self._forward(
                 ids[None],
                 positions[None],
                 cache_rows=rows,
@@ -258,11 +261,14 @@ class BatchGenerator:
         for t, lp, i, v in zip(targets, chosen, ids, values, strict=True):
             request.prompt_scores.append((t, lp, list(zip(i, v, strict=True))))
 
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _forward(self, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
         if self.device.type != "cpu":
-            return self.model(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
-        with DecodeLinears():
-            return self.model(tokens, pos, kv_len=kv_len)[:, -1]
+            return self.model(*args, **kwargs)
+        with FewRowLinears():
+            return self.model(*args, **kwargs)
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self._forward(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
 
     def _sample(
         self, logits: torch.Tensor, requests: list[Request], rows: torch.Tensor, *, advance: bool
