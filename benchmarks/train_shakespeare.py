@@ -5,8 +5,10 @@ batch 12, 2000 iterations, dropout 0 (lr 1e-3, warmup 100, cosine to 1e-4, betas
 weight decay 0.1, grad clip 1.0, from `config/train_shakespeare_char.py`).
 
 - ours: `llm-train`'s path in-process (settings -> `build_data` -> `run_training`), our
-  default architecture at those sizes, `torch.compile` (whole model: 4 layers), fused AdamW, and bf16
-  autocast only when asked (`--precision bf16`; on small CPU matmuls it rarely helps).
+  default architecture at those sizes, `torch.compile` (whole model: 4 layers; evaluation
+  eager), fused AdamW, and bf16 autocast only when asked (`--precision bf16`; on small CPU
+  matmuls it rarely helps). The compile starts from an empty inductor cache, as on a new
+  machine (`--warm-cache` keeps torch's cache: a second run then skips most of it).
 - reference: `transformers.GPT2LMHeadModel` of the same sizes, trained by a plain AdamW
   loop (same schedule) on the very same batches (the data module's batch `k` is a pure
   function of `k`), scored on the same validation windows.
@@ -14,13 +16,17 @@ weight decay 0.1, grad clip 1.0, from `config/train_shakespeare_char.py`).
 Target (issue 5): our final val loss <= 1.88 in <= 0.7x the reference's wall time.
 
 Usage: PYTHONPATH=shared .venv/bin/python benchmarks/train_shakespeare.py [--iters 2000]
+       [--warm-cache]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import math
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,7 +117,11 @@ def main() -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--warm-cache", action="store_true", help="keep torch's inductor cache")
     args = p.parse_args()
+    if not args.warm_cache:  # compiled kernels from an earlier run would hide the compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     if not DATA.is_file():
         print(f"train_shakespeare: {DATA} not found (tinyshakespeare.txt)", file=sys.stderr)
         return 2
@@ -121,8 +131,9 @@ def main() -> int:
     t_ours, val_ours, data = run_ours(args.iters, args.precision, not args.no_compile)
     t_ref, val_ref = run_reference(args.iters, data, data.tokenizer.vocab_size)
     ratio = t_ours / t_ref
+    cache = "warm" if args.warm_cache else "cold"
     print(f"tinyshakespeare char, {args.iters} iters, batch {BATCH}x{BLOCK}, 4L/4H/128d, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {cache} compile cache")  # fmt: skip
     print(f"{'':22}{'wall s':>9}{'val loss':>10}")
     print(f"{'ours (llm-train)':22}{t_ours:9.1f}{val_ours:10.4f}")
     print(f"{'GPT2LMHeadModel loop':22}{t_ref:9.1f}{val_ref:10.4f}")
