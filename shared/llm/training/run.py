@@ -143,11 +143,10 @@ def run_training(
     if o.compile:
         apply_compile(model, compile_scope(o.compile_scope, model_cfg.n_layers, fsdp))
     wrapped = model
-    if info.enabled:
-        if settings.distributed.strategy == "fsdp":
-            wrapped = apply_fsdp(model)
-        else:
-            wrapped = apply_ddp(model, info)
+    if fsdp:
+        wrapped = apply_fsdp(model)
+    elif info.enabled:
+        wrapped = apply_ddp(model, info)
 
     optimizer = build_optimizer(wrapped, o.lr, o.weight_decay, (o.beta1, o.beta2), o.optimizer)
     scheduler = build_scheduler(optimizer, o.warmup_steps, t.max_steps, o.schedule, o.min_lr_ratio)
