@@ -79,8 +79,10 @@ class FewRowLinears(TorchFunctionMode):
     and 1.1-1.4 ms as `W @ x^T`, 1.3-3.5x faster from 2 to 64 rows and 1.3x at 128, equal
     near 256 (long prefill chunks and training keep `F.linear`). One row stays too: a
     compiled single-stream decode step of a 200M model is ~8% slower as `W @ x^T`. Same
-    products, summed in another order. Under `torch.compile` the mode is traced into the
-    graph."""
+    products, summed in another order. The result is copied back to row-major (small next
+    to the product): every op after a linear expects it, and SDPA's CPU flash kernel refused
+    the transposed queries and fell back to its math path, 15x slower. Under
+    `torch.compile` the mode is traced into the graph."""
 
     def __init__(self, max_rows: int = 128) -> None:
         super().__init__()
@@ -95,7 +97,8 @@ class FewRowLinears(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
             if 2 <= rows <= self.max_rows and x.dtype == weight.dtype == torch.float32:
-                y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out)
+                y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t())  # (out, rows)
+                y = y.t().contiguous()  # (rows, out), row-major as F.linear's
                 y = y.reshape(*x.shape[:-1], weight.shape[0])
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
