@@ -103,6 +103,7 @@ def ensure_vllm() -> Path:
 def build_models(work: Path, names: set[str]) -> dict[str, tuple[Path, Path]]:
     """Per model: (our run directory, the same weights in Hugging Face layout)."""
     import pydoc_data.topics
+
     import torch
 
     from llm.checkpoint import save_checkpoint
@@ -199,7 +200,9 @@ def start_vllm(python: Path, hf: Path, name: str, work: Path) -> tuple[list[Serv
     return [server], port
 
 
-def start_ours(run: Path, name: str, work: Path, engine_args: list[str]) -> tuple[list[Server], int]:
+def start_ours(
+    run: Path, name: str, work: Path, engine_args: list[str]
+) -> tuple[list[Server], int]:
     engine_port, port = free_port(), free_port()
     engine = Server(
         [sys.executable, "-m", "llm_engine", "--checkpoint", str(run), "--model-name", name,
@@ -256,7 +259,9 @@ def run_client(python: Path, row: Row, port: int, name: str, hf: Path, work: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one row: 12m-8")
-    parser.add_argument("--rows", help="comma-separated row keys: " + ", ".join(r.key for r in ROWS))
+    parser.add_argument(
+        "--rows", help="comma-separated row keys: " + ", ".join(r.key for r in ROWS)
+    )
     parser.add_argument("--ours-only", action="store_true", help="skip vLLM")
     parser.add_argument("--vllm-only", action="store_true", help="skip ours")
     parser.add_argument(

@@ -114,6 +114,7 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.n_slots = max_queue, n_slots
         self.batch = BatchGenerator(model, n_slots, prefill_chunk=prefill_chunk, compile=compile)
+        self.batch.warmup()  # compiles now, not during the first requests
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._active: dict[int, _Slot] = {}  # id(work request) -> slot
         self._cond = threading.Condition()

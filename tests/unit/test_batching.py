@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from tests.support import shrink
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.config import ModelConfig
 from llm.core.kv_cache import KVCache
@@ -97,6 +97,27 @@ def test_batched_equals_alone(preset: str) -> None:
         _assert_same(together[id(r)], alone)
         assert alone[-1][3] in ("stop", "length") and all(e[3] is None for e in alone[:-1])
         assert len(alone) <= r.max_new_tokens
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_prefix_caching_gives_the_tokens_of_a_cold_run(preset: str) -> None:
+    """Prompts sharing prefixes, arriving at random steps: the ones that reuse cached
+    blocks (in place, or copied from a running request) generate what they generate
+    alone with nothing cached."""
+    model = _model(preset)
+    rng = random.Random(5)
+    vocab = model.config.vocab_size
+    shared = [[rng.randrange(vocab) for _ in range(22)] for _ in range(2)]
+    requests = []
+    for i in range(10):
+        prompt = shared[i % 2][: rng.randint(9, 22)] + [rng.randrange(vocab) for _ in range(i % 4)]
+        params = SamplingParams(temperature=0) if i % 2 else SamplingParams(0.8, seed=i)
+        requests.append(Request(prompt, params, rng.randint(3, 12), logprobs=True))
+    together = _run_together(model, requests, seed=6, prefill_chunk=7, block_size=4)
+    assert sum(r.cached for r in requests) >= 40  # the cache did serve prefixes
+    for r in requests:
+        alone = _run_alone(model, _clone(r), prefill_chunk=7, prefix_caching=False)
+        _assert_same(together[id(r)], alone)
 
 
 def test_greedy_alone_equals_generate_and_logprobs_are_consistent() -> None:
@@ -200,7 +221,7 @@ def test_few_row_linears_equal_f_linear(rows: int, bias: bool) -> None:
     products: list[torch.Tensor] = []
 
     class Products(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten.mm.default:
                 products.append(args[0])
             return func(*args, **(kwargs or {}))

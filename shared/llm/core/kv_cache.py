@@ -83,6 +83,11 @@ class KVCache(nn.Module):
             _scatter_at(self.v_cache, input_pos, v, 2, rows, kv_len),
         )
 
+    def copy_(self, src: int, dst: int, length: int) -> None:
+        """Positions [0, length) of row `src` into row `dst` (a shared prompt prefix)."""
+        self.k_cache[dst, :, :length] = self.k_cache[src, :, :length]
+        self.v_cache[dst, :, :length] = self.v_cache[src, :, :length]
+
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
@@ -123,6 +128,11 @@ class LatentKVCache(nn.Module):
             _scatter_at(self.latent_cache, input_pos, latent, 1, rows, kv_len),
             _scatter_at(self.k_rope_cache, input_pos, k_rope, 1, rows, kv_len),
         )
+
+    def copy_(self, src: int, dst: int, length: int) -> None:
+        """Positions [0, length) of row `src` into row `dst` (a shared prompt prefix)."""
+        self.latent_cache[dst, :length] = self.latent_cache[src, :length]
+        self.k_rope_cache[dst, :length] = self.k_rope_cache[src, :length]
 
     def reset(self) -> None:
         self.latent_cache.zero_()

@@ -194,6 +194,12 @@ class DecoderModel(nn.Module):
             layer.self_attn.setup_cache(batch_size, max_seq_len, dtype, device)
         self.cache_max_seq_len, self.cache_batch_size = max_seq_len, batch_size
 
+    def copy_cache(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of cache row `src` into row `dst`, in every layer (a
+        reused prompt prefix)."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache.copy_(src, dst, length)
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
@@ -241,6 +247,7 @@ class DecoderModel(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
         kv_len: int = 0,
     ) -> torch.Tensor:
         """
@@ -256,10 +263,12 @@ class DecoderModel(nn.Module):
                 e.g. one slot's prefill while others decode; None: row b is cache row b.
             logits_to_keep: > 0: logits of the last this many positions only (a prefill
                 needs the last one; the LM head over every position is wasted work).
+            logits_at: (B,) the logits of position logits_at[b] of each row only, e.g. the
+                last real token of each of several prompt chunks padded to one length.
             kv_len: with a cache, > 0: every query position is below kv_len, so attention
                 reads only the cache's first kv_len positions instead of all of them.
         Returns:
-            logits: (B, T, vocab_size)
+            logits: (B, T, vocab_size); (B, logits_to_keep, ...) or (B, 1, ...) when asked
         """
         T = tokens.shape[1]
         if (input_pos is not None) != (self.cache_max_seq_len > 0):
@@ -302,7 +311,9 @@ class DecoderModel(nn.Module):
 
         for layer, window in zip(self.layers, self._layer_windows, strict=True):
             x = layer(x, cos, sin, input_pos, masks[window], cache_rows, kv_len)
-        if logits_to_keep:
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, dim)
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
 

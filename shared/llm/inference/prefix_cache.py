@@ -1,0 +1,145 @@
+"""Automatic prefix caching over the engine's KV-cache slots (vLLM's automatic prefix caching,
+Kwon et al. 2023, section 4.4; SGLang's RadixAttention, Zheng et al. 2024).
+
+Every slot holds one sequence's keys and values for positions 0..n-1, and what a slot
+holds stays there after its request ends, until a new request overwrites it. This index
+remembers, per slot, which *full blocks* of `block_size` tokens its cache holds, in a
+trie keyed by the blocks' tokens: a block is identified by its tokens and every token
+before it, exactly (a trie, not a hash, so two different prefixes never collide).
+
+When a request is admitted, `admit` finds the longest run of leading blocks of its prompt
+held by any slot, running or free, and picks its slot:
+
+- a free slot that holds that run already: the request reuses it in place;
+- else the least recently used free slot below the batch's current width (decode steps
+  run over the slots up to the highest busy one: a sparse batch would compute idle rows),
+  or the lowest free slot when none is below it, and the run is copied into it from the
+  slot holding it (a copy of a few MB, against a prefill that costs the model's full
+  FLOPs per token).
+
+At least the prompt's last token is always computed (its logits give the first new
+token), and requests that score their prompt reuse nothing. A slot's blocks from the
+reused point on are forgotten when its new request overwrites them: that, and choosing the
+least recently used free slot, is the eviction policy. Blocks are registered as requests
+compute them, generated tokens included, so a multi-turn conversation's next prompt
+reuses the previous turn's answer too.
+
+Memory: no more than the slots themselves; a paged block pool would hold memory per
+token instead of per slot, but on the CPU gathering a paged cache for every decode step
+costs several times the attention it feeds (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class _Block:
+    """One block of tokens after its parent's, and the slots holding it at its depth."""
+
+    parent: _Block | None
+    tokens: tuple[int, ...]
+    children: dict[tuple[int, ...], _Block] = field(default_factory=dict)
+    slots: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an admitted request goes and what it reuses."""
+
+    slot: int
+    cached: int  # prompt tokens whose KV the slot holds (or gets copied) already
+    copy_from: int | None = None  # a slot to copy positions [0, cached) from, or in place
+
+
+class PrefixCache:
+    def __init__(self, n_slots: int, block_size: int = 16, enabled: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size, self.enabled = block_size, enabled
+        self._root = _Block(None, ())
+        self._paths: list[list[_Block]] = [[] for _ in range(n_slots)]  # per slot, in order
+        self._last_used = [0] * n_slots  # a clock value per slot
+        self._clock = 0
+
+    def cached_blocks(self, slot: int) -> int:
+        return len(self._paths[slot])
+
+    def admit(
+        self, tokens: Sequence[int], free: Sequence[int], busy_width: int, reuse: bool = True
+    ) -> Placement:
+        """Choose a free slot for a prompt and the prefix it reuses (see the module doc).
+
+        Args:
+            tokens: the prompt.
+            free: the free slots (at least one).
+            busy_width: 1 + the highest busy slot (0: none).
+            reuse: False for a request that must compute every prompt token.
+        """
+        if not free:
+            raise ValueError("no free slot")
+        path = self._match(tokens) if self.enabled and reuse else []
+        source = None
+        if path:
+            holders = path[-1].slots
+            in_place = sorted(holders.intersection(free))
+            if in_place:  # a free slot holds the whole run: reuse it where it is
+                return Placement(in_place[0], len(path) * self.block_size)
+            source = min(holders)
+        # Else the least recently used free slot below the busy width, or the lowest free
+        # slot, and the run is copied into it.
+        dense = [s for s in free if s < busy_width] or [min(free)]
+        slot = min(dense, key=lambda s: (self._last_used[s], s))
+        return Placement(slot, len(path) * self.block_size, source)
+
+    def assign(self, placement: Placement, tokens: Sequence[int]) -> None:
+        """`placement.slot` now holds `placement.cached` tokens of `tokens`, nothing after."""
+        slot, keep = placement.slot, placement.cached // self.block_size
+        self._truncate(slot, 0 if placement.copy_from is not None else keep)
+        if placement.copy_from is not None:
+            self._paths[slot] = []
+            self.extend(slot, tokens, placement.cached)
+        self.touch(slot)
+
+    def extend(self, slot: int, tokens: Sequence[int], computed: int) -> None:
+        """The slot's cache now holds `computed` tokens of `tokens`: index its new full blocks."""
+        if not self.enabled:
+            return
+        path, bs = self._paths[slot], self.block_size
+        node = path[-1] if path else self._root
+        for i in range(len(path), computed // bs):
+            key = tuple(tokens[i * bs : (i + 1) * bs])
+            child = node.children.get(key)
+            if child is None:
+                child = node.children[key] = _Block(node, key)
+            child.slots.add(slot)
+            path.append(child)
+            node = child
+
+    def touch(self, slot: int) -> None:
+        self._clock += 1
+        self._last_used[slot] = self._clock
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _match(self, tokens: Sequence[int]) -> list[_Block]:
+        """The trie path of the prompt's leading full blocks, leaving at least one token."""
+        bs, node, path = self.block_size, self._root, []
+        for i in range((len(tokens) - 1) // bs):
+            node = node.children.get(tuple(tokens[i * bs : (i + 1) * bs]))
+            if node is None or not node.slots:
+                break
+            path.append(node)
+        return path
+
+    def _truncate(self, slot: int, keep: int) -> None:
+        path = self._paths[slot]
+        while len(path) > keep:
+            block = path.pop()
+            block.slots.discard(slot)
+            # Prune blocks no slot holds and nothing hangs from: the trie stays bounded.
+            while block.parent is not None and not block.slots and not block.children:
+                del block.parent.children[block.tokens]
+                block = block.parent

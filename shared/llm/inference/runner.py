@@ -1,0 +1,241 @@
+"""The model runner: executes one `SchedulerOutput` on the model and samples (vLLM v1's
+`GPUModelRunner`, for any torch device).
+
+The model's cache is set up once as `n_slots` rows of the whole context
+(`[layers][slots, kv_heads, max_len, head_dim]`, or MLA's latent). A step runs, in order:
+
+1. the prefix-cache copies (positions [0, n) of one slot into another);
+2. the prompt chunks of every prefilling request in **one** model call: rows padded to the
+   longest chunk, each row reading and writing its own slot (`cache_rows`), the logits of
+   each row's last real token only. Padding writes past a row's chunk, where nothing is
+   read before the row's own later tokens overwrite it. A request that scores its prompt
+   runs alone, with the logits of every position;
+3. one decode step over the slots [0, width) up to the highest generating one: tokens
+   (width, 1) at per-slot positions, attending over the first `kv_len` cache positions,
+   `kv_len` just above every generating position, so its attention costs what the longest
+   request needs, not the context. Rows of slots that are not generating write one entry
+   at their `pos`, the next position their prefill writes, or past everything a finished
+   request left for the prefix cache;
+4. sampling of every row that produced a token, with its own parameters, and one host
+   transfer of the tokens (and logprobs).
+
+`compile=True` compiles the decode step with dynamic batch width and cache length; `warmup`
+compiles its graphs before the first request, so none compiles mid-traffic. On the CPU,
+decode steps and short prefill chunks compute their linear layers as `W @ x^T`
+(`FewRowLinears`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from llm.inference.sampling import Sampler
+from llm.inference.scheduler import PrefillChunk, Request, SchedulerOutput
+from llm.models.decoder import DecoderModel
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A request's new token, or (token_id -1) the end of a prompt that was only scored."""
+
+    request: Request
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class FewRowLinears(TorchFunctionMode):
+    """`F.linear` over 2 to `max_rows` rows as `(W @ x^T)^T`, for float32 on the CPU.
+
+    MKL's sgemm runs `x @ W^T` with few rows below its peak; `W @ x^T` is faster from 2 to
+    about 128 rows (`docs/architecture.md` has the measurements); long prefill chunks and
+    training keep `F.linear`, and so does one row (a compiled single-stream decode step is
+    slower as `W @ x^T`). Same products, summed in another order. The result is copied
+    back to row-major (small next to the product): every op after a linear expects it, and
+    SDPA's CPU flash kernel refuses transposed queries and falls back to its math path.
+    Under `torch.compile` the mode is traced into the graph."""
+
+    def __init__(self, max_rows: int = 128) -> None:
+        super().__init__()
+        self.max_rows = max_rows
+
+    def __torch_function__(
+        self, func: Callable, types: Collection[type], args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            rows = x.numel() // x.shape[-1]
+            if 2 <= rows <= self.max_rows and x.dtype == weight.dtype == torch.float32:
+                y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t())  # (out, rows)
+                y = y.t().contiguous()  # (rows, out), row-major as F.linear's
+                y = y.reshape(*x.shape[:-1], weight.shape[0])
+                return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: DecoderModel, n_slots: int, max_seq_len: int, *, compile: bool = False
+    ) -> None:
+        self.model, self.n_slots, self.max_seq_len = model, n_slots, max_seq_len
+        if model.cache_batch_size != n_slots or model.cache_max_seq_len != max_seq_len:
+            model.setup_cache(n_slots, max_seq_len)
+        self.device = model.embed_tokens.weight.device
+        self.sampler = Sampler(n_slots, model.config.vocab_size, self.device)
+        self.tokens = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
+        self.pos = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
+        self.compiled = compile
+        self._decode: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode_step
+        if compile:
+            # Width and cache length are dynamic: one graph, plus the specializations
+            # `warmup` triggers (one row, the whole cache).
+            self._decode = torch.compile(self._decode_step, dynamic=True)
+
+    def assign(self, request: Request) -> None:
+        """Load an admitted request's sampling parameters into its slot."""
+        request.seed = self.sampler.assign(request.slot, request.sampling, request.prompt_ids)
+        self.pos[request.slot] = request.prefilled  # idle decode rows write here (module doc)
+
+    def release(self, slot: int) -> None:
+        self.sampler.release(slot)
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile the decode step's graphs now (a no-op when not compiling)."""
+        if not self.compiled:
+            return
+        for width in sorted({1, min(2, self.n_slots), self.n_slots}):
+            for kv_len in sorted({min(64, self.max_seq_len), self.max_seq_len}):
+                self._decode(self.tokens[:width], self.pos[:width], kv_len)
+        self.pos.zero_()
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> list[Sampled]:
+        for copy in plan.copies:
+            self.model.copy_cache(copy.src, copy.dst, copy.length)
+        sampled = []
+        batched = [c for c in plan.prefills if c.request.prompt_logprobs is None]
+        if batched:
+            sampled += self._prefill(batched)
+        for chunk in plan.prefills:
+            if chunk.request.prompt_logprobs is not None:
+                sampled += self._score(chunk)
+        if plan.decodes:
+            sampled += self._decode_all(plan.decodes)
+        return sampled
+
+    # -- the three kinds of model call ---------------------------------------------------
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> list[Sampled]:
+        T = max(c.length for c in chunks)
+        last_pos = self.max_seq_len - 1  # padding past the context writes the last position
+        ids, positions = [], []
+        for c in chunks:
+            ids.append(c.request.prompt_ids[c.start : c.start + c.length] + [0] * (T - c.length))
+            positions.append([min(c.start + j, last_pos) for j in range(T)])
+        slots = [c.request.slot for c in chunks]
+        rows = torch.tensor(slots, device=self.device)
+        logits = self._forward(
+            torch.tensor(ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            cache_rows=rows,
+            logits_at=torch.tensor([c.length - 1 for c in chunks], device=self.device),
+            kv_len=max(p[-1] for p in positions) + 1,
+        )[:, 0]  # (R, V)
+        self.pos.index_copy_(
+            0, rows, torch.tensor([[c.start + c.length] for c in chunks], device=self.device)
+        )
+        done = [i for i, c in enumerate(chunks) if c.last]
+        if not done:
+            return []
+        index = torch.tensor(done, device=self.device)
+        return self._sample(logits[index], [chunks[i].request for i in done], rows[index], False)
+
+    def _score(self, chunk: PrefillChunk) -> list[Sampled]:
+        """A chunk of a prompt whose tokens are scored: all its positions' logits."""
+        request, start, n = chunk.request, chunk.start, chunk.length
+        ids = torch.tensor([request.prompt_ids[start : start + n]], device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        rows = torch.tensor([request.slot], device=self.device)
+        logits = self._forward(ids, positions, cache_rows=rows, kv_len=start + n)  # (1, n, V)
+        self._score_prompt(request, logits[0], start)
+        self.pos[request.slot] = start + n
+        if not chunk.last:
+            return []
+        if request.max_new_tokens == 0:
+            return [Sampled(request, -1)]
+        return self._sample(logits[:, -1], [request], rows, advance=False)
+
+    def _decode_all(self, requests: list[Request]) -> list[Sampled]:
+        width = requests[-1].slot + 1  # requests come in slot order
+        # This step's positions are prompt + generated - 1: attend below the longest.
+        kv_len = max(len(r.prompt_ids) + r.generated for r in requests)
+        logits = self._decode(self.tokens[:width], self.pos[:width], kv_len)  # (width, V)
+        rows = torch.tensor([r.slot for r in requests], device=self.device)
+        return self._sample(logits[rows], requests, rows, advance=True)
+
+    def _forward(self, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return self.model(*args, **kwargs)
+        with FewRowLinears():
+            return self.model(*args, **kwargs)
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self._forward(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt tokens that logits (n, V) at positions start.. predict."""
+        targets = request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return  # the last position predicts the first new token, not a prompt token
+        logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (m, V)
+        target = torch.tensor(targets, device=logprobs.device)
+        chosen = logprobs.gather(-1, target[:, None])[:, 0].tolist()
+        k = request.prompt_logprobs or 0
+        top = logprobs.topk(k, dim=-1) if k else None
+        ids = top.indices.tolist() if top is not None else [[]] * len(targets)
+        values = top.values.tolist() if top is not None else [[]] * len(targets)
+        for t, lp, i, v in zip(targets, chosen, ids, values, strict=True):
+            request.prompt_scores.append((t, lp, list(zip(i, v, strict=True))))
+
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request], rows: torch.Tensor, advance: bool
+    ) -> list[Sampled]:
+        """Sample rows of `logits` (B, V), one per request (in slots `rows`, (B,)); the
+        tokens become the slots' next decode inputs (`advance`: after a decode step)."""
+        slots = [r.slot for r in requests]
+        token = self.sampler(logits, rows, slots)  # (B,)
+        self.sampler.record(token, rows, slots)
+        self.tokens.index_copy_(0, rows, token[:, None])
+        if advance:
+            self.pos.index_add_(0, rows, torch.ones_like(rows)[:, None])
+        n_top = max(r.top_logprobs for r in requests)
+        if any(r.logprobs or r.top_logprobs for r in requests):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V), the raw model's
+            columns = [token.double(), logprobs.gather(-1, token[:, None])[:, 0].double()]
+            if n_top:
+                top = logprobs.topk(n_top, dim=-1)
+                columns += [top.indices.double().T, top.values.double().T]
+            host = torch.cat([c.reshape(-1, len(requests)) for c in columns]).T.tolist()
+        else:
+            host = [[t] for t in token.tolist()]  # the step's one host sync
+
+        out = []
+        for request, values in zip(requests, host, strict=True):
+            k = request.top_logprobs
+            top = [
+                (int(i), v)
+                for i, v in zip(values[2 : 2 + k], values[2 + n_top : 2 + n_top + k], strict=True)
+            ]
+            logprob = values[1] if request.logprobs or request.top_logprobs else None
+            out.append(Sampled(request, int(values[0]), logprob, top))
+        return out
