@@ -257,10 +257,31 @@ def test_compiled_decode_writes_the_cache_in_place() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager() -> None:
-    model = _model("tiny")
-    requests = _requests(model.config.vocab_size, 6, seed=3)
-    compiled = _run_together(model, requests, seed=4, prefill_chunk=7, compile=True)
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v2-lite", "bloom"])
+def test_compiled_steps_equal_eager_and_compile_only_at_warmup(preset: str) -> None:
+    """Compiled decode and prefill calls (dynamic shapes; frozen weights on the CPU) give
+    the eager tokens, and traffic of every width, chunk length and cache length after
+    `warmup` compiles nothing more (a compile mid-traffic stalls every stream for seconds)."""
+    from torch._dynamo.utils import counters
+
+    model = _model(preset)
+    requests = _requests(model.config.vocab_size, 8, seed=3)
+    requests[0].prompt_ids = requests[0].prompt_ids[:1]  # a one-token prompt
+    requests[1].prompt_ids = list(range(80))  # attends over the whole cache (96)
+    requests[1].max_new_tokens = 16
+    torch._dynamo.reset()
+    batch = BatchGenerator(model, n_slots=4, prefill_chunk=7, compile=True)
+    batch.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    rng, waiting = random.Random(4), list(requests)
+    compiled = {id(r): [] for r in requests}
+    while waiting or batch.active:
+        while waiting and batch.free_slots and rng.random() < 0.5:
+            batch.add(waiting.pop(0))
+        for e in batch.step():
+            compiled[id(e.request)].append((e.token_id, e.logprob, e.top, e.finish_reason))
+    assert counters["stats"]["unique_graphs"] == graphs
     eager = _run_together(model, [_clone(r) for r in requests], seed=4, prefill_chunk=7)
     for got, want in zip(compiled.values(), eager.values(), strict=True):
         _assert_same(got, want)
+    torch._dynamo.reset()

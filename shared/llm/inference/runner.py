@@ -19,9 +19,13 @@ The model's cache is set up once as `n_slots` rows of the whole context
 4. sampling of every row that produced a token, with its own parameters, and one host
    transfer of the tokens (and logprobs).
 
-`compile=True` compiles the decode step with dynamic batch width and cache length; `warmup`
-compiles its graphs before the first request, so none compiles mid-traffic. On the CPU,
-decode steps and short prefill chunks compute their linear layers as `W @ x^T`
+`compile=True` compiles the decode and prefill calls with dynamic shapes (batch width,
+chunk length, cache length), on the CPU with inductor's freezing, which packs the weights
+for its GEMM kernels (the weights are then held twice). Calls are padded to at least two
+rows (and a prefill to two tokens; an extra row writes into a scratch cache row past the
+slots), so a single stream never needs graphs of its own; `warmup` compiles the rest (the
+whole cache attended) before the first request, so none compiles mid-traffic. Eager on
+the CPU, decode steps and short prefill chunks compute their linear layers as `W @ x^T`
 (`FewRowLinears`).
 """
 
@@ -80,23 +84,38 @@ class FewRowLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _compiled(fn: Callable[..., torch.Tensor], freezing: bool) -> Callable[..., torch.Tensor]:
+    """`fn` compiled with dynamic shapes; with `freezing`, inductor treats the weights as
+    constants and packs them for its GEMMs. The flag must be set while each call runs
+    (`torch.compile(options=...)` leaves the weight-packing passes off)."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args: object) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=freezing):
+            return compiled(*args)
+
+    return call
+
+
 class ModelRunner:
     def __init__(
         self, model: DecoderModel, n_slots: int, max_seq_len: int, *, compile: bool = False
     ) -> None:
         self.model, self.n_slots, self.max_seq_len = model, n_slots, max_seq_len
-        if model.cache_batch_size != n_slots or model.cache_max_seq_len != max_seq_len:
-            model.setup_cache(n_slots, max_seq_len)
+        self.scratch = n_slots  # the cache row that padding rows write to
+        if model.cache_batch_size != n_slots + 1 or model.cache_max_seq_len != max_seq_len:
+            model.setup_cache(n_slots + 1, max_seq_len)
         self.device = model.embed_tokens.weight.device
         self.sampler = Sampler(n_slots, model.config.vocab_size, self.device)
-        self.tokens = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
-        self.pos = torch.zeros(n_slots, 1, dtype=torch.long, device=self.device)  # (S, 1)
+        self.tokens = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
         self.compiled = compile
-        self._decode: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode_step
+        self._decode = self._decode_eager
+        self._prefill_call = self._prefill_eager
         if compile:
-            # Width and cache length are dynamic: one graph, plus the specializations
-            # `warmup` triggers (one row, the whole cache).
-            self._decode = torch.compile(self._decode_step, dynamic=True)
+            frozen = self.device.type == "cpu"
+            self._decode = _compiled(self._decode_graph, frozen)
+            self._prefill_call = _compiled(self._prefill_graph, frozen)
 
     def assign(self, request: Request) -> None:
         """Load an admitted request's sampling parameters into its slot."""
@@ -108,12 +127,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Compile the decode step's graphs now (a no-op when not compiling)."""
+        """Compile every graph the calls need now (a no-op when not compiling)."""
         if not self.compiled:
             return
-        for width in sorted({1, min(2, self.n_slots), self.n_slots}):
-            for kv_len in sorted({min(64, self.max_seq_len), self.max_seq_len}):
-                self._decode(self.tokens[:width], self.pos[:width], kv_len)
+        # Sizes told apart (2 rows, 3 tokens): dynamo assumes sizes that are equal when it
+        # traces always are, and would compile again for the first call where they differ.
+        rows = torch.full((2,), self.scratch, device=self.device)
+        ids = torch.zeros(2, 3, dtype=torch.long, device=self.device)
+        for kv_len in dict.fromkeys((min(64, self.max_seq_len), self.max_seq_len)):
+            self._decode(self.tokens[:2], self.pos[:2], kv_len)
+            positions = torch.arange(kv_len - 3, kv_len, device=self.device).repeat(2, 1)
+            self._prefill_call(ids, positions, rows, torch.full_like(rows, 2), kv_len)
         self.pos.zero_()
 
     @torch.inference_mode()
@@ -134,21 +158,27 @@ class ModelRunner:
     # -- the three kinds of model call ---------------------------------------------------
 
     def _prefill(self, chunks: list[PrefillChunk]) -> list[Sampled]:
-        T = max(c.length for c in chunks)
+        least = 2 if self.compiled else 1  # rows and tokens: see the module doc
+        T = max(least, *(c.length for c in chunks))
         last_pos = self.max_seq_len - 1  # padding past the context writes the last position
         ids, positions = [], []
         for c in chunks:
             ids.append(c.request.prompt_ids[c.start : c.start + c.length] + [0] * (T - c.length))
             positions.append([min(c.start + j, last_pos) for j in range(T)])
         slots = [c.request.slot for c in chunks]
+        last = [c.length - 1 for c in chunks]
+        if len(chunks) < least:
+            ids, positions = [*ids, [0] * T], [*positions, list(range(T))]
+            slots, last = [*slots, self.scratch], [*last, 0]
         rows = torch.tensor(slots, device=self.device)
-        logits = self._forward(
+        logits = self._prefill_call(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
-            cache_rows=rows,
-            logits_at=torch.tensor([c.length - 1 for c in chunks], device=self.device),
-            kv_len=max(p[-1] for p in positions) + 1,
-        )[:, 0]  # (R, V)
+            rows,
+            torch.tensor(last, device=self.device),
+            max(p[-1] for p in positions) + 1,
+        )  # (R, V)
+        rows = rows[: len(chunks)]
         self.pos.index_copy_(
             0, rows, torch.tensor([[c.start + c.length] for c in chunks], device=self.device)
         )
@@ -175,6 +205,8 @@ class ModelRunner:
 
     def _decode_all(self, requests: list[Request]) -> list[Sampled]:
         width = requests[-1].slot + 1  # requests come in slot order
+        if self.compiled:
+            width = max(width, 2)  # the scratch row at worst: see the module doc
         # This step's positions are prompt + generated - 1: attend below the longest.
         kv_len = max(len(r.prompt_ids) + r.generated for r in requests)
         logits = self._decode(self.tokens[:width], self.pos[:width], kv_len)  # (width, V)
@@ -187,8 +219,24 @@ class ModelRunner:
         with FewRowLinears():
             return self.model(*args, **kwargs)
 
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _decode_eager(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         return self._forward(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
+
+    def _decode_graph(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        # Compiled: inductor's packed GEMMs beat `FewRowLinears` at every width.
+        return self.model(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
+
+    def _prefill_eager(
+        self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, at: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return self._forward(ids, pos, cache_rows=rows, logits_at=at, kv_len=kv_len)[:, 0]
+
+    def _prefill_graph(
+        self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, at: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return self.model(ids, pos, cache_rows=rows, logits_at=at, kv_len=kv_len)[:, 0]
 
     # -- sampling --------------------------------------------------------------------------
 
