@@ -198,10 +198,16 @@ class Scheduler:
             logprobs=spec.logprobs,
             top_logprobs=spec.top_logprobs,
             prompt_logprobs=spec.prompt_logprobs,
+            min_tokens=spec.min_tokens,
         )
         self.batch.add(work)
         decoder = IncrementalDecoder(
-            self.tokenizer, stop=spec.stop, context_ids=spec.prompt_ids[-_CONTEXT_IDS:]
+            self.tokenizer,
+            stop=spec.stop,
+            context_ids=spec.prompt_ids[-_CONTEXT_IDS:],
+            include_stop=spec.include_stop,
+            min_tokens=spec.min_tokens,
+            skip_special_tokens=spec.skip_special_tokens,
         )
         self._active[id(work)] = _Slot(request, work, decoder, time.monotonic())
         metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
@@ -256,11 +262,14 @@ class Scheduler:
 
     def _finish(self, slot: _Slot, reason: str, stop_token: int | None = None) -> None:
         self._free(slot, reason)
+        # The stop token's text ends the output only when asked (and then only if it has
+        # text: special tokens are skipped unless skip_special_tokens is off).
+        last = (stop_token,) if stop_token is not None and slot.request.spec.include_stop else ()
         _emit(
             slot.request,
             Finished(
                 reason=reason,
-                text=slot.decoder.flush(),
+                text=slot.decoder.flush(last),
                 token_ids=() if stop_token is None else (stop_token,),
                 prompt_tokens=len(slot.request.spec.prompt_ids),
                 completion_tokens=slot.work.generated,

@@ -37,6 +37,9 @@ class GenerationSpec:
     logprobs: bool
     top_logprobs: int = 0
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not asked
+    min_tokens: int = 0  # no stop before this many new tokens
+    include_stop: bool = False  # the stop string or token's text ends the output
+    skip_special_tokens: bool = True
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
@@ -126,6 +129,13 @@ def generation_spec(
     stopping = request.stopping
     if stopping.max_tokens < 0:
         raise InvalidArgument("stopping.max_tokens", f"must be >= 0, got {stopping.max_tokens}")
+    if stopping.min_tokens < 0:
+        raise InvalidArgument("stopping.min_tokens", f"must be >= 0, got {stopping.min_tokens}")
+    if stopping.HasField("max_tokens") and stopping.min_tokens > stopping.max_tokens:
+        raise InvalidArgument(
+            "stopping.min_tokens",
+            f"must be <= max_tokens ({stopping.max_tokens}), got {stopping.min_tokens}",
+        )
     if request.HasField("prompt_logprobs") and not (
         0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS
     ):
@@ -171,6 +181,11 @@ def generation_spec(
         logprobs=request.logprobs or request.top_logprobs > 0,
         top_logprobs=request.top_logprobs,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+        min_tokens=stopping.min_tokens,
+        include_stop=stopping.include_stop_str_in_output,
+        skip_special_tokens=(
+            request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        ),
     )
 
 

@@ -31,6 +31,8 @@ _ENGINE_FIELDS = {
     "sampling.frequency_penalty": "frequency_penalty",
     "stopping.max_tokens": "max_tokens",
     "stopping.stop": "stop",
+    "stopping.stop_token_ids": "stop_token_ids",
+    "stopping.min_tokens": "min_tokens",
     "top_logprobs": "top_logprobs",
     "logprobs": "logprobs",
     "prompt_logprobs": "logprobs",

@@ -4,7 +4,10 @@ A request becomes one engine call per choice: `n` per prompt, choice `i` of a pr
 `seed + i`, choices indexed prompt by prompt as OpenAI does. Parameters the engine cannot
 honour yet are declared so they are refused with a 400 naming them, instead of being
 silently ignored; unknown extra fields are ignored, as OpenAI does, except vLLM's sampling
-extras (`top_k`, `min_p`, `repetition_penalty`, sent by the OpenAI SDK via `extra_body`). Types are strict (`"5"` is not an integer, `1` is not a boolean: 400), numbers
+extras, which benchmark clients and the OpenAI SDK's `extra_body` send: `top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`,
+`include_stop_str_in_output` and `skip_special_tokens`, with vLLM's meaning. Types are
+strict (`"5"` is not an integer, `1` is not a boolean: 400), numbers
 are bounded to what the engine's proto fields hold, and text must be encodable as UTF-8 (a
 JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 """
@@ -79,6 +82,11 @@ class _Request(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=_I32)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    ignore_eos: bool = False  # EOS (and the chat end-of-turn token) does not stop
+    min_tokens: int | None = Field(default=None, ge=0, le=_I32)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def check_supported(self) -> None:
         if self.logit_bias:
@@ -87,6 +95,12 @@ class _Request(BaseModel):
         for s in stops:
             if not s:
                 raise invalid("stop", "stop strings must not be empty")
+        limit = self._max_tokens()
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise invalid("min_tokens", f"must be <= max_tokens ({limit}), got {self.min_tokens}")
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -111,7 +125,14 @@ class _Request(BaseModel):
             s.seed = (self.seed + k) & _U64
         if max_tokens is not None:  # unset: up to the context length
             request.stopping.max_tokens = max_tokens
-        request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        stopping = request.stopping
+        stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        stopping.stop_token_ids.extend(self.stop_token_ids or [])
+        stopping.ignore_eos = self.ignore_eos
+        stopping.min_tokens = self.min_tokens or 0
+        stopping.include_stop_str_in_output = self.include_stop_str_in_output
+        if not self.skip_special_tokens:
+            request.skip_special_tokens = False
 
     def _calls(self, request_id: str, prompts: list[Any], build: Build) -> list[EngineCall]:
         """`n` calls per prompt; `build(prompt, request_id, k)` makes one engine request.
@@ -178,6 +199,9 @@ class CompletionRequest(_Request):
 
         return self._calls(request_id, list(self.prompts()), build)
 
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
 
 class TextPart(BaseModel):
     model_config = _STRICT
@@ -237,7 +261,10 @@ class ChatCompletionRequest(_Request):
             request.chat.messages.extend(
                 pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
             )
-            self._fill(request, self.max_completion_tokens or self.max_tokens, rid, k)
+            self._fill(request, self._max_tokens(), rid, k)
             return request
 
         return self._calls(request_id, [None], build)
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens

@@ -1,6 +1,7 @@
 """The official `openai` client (sync and async, streaming and not) against real gateway +
 engine processes: `n` choices and seeds, logprobs consistent with the text, echo that
-scores a prompt as the reference model does, vLLM's sampling extras, exact usage."""
+scores a prompt as the reference model does, vLLM's sampling and stopping extras (as
+benchmark clients send them), exact usage."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from e2e_services import Service
 
 from llm.checkpoint import LoadedModel
+from llm.inference import SamplingParams, generate
 
 PROMPT = "The "
 
@@ -189,3 +191,82 @@ def test_sampling_extras_pass_through(client: openai.OpenAI, reference: LoadedMo
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kwargs, extra_body={"repetition_penalty": -1})
     assert e.value.body["param"] == "repetition_penalty"
+
+
+def test_stopping_extras_pass_through(client: openai.OpenAI, reference: LoadedModel) -> None:
+    """vLLM's `stop_token_ids`, `include_stop_str_in_output`, `min_tokens`, `ignore_eos` and
+    `skip_special_tokens`, via `extra_body`, against the reference's own tokens."""
+    tok = reference.tokenizer
+    kwargs = dict(model=reference.name, prompt=PROMPT, max_tokens=24, temperature=0)
+    ids = generate(reference.model, tok.encode(PROMPT), max_new_tokens=24,
+                   sampling=SamplingParams(0), stop_token_ids=())  # fmt: skip
+    text = tok.decode(ids)
+    stop_id = ids[3]  # stops at its first occurrence
+    first = ids.index(stop_id)
+
+    def create(**extra: object) -> openai.types.Completion:
+        return client.completions.create(**kwargs, extra_body=extra)
+
+    stopped = create(stop_token_ids=[stop_id])
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (
+        tok.decode(ids[:first]), "stop",
+    )  # fmt: skip
+    assert stopped.usage.completion_tokens == first + 1  # the stop token counts
+    assert create(stop_token_ids=[stop_id], include_stop_str_in_output=True).choices[
+        0
+    ].text == tok.decode(ids[: first + 1])
+    stop = text[5:8]
+    assert (
+        create(stop=stop, include_stop_str_in_output=True).choices[0].text
+        == text[: text.index(stop) + len(stop)]
+    )
+
+    # min_tokens: the stop token is not sampled before it (the greedy choice without it).
+    never_first = ids[0]
+    late = create(stop_token_ids=[never_first], min_tokens=2).choices[0]
+    ref = reference.model
+    ref.clear_cache()
+    with torch.no_grad():
+        logits = ref(torch.tensor([tok.encode(PROMPT)]))[0, -1].float()
+    logits[never_first] = float("-inf")
+    assert late.text[0] == tok.decode([int(logits.argmax())])
+    assert tok.decode([never_first]) not in late.text[:2]
+    with pytest.raises(openai.BadRequestError) as e:
+        create(min_tokens=30)  # more than max_tokens
+    assert e.value.body["param"] == "min_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        create(stop_token_ids=[tok.vocab_size])
+    assert e.value.body["param"] == "stop_token_ids"
+
+
+def test_eos_extras_pass_through(client: openai.OpenAI, reference: LoadedModel) -> None:
+    """A sampled generation that reaches EOS: it stops there unless `ignore_eos`; the EOS
+    shows only with `skip_special_tokens` off and `include_stop_str_in_output`."""
+    tok = reference.tokenizer
+    prompt_ids = tok.encode(PROMPT)
+    hot = dict(temperature=2.0, max_tokens=48)
+    for seed in range(64):  # a seed whose sample reaches EOS (the reference finds it)
+        ids = generate(reference.model, prompt_ids, max_new_tokens=48,
+                       sampling=SamplingParams(2.0, seed=seed), stop_token_ids=())  # fmt: skip
+        if tok.eos_id in ids[:-1]:
+            break
+    else:
+        pytest.fail("no seed in 64 samples EOS at temperature 2")
+    at = ids.index(tok.eos_id)
+
+    def create(**extra: object) -> openai.types.CompletionChoice:
+        reply = client.completions.create(
+            model=reference.name, prompt=PROMPT, seed=seed, **hot, extra_body=extra
+        )
+        return reply.choices[0]
+
+    eos = tok.decode([tok.eos_id], skip_special_tokens=False)
+    plain = create()
+    assert (plain.text, plain.finish_reason) == (tok.decode(ids[:at]), "stop")
+    assert create(include_stop_str_in_output=True).text == tok.decode(ids[:at])  # skipped
+    shown = create(include_stop_str_in_output=True, skip_special_tokens=False)
+    assert shown.text == tok.decode(ids[:at], skip_special_tokens=False) + eos
+    ignored = create(ignore_eos=True)
+    assert (ignored.text, ignored.finish_reason) == (tok.decode(ids), "length")
+    raw = create(ignore_eos=True, skip_special_tokens=False).text
+    assert raw == tok.decode(ids, skip_special_tokens=False) and eos in raw

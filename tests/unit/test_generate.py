@@ -171,6 +171,35 @@ def test_earliest_of_several_stop_strings_wins() -> None:
     assert decoder.stopped
 
 
+def test_include_stop_emits_the_stop_string() -> None:
+    tok = SimpleCharacterTokenizer.train("abcdefghijklmnopqrstuvwxyz ENDX\n")
+    decoder = IncrementalDecoder(tok, stop=["END", "D"], include_stop=True)
+    assert [decoder.add(tok.encode(p)) for p in ["hello E", "N", "D and more"]] == [
+        "hello ", "", "END",
+    ]  # fmt: skip
+    assert decoder.stopped and decoder.text == "hello END"
+
+
+def test_stop_strings_count_only_after_min_tokens() -> None:
+    tok = SimpleCharacterTokenizer.train("abcdefghijklmnopqrstuvwxyz \n")
+    decoder = IncrementalDecoder(tok, stop=["a"], min_tokens=3)
+    # Tokens 1-3 are emitted whole, stop string or not; the 4th "a" stops.
+    assert [decoder.add(tok.encode(c)) for c in "abaca"] == ["a", "b", "a", "c", ""]
+    assert decoder.stopped and decoder.text == "abac"
+
+
+def test_special_tokens_are_skipped_unless_asked() -> None:
+    tok = SimpleCharacterTokenizer.train("ab")
+    ids = [*tok.encode("a"), tok.eos_id, *tok.encode("b")]
+    assert tok.decode(ids) == "ab"
+    assert tok.decode(ids, skip_special_tokens=False) == "a<eos>b"
+    decoder = IncrementalDecoder(tok, skip_special_tokens=False)
+    assert "".join(_stream(decoder, [[i] for i in ids])) == "a<eos>b"
+    # A stop token's text is emitted by flush(last_ids), when a caller includes it.
+    decoder = IncrementalDecoder(tok, skip_special_tokens=False)
+    assert decoder.add(tok.encode("a")) + decoder.flush([tok.eos_id]) == "a<eos>"
+
+
 def test_stop_string_over_multibyte_boundary() -> None:
     tok = ByteTokenizer()
     decoder = IncrementalDecoder(tok, stop=["界!"])

@@ -58,6 +58,15 @@ def test_requests_finish_on_a_stop_token_or_their_length_and_free_their_slot() -
     assert not s.schedule()
 
 
+def test_a_stop_token_ends_a_request_only_after_min_tokens() -> None:
+    s = StepScheduler(n_slots=1, max_seq_len=64, prefix_caching=False)
+    r = _request([1, 2, 3], max_new=10, stop_token_ids=frozenset({9}), min_tokens=2)
+    s.add(r)
+    assert [reason for _, reason in _run_step(s, token=9)] == [None]  # 1st token
+    assert [reason for _, reason in _run_step(s, token=9)] == [None]  # 2nd
+    assert _run_step(s, token=9) == [(r, "stop")]
+
+
 def test_a_prompt_only_scored_ends_after_its_prefill() -> None:
     s = StepScheduler(n_slots=1, max_seq_len=64)
     scored = _request(range(20), max_new=0, prompt_logprobs=0)

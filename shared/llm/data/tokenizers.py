@@ -69,7 +69,10 @@ class BaseTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens (EOS, chat markers) decode to nothing unless
+        `skip_special_tokens` is False."""
+        ...
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
@@ -169,9 +172,13 @@ class SimpleCharacterTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        # Specials other than <unk> decode to nothing, as HF's skip_special_tokens does.
-        return "".join(self._itos.get(int(i), "") for i in ids)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # Specials other than <unk> (U+FFFD) decode to nothing, as HF's skip_special_tokens
+        # does, or to their names.
+        if skip_special_tokens:
+            return "".join(self._itos.get(int(i), "") for i in ids)
+        specials = dict(enumerate(self.SPECIALS))
+        return "".join(self._itos.get(int(i)) or specials.get(int(i), "") for i in ids)
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
@@ -243,8 +250,8 @@ class HFTokenizer:
         encs = backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.uint32) for e in encs]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True

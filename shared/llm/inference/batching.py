@@ -86,10 +86,11 @@ class BatchGenerator:
     ) -> tuple[str | None, str | None]:
         """The text delta of `event`'s token and the request's finish reason, if it ends.
 
-        A stop token has no text (None); a stop string, found by `decoder` across tokens,
-        ends the request here and frees its slot at once.
+        A stop token that ends the request has no text (None; once past `min_tokens`); a
+        stop string, found by `decoder` across tokens, ends the request here and frees its
+        slot at once.
         """
-        if event.token_id in event.request.stop_token_ids:
+        if event.finish_reason == "stop":  # the scheduler ends requests only at stop tokens
             return None, "stop"
         delta = decoder.add([event.token_id])
         if decoder.stopped:

@@ -9,7 +9,9 @@ vLLM's `detokenize_incrementally` and HF's `TextStreamer`).
 
 Stop strings are matched on the text, not on tokens, so one split across tokens still
 stops. Text that could be the beginning of a stop string is held back until the next
-tokens decide it; the stop string itself is never emitted.
+tokens decide it; the stop string itself is emitted only with `include_stop`. Before
+`min_tokens` tokens, stop strings are not searched (vLLM's semantics: the earliest a stop
+string can end is the token after the `min_tokens`-th).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _INCOMPLETE = "\ufffd"
 
 
 class _Decoder(Protocol):
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDecoder:
@@ -33,15 +35,29 @@ class IncrementalDecoder:
         context_ids: ids that precede the generated ones (e.g. the prompt's last few):
             decoded only as context so the first generated token gets its leading space
             right; never emitted.
+        include_stop: the stop string found is emitted (the text ends with it).
+        min_tokens: stop strings count only in the text of tokens after this many.
+        skip_special_tokens: special tokens decode to nothing (False: to their text).
     """
 
     def __init__(
-        self, tokenizer: _Decoder, *, stop: Sequence[str] = (), context_ids: Sequence[int] = ()
+        self,
+        tokenizer: _Decoder,
+        *,
+        stop: Sequence[str] = (),
+        context_ids: Sequence[int] = (),
+        include_stop: bool = False,
+        min_tokens: int = 0,
+        skip_special_tokens: bool = True,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop: stop strings must be non-empty")
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        self._include_stop = include_stop
+        self._min_tokens = min_tokens
+        self._added = 0  # generated ids added so far
+        self._skip_special = skip_special_tokens
         self._ids = list(context_ids)
         self._prefix = 0  # start of the decode window
         self._read = len(self._ids)  # ids before this are already turned into text
@@ -54,19 +70,28 @@ class IncrementalDecoder:
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
+        self._added += len(token_ids)
         return self._release(self._decode_new(final=False), final=False)
 
-    def flush(self) -> str:
-        """Generation ended without a stop string: emit everything still held back."""
+    def flush(self, last_ids: Sequence[int] = ()) -> str:
+        """Generation ended without a stop string: emit everything still held back, and
+        the text of `last_ids` (a stop token, to be included in the output)."""
         if self.stopped:
             return ""
+        self._ids.extend(last_ids)
+        self._added += len(last_ids)
         return self._release(self._decode_new(final=True), final=True)
+
+    def _text(self, ids: Sequence[int]) -> str:
+        if self._skip_special:
+            return self._tokenizer.decode(ids)
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def _decode_new(self, *, final: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        full_text = self._tokenizer.decode(self._ids[self._prefix :])
+        prefix_text = self._text(self._ids[self._prefix : self._read])
+        full_text = self._text(self._ids[self._prefix :])
         if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(_INCOMPLETE)):
             return ""  # half a character (or nothing visible yet): wait for more ids
         self._prefix, self._read = self._read, len(self._ids)
@@ -74,11 +99,17 @@ class IncrementalDecoder:
 
     def _release(self, new_text: str, *, final: bool) -> str:
         pending = self._pending + new_text
+        if self._added <= self._min_tokens:  # too early to stop: nothing is held back
+            self.text += pending
+            self._pending = ""
+            return pending
         # Earlier emitted text cannot hold the start of a stop string (it would have been
         # held back), so searching only the pending text finds every match.
-        hits = [i for s in self._stop if (i := pending.find(s)) >= 0]
+        hits = [(i, i + len(s)) for s in self._stop if (i := pending.find(s)) >= 0]
         if hits:
-            out, self._pending, self.stopped = pending[: min(hits)], "", True
+            start, end = min(hits)
+            out = pending[: end if self._include_stop else start]
+            self._pending, self.stopped = "", True
         elif final:
             out, self._pending = pending, ""
         else:

@@ -261,7 +261,7 @@ class ModelRunner:
         """Sample rows of `logits` (B, V), one per request (in slots `rows`, (B,)); the
         tokens become the slots' next decode inputs (`advance`: after a decode step)."""
         slots = [r.slot for r in requests]
-        token = self.sampler(logits, rows, slots)  # (B,)
+        token = self.sampler(_without_early_stops(logits, requests), rows, slots)  # (B,)
         self.sampler.record(token, rows, slots)
         self.tokens.index_copy_(0, rows, token[:, None])
         if advance:
@@ -287,3 +287,17 @@ class ModelRunner:
             logprob = values[1] if request.logprobs or request.top_logprobs else None
             out.append(Sampled(request, int(values[0]), logprob, top))
         return out
+
+
+def _without_early_stops(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """`logits` (B, V) with the stop tokens of requests still short of their `min_tokens`
+    masked out (a copy; the logprobs reported stay the model's)."""
+    early = [(b, r) for b, r in enumerate(requests) if r.generated < r.min_tokens]
+    early = [(b, r) for b, r in early if r.stop_token_ids]
+    if not early:
+        return logits
+    logits = logits.clone()
+    for b, r in early:
+        ids = torch.tensor(sorted(r.stop_token_ids), device=logits.device)
+        logits[b, ids] = float("-inf")
+    return logits

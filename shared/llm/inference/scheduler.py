@@ -35,6 +35,7 @@ class Request:
     logprobs: bool = False  # report each token's logprob
     top_logprobs: int = 0  # and this many most likely alternatives
     prompt_logprobs: int | None = None  # score prompt tokens 1..P-1, with N alternatives
+    min_tokens: int = 0  # stop tokens are not sampled, nor stop, before this many new tokens
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache (computed, or reused from the prefix cache)
     cached: int = 0  # of those, reused from the prefix cache
@@ -175,7 +176,7 @@ class StepScheduler:
         request.generated += 1
         request.output_ids.append(token_id)
         reason = None
-        if token_id in request.stop_token_ids:
+        if token_id in request.stop_token_ids and request.generated > request.min_tokens:
             reason = "stop"
         elif request.generated >= request.max_new_tokens:
             reason = "length"

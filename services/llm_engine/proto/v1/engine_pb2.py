@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llm_engine/proto/v1/engine.proto\x12\rllm.engine.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.llm.engine.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbf\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"t\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x42\r\n\x0b_max_tokens\"\xe6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.llm.engine.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.llm.engine.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.llm.engine.v1.SamplingParams\x12\x31\n\x08stopping\x18\x06 \x01(\x0b\x32\x1f.llm.engine.v1.StoppingCriteria\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05whole\x18\n \x01(\x08\x42\x07\n\x05inputB\x12\n\x10_prompt_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.llm.engine.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xee\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.llm.engine.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.llm.engine.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.llm.engine.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1b.llm.engine.v1.TokenLogprob\"v\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.llm.engine.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xad\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x10\n\x08n_params\x18\x07 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x03\"\xd8\x01\n\x13GenerateManyRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x08generate\x18\x02 \x01(\x0b\x32\x1e.llm.engine.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x42\n\x08metadata\x18\x04 \x03(\x0b\x32\x30.llm.engine.v1.GenerateManyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x11GenerateManyChunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.llm.engine.v1.GenerateChunk\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"H\n\x14GenerateManyResponse\x12\x30\n\x06\x63hunks\x18\x01 \x03(\x0b\x32 .llm.engine.v1.GenerateManyChunk*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xce\x02\n\x06\x45ngine\x12J\n\x08Generate\x12\x1e.llm.engine.v1.GenerateRequest\x1a\x1c.llm.engine.v1.GenerateChunk0\x01\x12K\n\x08Tokenize\x12\x1e.llm.engine.v1.TokenizeRequest\x1a\x1f.llm.engine.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.llm.engine.v1.ModelInfoRequest\x1a .llm.engine.v1.ModelInfoResponse\x12[\n\x0cGenerateMany\x12\".llm.engine.v1.GenerateManyRequest\x1a#.llm.engine.v1.GenerateManyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llm_engine/proto/v1/engine.proto\x12\rllm.engine.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.llm.engine.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbf\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xac\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"\xa0\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.llm.engine.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.llm.engine.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.llm.engine.v1.SamplingParams\x12\x31\n\x08stopping\x18\x06 \x01(\x0b\x32\x1f.llm.engine.v1.StoppingCriteria\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05whole\x18\n \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.llm.engine.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xee\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.llm.engine.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.llm.engine.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.llm.engine.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1b.llm.engine.v1.TokenLogprob\"v\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.llm.engine.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xad\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x10\n\x08n_params\x18\x07 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x03\"\xd8\x01\n\x13GenerateManyRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x08generate\x18\x02 \x01(\x0b\x32\x1e.llm.engine.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x42\n\x08metadata\x18\x04 \x03(\x0b\x32\x30.llm.engine.v1.GenerateManyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x11GenerateManyChunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.llm.engine.v1.GenerateChunk\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"H\n\x14GenerateManyResponse\x12\x30\n\x06\x63hunks\x18\x01 \x03(\x0b\x32 .llm.engine.v1.GenerateManyChunk*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xce\x02\n\x06\x45ngine\x12J\n\x08Generate\x12\x1e.llm.engine.v1.GenerateRequest\x1a\x1c.llm.engine.v1.GenerateChunk0\x01\x12K\n\x08Tokenize\x12\x1e.llm.engine.v1.TokenizeRequest\x1a\x1f.llm.engine.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.llm.engine.v1.ModelInfoRequest\x1a .llm.engine.v1.ModelInfoResponse\x12[\n\x0cGenerateMany\x12\".llm.engine.v1.GenerateManyRequest\x1a#.llm.engine.v1.GenerateManyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEMANYREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_GENERATEMANYREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2084
-  _globals['_FINISHREASON']._serialized_end=2179
+  _globals['_FINISHREASON']._serialized_start=2199
+  _globals['_FINISHREASON']._serialized_end=2294
   _globals['_CHATMESSAGE']._serialized_start=51
   _globals['_CHATMESSAGE']._serialized_end=95
   _globals['_CHATMESSAGES']._serialized_start=97
@@ -43,34 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_end=182
   _globals['_SAMPLINGPARAMS']._serialized_start=185
   _globals['_SAMPLINGPARAMS']._serialized_end=376
-  _globals['_STOPPINGCRITERIA']._serialized_start=378
-  _globals['_STOPPINGCRITERIA']._serialized_end=494
-  _globals['_GENERATEREQUEST']._serialized_start=497
-  _globals['_GENERATEREQUEST']._serialized_end=855
-  _globals['_TOPLOGPROB']._serialized_start=857
-  _globals['_TOPLOGPROB']._serialized_end=919
-  _globals['_TOKENLOGPROB']._serialized_start=921
-  _globals['_TOKENLOGPROB']._serialized_end=1025
-  _globals['_USAGE']._serialized_start=1027
-  _globals['_USAGE']._serialized_end=1084
-  _globals['_GENERATECHUNK']._serialized_start=1087
-  _globals['_GENERATECHUNK']._serialized_end=1325
-  _globals['_TOKENIZEREQUEST']._serialized_start=1327
-  _globals['_TOKENIZEREQUEST']._serialized_end=1445
-  _globals['_TOKENIZERESPONSE']._serialized_start=1447
-  _globals['_TOKENIZERESPONSE']._serialized_end=1484
-  _globals['_MODELINFOREQUEST']._serialized_start=1486
-  _globals['_MODELINFOREQUEST']._serialized_end=1504
-  _globals['_MODELINFORESPONSE']._serialized_start=1507
-  _globals['_MODELINFORESPONSE']._serialized_end=1680
-  _globals['_GENERATEMANYREQUEST']._serialized_start=1683
-  _globals['_GENERATEMANYREQUEST']._serialized_end=1899
-  _globals['_GENERATEMANYREQUEST_METADATAENTRY']._serialized_start=1852
-  _globals['_GENERATEMANYREQUEST_METADATAENTRY']._serialized_end=1899
-  _globals['_GENERATEMANYCHUNK']._serialized_start=1901
-  _globals['_GENERATEMANYCHUNK']._serialized_end=2008
-  _globals['_GENERATEMANYRESPONSE']._serialized_start=2010
-  _globals['_GENERATEMANYRESPONSE']._serialized_end=2082
-  _globals['_ENGINE']._serialized_start=2182
-  _globals['_ENGINE']._serialized_end=2516
+  _globals['_STOPPINGCRITERIA']._serialized_start=379
+  _globals['_STOPPINGCRITERIA']._serialized_end=551
+  _globals['_GENERATEREQUEST']._serialized_start=554
+  _globals['_GENERATEREQUEST']._serialized_end=970
+  _globals['_TOPLOGPROB']._serialized_start=972
+  _globals['_TOPLOGPROB']._serialized_end=1034
+  _globals['_TOKENLOGPROB']._serialized_start=1036
+  _globals['_TOKENLOGPROB']._serialized_end=1140
+  _globals['_USAGE']._serialized_start=1142
+  _globals['_USAGE']._serialized_end=1199
+  _globals['_GENERATECHUNK']._serialized_start=1202
+  _globals['_GENERATECHUNK']._serialized_end=1440
+  _globals['_TOKENIZEREQUEST']._serialized_start=1442
+  _globals['_TOKENIZEREQUEST']._serialized_end=1560
+  _globals['_TOKENIZERESPONSE']._serialized_start=1562
+  _globals['_TOKENIZERESPONSE']._serialized_end=1599
+  _globals['_MODELINFOREQUEST']._serialized_start=1601
+  _globals['_MODELINFOREQUEST']._serialized_end=1619
+  _globals['_MODELINFORESPONSE']._serialized_start=1622
+  _globals['_MODELINFORESPONSE']._serialized_end=1795
+  _globals['_GENERATEMANYREQUEST']._serialized_start=1798
+  _globals['_GENERATEMANYREQUEST']._serialized_end=2014
+  _globals['_GENERATEMANYREQUEST_METADATAENTRY']._serialized_start=1967
+  _globals['_GENERATEMANYREQUEST_METADATAENTRY']._serialized_end=2014
+  _globals['_GENERATEMANYCHUNK']._serialized_start=2016
+  _globals['_GENERATEMANYCHUNK']._serialized_end=2123
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=2125
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=2197
+  _globals['_ENGINE']._serialized_start=2297
+  _globals['_ENGINE']._serialized_end=2631
 # @@protoc_insertion_point(module_scope)
