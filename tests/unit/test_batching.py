@@ -285,3 +285,26 @@ def test_compiled_steps_equal_eager_and_compile_only_at_warmup(preset: str) -> N
     for got, want in zip(compiled.values(), eager.values(), strict=True):
         _assert_same(got, want)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_compile_runs_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """No working C++ compiler (a slim image): warmup warns and the runner serves eager."""
+    model = _model("tiny")
+    requests = _requests(model.config.vocab_size, 3, seed=5)
+    torch._dynamo.reset()
+    batch = BatchGenerator(model, n_slots=4, prefill_chunk=7, compile=True)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        batch.warmup()
+    torch._dynamo.reset()
+    assert not batch.runner.compiled
+    assert "compile failed, running eager" in caplog.text
+    got = {id(r): [] for r in requests}
+    waiting = list(requests)
+    while waiting or batch.active:
+        while waiting and batch.free_slots:
+            batch.add(waiting.pop(0))
+        for e in batch.step():
+            got[id(e.request)].append((e.token_id, e.logprob, e.top, e.finish_reason))
+    for r in requests:
+        _assert_same(got[id(r)], _run_alone(model, _clone(r), prefill_chunk=7))

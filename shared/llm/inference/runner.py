@@ -31,6 +31,7 @@ the CPU, decode steps and short prefill chunks compute their linear layers as `W
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ from torch.overrides import TorchFunctionMode
 from llm.inference.sampling import Sampler
 from llm.inference.scheduler import PrefillChunk, Request, SchedulerOutput
 from llm.models.decoder import DecoderModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,22 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         self.sampler.release(slot)
 
-    @torch.inference_mode()
     def warmup(self) -> None:
-        """Compile every graph the calls need now (a no-op when not compiling)."""
+        """Compile every graph the calls need now (a no-op when not compiling). A model or
+        machine that cannot compile (no C++ compiler for inductor's CPU kernels, say) runs
+        eager, with a warning naming the error."""
         if not self.compiled:
             return
+        try:
+            self._compile_all()
+        except Exception as e:  # inductor/dynamo raise many kinds: all mean "cannot compile"
+            log.warning("compile failed, running eager: %s: %s", type(e).__name__, e)
+            self.compiled = False
+            self._decode, self._prefill_call = self._decode_eager, self._prefill_eager
+            self.pos.zero_()
+
+    @torch.inference_mode()
+    def _compile_all(self) -> None:
         # Sizes told apart (2 rows, 3 tokens): dynamo assumes sizes that are equal when it
         # traces always are, and would compile again for the first call where they differ.
         rows = torch.full((2,), self.scratch, device=self.device)
