@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -124,6 +125,11 @@ class Scheduler:
     # -- called from other threads --------------------------------------------------------
 
     def start(self) -> None:
+        # The model's thread shares the GIL with the gRPC server's event loop: a thread
+        # that wants the GIL waits up to the switch interval for the other to yield it.
+        # 0.5 ms instead of 5 ms cut a served 8-stream decode step of a 12.6M model from
+        # 25 to 17 ms (the step's Python between model calls waited on the event loop).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> None:

@@ -308,3 +308,15 @@ def test_a_model_that_cannot_compile_runs_eager(caplog: pytest.LogCaptureFixture
             got[id(e.request)].append((e.token_id, e.logprob, e.top, e.finish_reason))
     for r in requests:
         _assert_same(got[id(r)], _run_alone(model, _clone(r), prefill_chunk=7))
+
+
+def test_prefill_rows_are_cut_to_waste_little_padding() -> None:
+    from llm.inference.runner import piece_length
+
+    assert piece_length([512, 32, 32]) == 64  # 10 rows, 11% padding, not 3 rows of 512
+    assert piece_length([512], least_rows=2) == 256  # two halves, not a padding row
+    assert piece_length([511], least_rows=2) == 256
+    assert piece_length([128] * 8) == 128
+    assert piece_length([100, 90, 80]) == 100  # 11% padding: within the 12.5% budget
+    assert piece_length([300, 40]) == 75  # 4 rows + 1 row: 10%
+    assert piece_length([1, 1], least_rows=2) == 2  # a compiled call has 2 tokens a row

@@ -192,6 +192,24 @@ def test_eviction_takes_the_least_recently_used_free_slot_below_the_batch_width(
     assert kept.cached == 16  # ...slot 2's is still there
 
 
+def test_eviction_spares_the_only_copy_of_a_prefix() -> None:
+    s = StepScheduler(n_slots=4, max_seq_len=128, block_size=16)
+    shared, other = [5] * 20, [6] * 20
+    reqs = [
+        _request(p, max_new=n) for p, n in ((shared, 1), (other, 1), (other, 50), ([7] * 20, 50))
+    ]
+    for r in reqs:
+        s.add(r)
+    assert [r.slot for r in reqs] == [0, 1, 2, 3]
+    _run_step(s)  # slots 0 and 1 are free again; slot 2 holds `other`'s block too
+    fresh = _request([9] * 20, max_new=1)
+    s.add(fresh)
+    assert fresh.slot == 1  # not slot 0, the least recently used: its block is the only copy
+    again = _request(shared)
+    s.add(again)
+    assert again.cached == 16 and again.slot == 0
+
+
 def test_disabled_prefix_caching_reuses_nothing() -> None:
     s = StepScheduler(n_slots=2, max_seq_len=128, block_size=16, prefix_caching=False)
     for _ in range(2):

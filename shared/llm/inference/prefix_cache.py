@@ -11,16 +11,19 @@ When a request is admitted, `admit` finds the longest run of leading blocks of i
 held by any slot, running or free, and picks its slot:
 
 - a free slot that holds that run already: the request reuses it in place;
-- else the least recently used free slot below the batch's current width (decode steps
-  run over the slots up to the highest busy one: a sparse batch would compute idle rows),
-  or the lowest free slot when none is below it, and the run is copied into it from the
-  slot holding it (a copy of a few MB, against a prefill that costs the model's full
-  FLOPs per token).
+- else a free slot below the batch's current width (decode steps run over the slots up
+  to the highest busy one: a sparse batch would compute idle rows), or the lowest free
+  slot when none is below it; of those, the one holding the fewest blocks that no other
+  slot holds (a request's own suffix, not the only copy of a shared prefix), the least
+  recently used on a tie. The run is copied into it
+  from the slot holding it (a copy of a few MB, against a prefill that costs the model's
+  full FLOPs per token).
 
 At least the prompt's last token is always computed (its logits give the first new
 token), and requests that score their prompt reuse nothing. A slot's blocks from the
-reused point on are forgotten when its new request overwrites them: that, and choosing the
-least recently used free slot, is the eviction policy. Blocks are registered as requests
+reused point on are forgotten when its new request overwrites them: that, and choosing
+the slot that loses the fewest blocks, then the least recently used, is the eviction
+policy. Blocks are registered as requests
 compute them, generated tokens included, so a multi-turn conversation's next prompt
 reuses the previous turn's answer too.
 
@@ -88,10 +91,13 @@ class PrefixCache:
             if in_place:  # a free slot holds the whole run: reuse it where it is
                 return Placement(in_place[0], len(path) * self.block_size)
             source = min(holders)
-        # Else the least recently used free slot below the busy width, or the lowest free
-        # slot, and the run is copied into it.
-        dense = [s for s in free if s < busy_width] or [min(free)]
-        slot = min(dense, key=lambda s: (self._last_used[s], s))
+        # Else a free slot below the busy width, or the lowest free slot: one whose blocks
+        # other slots hold too (or that holds none) if any, else the least recently used.
+        # The run is copied into it.
+        dense = [s for s in free if s < busy_width]
+        if not dense:
+            dense = [min([s for s in free if not self._lost_blocks(s)] or free)]
+        slot = min(dense, key=lambda s: (self._lost_blocks(s), self._last_used[s], s))
         return Placement(slot, len(path) * self.block_size, source)
 
     def assign(self, placement: Placement, tokens: Sequence[int]) -> None:
@@ -133,6 +139,10 @@ class PrefixCache:
                 break
             path.append(node)
         return path
+
+    def _lost_blocks(self, slot: int) -> int:
+        """How many blocks only this slot holds (what overwriting it loses)."""
+        return sum(len(block.slots) == 1 for block in self._paths[slot])
 
     def _truncate(self, slot: int, keep: int) -> None:
         path = self._paths[slot]

@@ -5,11 +5,13 @@ The model's cache is set up once as `n_slots` rows of the whole context
 (`[layers][slots, kv_heads, max_len, head_dim]`, or MLA's latent). A step runs, in order:
 
 1. the prefix-cache copies (positions [0, n) of one slot into another);
-2. the prompt chunks of every prefilling request in **one** model call: rows padded to the
-   longest chunk, each row reading and writing its own slot (`cache_rows`), the logits of
-   each row's last real token only. Padding writes past a row's chunk, where nothing is
-   read before the row's own later tokens overwrite it. A request that scores its prompt
-   runs alone, with the logits of every position;
+2. the prompt chunks of every prefilling request in **one** model call: each chunk cut
+   into rows of one length (`piece_length`: little padding whatever the mix of lengths),
+   each row reading and writing its chunk's slot (`cache_rows`; a later row of a chunk
+   attends to the earlier rows' keys, written in the same call, by position), the logits
+   of one token per row. Only a chunk's last row is padded, past the chunk, where nothing
+   is read before the request's own later tokens overwrite it. A request that scores its
+   prompt runs alone, with the logits of every position;
 3. one decode step over the slots [0, width) up to the highest generating one: tokens
    (width, 1) at per-slot positions, attending over the first `kv_len` cache positions,
    `kv_len` just above every generating position, so its attention costs what the longest
@@ -21,9 +23,9 @@ The model's cache is set up once as `n_slots` rows of the whole context
 
 `compile=True` compiles the decode and prefill calls with dynamic shapes (batch width,
 chunk length, cache length), on the CPU with inductor's freezing, which packs the weights
-for its GEMM kernels (the weights are then held twice). Calls are padded to at least two
-rows (and a prefill to two tokens; an extra row writes into a scratch cache row past the
-slots), so a single stream never needs graphs of its own; `warmup` compiles the rest (the
+for its GEMM kernels (the weights are then held twice). Calls have at least two rows (a
+lone prompt chunk is cut in two; a decode step or a one-token chunk gets an extra row
+that writes into a scratch cache row past the slots), so a single stream never needs graphs of its own; `warmup` compiles the rest (the
 whole cache attended) before the first request, so none compiles mid-traffic. Eager on
 the CPU, decode steps and short prefill chunks compute their linear layers as `W @ x^T`
 (`FewRowLinears`).
@@ -87,14 +89,18 @@ class FewRowLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _compiled(fn: Callable[..., torch.Tensor], freezing: bool) -> Callable[..., torch.Tensor]:
-    """`fn` compiled with dynamic shapes; with `freezing`, inductor treats the weights as
-    constants and packs them for its GEMMs. The flag must be set while each call runs
-    (`torch.compile(options=...)` leaves the weight-packing passes off)."""
+def _compiled(fn: Callable[..., torch.Tensor], cpu: bool) -> Callable[..., torch.Tensor]:
+    """`fn` compiled with dynamic shapes. On the CPU with inductor's freezing, which treats
+    the weights as constants and packs them for its GEMMs, and its C++ wrapper, which runs
+    the whole graph without the GIL (the Python wrapper calls each kernel holding it, so
+    the engine's gRPC thread and the model stalled each other: a 12.6M model's 8-row
+    decode step took 25 ms served, 12 ms alone; 15 ms with the C++ wrapper). The flags
+    must be set while each call runs (`torch.compile(options=...)` leaves the
+    weight-packing passes off)."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args: object) -> torch.Tensor:
-        with torch._inductor.config.patch(freezing=freezing):
+        with torch._inductor.config.patch(freezing=cpu, cpp_wrapper=cpu):
             return compiled(*args)
 
     return call
@@ -116,9 +122,9 @@ class ModelRunner:
         self._decode = self._decode_eager
         self._prefill_call = self._prefill_eager
         if compile:
-            frozen = self.device.type == "cpu"
-            self._decode = _compiled(self._decode_graph, frozen)
-            self._prefill_call = _compiled(self._prefill_graph, frozen)
+            cpu = self.device.type == "cpu"
+            self._decode = _compiled(self._decode_graph, cpu)
+            self._prefill_call = _compiled(self._prefill_graph, cpu)
 
     def assign(self, request: Request) -> None:
         """Load an admitted request's sampling parameters into its slot."""
@@ -173,26 +179,29 @@ class ModelRunner:
 
     def _prefill(self, chunks: list[PrefillChunk]) -> list[Sampled]:
         least = 2 if self.compiled else 1  # rows and tokens: see the module doc
-        T = max(least, *(c.length for c in chunks))
+        P = piece_length([c.length for c in chunks], least)
         last_pos = self.max_seq_len - 1  # padding past the context writes the last position
-        ids, positions = [], []
+        ids, positions, slots, last, ends = [], [], [], [], []
         for c in chunks:
-            ids.append(c.request.prompt_ids[c.start : c.start + c.length] + [0] * (T - c.length))
-            positions.append([min(c.start + j, last_pos) for j in range(T)])
-        slots = [c.request.slot for c in chunks]
-        last = [c.length - 1 for c in chunks]
-        if len(chunks) < least:
-            ids, positions = [*ids, [0] * T], [*positions, list(range(T))]
+            tokens = c.request.prompt_ids[c.start : c.start + c.length]
+            for off in range(0, c.length, P):  # only the chunk's last piece is padded
+                piece = tokens[off : off + P]
+                ids.append(piece + [0] * (P - len(piece)))
+                positions.append([min(c.start + off + j, last_pos) for j in range(P)])
+                slots.append(c.request.slot)
+                last.append(len(piece) - 1)
+            ends.append(len(ids) - 1)  # the row holding the chunk's last token
+        if len(ids) < least:
+            ids, positions = [*ids, [0] * P], [*positions, list(range(P))]
             slots, last = [*slots, self.scratch], [*last, 0]
-        rows = torch.tensor(slots, device=self.device)
         logits = self._prefill_call(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
-            rows,
+            torch.tensor(slots, device=self.device),
             torch.tensor(last, device=self.device),
             max(p[-1] for p in positions) + 1,
         )  # (R, V)
-        rows = rows[: len(chunks)]
+        rows = torch.tensor([c.request.slot for c in chunks], device=self.device)
         self.pos.index_copy_(
             0, rows, torch.tensor([[c.start + c.length] for c in chunks], device=self.device)
         )
@@ -200,7 +209,8 @@ class ModelRunner:
         if not done:
             return []
         index = torch.tensor(done, device=self.device)
-        return self._sample(logits[index], [chunks[i].request for i in done], rows[index], False)
+        at = torch.tensor([ends[i] for i in done], device=self.device)
+        return self._sample(logits[at], [chunks[i].request for i in done], rows[index], False)
 
     def _score(self, chunk: PrefillChunk) -> list[Sampled]:
         """A chunk of a prompt whose tokens are scored: all its positions' logits."""
@@ -301,6 +311,26 @@ class ModelRunner:
             logprob = values[1] if request.logprobs or request.top_logprobs else None
             out.append(Sampled(request, int(values[0]), logprob, top))
         return out
+
+
+def piece_length(lengths: list[int], least_rows: int = 1, waste: float = 0.125) -> int:
+    """The row length of a prefill call over chunks of `lengths`: each chunk is cut into
+    rows of this many tokens (its last row padded), the largest length whose padding
+    costs at most `waste` of the tokens (a 32-token suffix after a cached prefix is not
+    padded to the 512 tokens of a cold prompt in the same step), and short enough to
+    make `least_rows` rows (a compiled call needs 2: two halves of one chunk cost nothing
+    more, where a padding row would double the call), and at least `least_rows` tokens."""
+    total, longest = sum(lengths), max(lengths)
+    if len(lengths) < least_rows:
+        return max(least_rows, -(-longest // least_rows))
+    candidates, n = {max(length, least_rows) for length in lengths}, longest  # rows >= 2
+    while n >= 16:
+        candidates.add(n)
+        n //= 2
+    for n in sorted(candidates, reverse=True):
+        if sum(-(-length // n) * n for length in lengths) <= (1 + waste) * total:
+            return n
+    return min(candidates)
 
 
 def _without_early_stops(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
