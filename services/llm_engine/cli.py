@@ -106,7 +106,11 @@ def run(
         int | None, typer.Option(help="prompt tokens prefilled per scheduler step")
     ] = None,
     compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the decode step")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model calls at start (CPU: needs a C++ compiler, else eager)",
+        ),
     ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics port (0: off)")

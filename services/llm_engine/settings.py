@@ -33,7 +33,9 @@ class EngineSettings(BaseSettings):
     prefill_chunk: int = Field(
         default=512, ge=1, description="prompt tokens prefilled per scheduler step"
     )
-    compile: bool = Field(default=False, description="torch.compile the decode step")
+    compile: bool = Field(
+        default=False, description="torch.compile the prefill and decode calls at start"
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="port of the Prometheus /metrics; 0: off"
     )
