@@ -6,11 +6,17 @@ Layout of one checkpoint directory (local or `s3://`):
     tokenizer files     char_tokenizer.json or the HF tokenizer files
     trainer_state.pt    optimizer, scheduler, step, RNG, data position (training only)
     manifest.json       written last by `llm.storage.commit`: the directory's proof of life
+
+`load_checkpoint` also takes a Hugging Face model directory (local or remote): its
+`config.json` (with a `model_type`), one or sharded safetensors, the tokenizer files and
+`generation_config.json` (every EOS id it lists ends generation). Pickle weights
+(`*.bin`) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -95,12 +101,15 @@ def _local_copy(uri: str, tmp: str) -> Path:
 def load_checkpoint(
     uri: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
-    """Load a run directory's newest committed checkpoint, or one checkpoint directory.
+    """Load a run directory's newest committed checkpoint, one checkpoint directory, or a
+    Hugging Face model directory (module doc).
 
     Files are checked against the manifest first: a half-written or corrupt checkpoint
     raises `storage.CheckpointError` instead of loading. A sharded checkpoint (an FSDP
     run's, `llm.training.sharded`) is read whole into this one process.
     """
+    if is_hf_dir(uri):
+        return _load_hf_dir(uri, device, dtype)
     ckpt = storage.resolve_checkpoint(uri)
     manifest = storage.verify(ckpt, check_hashes=True)
     if WEIGHTS not in manifest["files"]:
@@ -129,6 +138,69 @@ def load_checkpoint(
         model.to(dtype=dtype)
     model.eval()
     return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
+
+
+def is_hf_dir(uri: str) -> bool:
+    """A Hugging Face model directory: a `config.json` with a `model_type`, no manifest."""
+    if storage.exists(storage.join(uri, storage.MANIFEST)):
+        return False
+    try:
+        return "model_type" in json.loads(storage.read_bytes(storage.join(uri, CONFIG)))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+_HF_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HF_INDEX = "model.safetensors.index.json"
+
+
+def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    """A Hugging Face directory, its files checked before any is read. `dtype=None` keeps
+    the weights' dtype, except half precision on the CPU, which serves float32."""
+    from llm.data.tokenizers import HFTokenizer
+    from llm.interop.hf import from_hf
+
+    fs, root = storage.url_to_fs(uri)
+    sizes = {r: n for r, n in storage._list_files(fs, root).items() if "/" not in r}
+    weights = sorted(r for r in sizes if r.endswith(".safetensors"))
+    if not weights:
+        pickled = sorted(r for r in sizes if r.endswith(_PICKLES))
+        if pickled:
+            raise storage.CheckpointError(
+                f"{uri}/{pickled[0]}: pickle weights are refused (loading them can run code); "
+                "save the model as safetensors (save_pretrained(safe_serialization=True))"
+            )
+        raise storage.CheckpointError(f"{uri}: a Hugging Face directory without *.safetensors")
+    if HF_INDEX in sizes:
+        index = json.loads(storage.read_bytes(storage.join(uri, HF_INDEX)))
+        for name in sorted(set(index.get("weight_map", {}).values())):
+            if name not in sizes:
+                raise storage.CheckpointError(f"{uri}/{HF_INDEX}: lists {name}, which is missing")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(root)
+        if not storage.is_local(uri):  # every file whole before any is read
+            local = Path(tmp)
+            for rel in (r for r in sizes if r.endswith(_HF_SUFFIXES)):
+                fs.get_file(f"{root.rstrip('/')}/{rel}", str(local / rel))
+                if (local / rel).stat().st_size != sizes[rel]:
+                    raise storage.CheckpointError(f"{uri}/{rel}: changed while it was read")
+        try:
+            model = from_hf(local, device=device)
+            tokenizer = HFTokenizer(local)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise storage.CheckpointError(f"{uri}: not a model this library loads: {e}") from e
+        generation = local / "generation_config.json"
+        if generation.exists():
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+            tokenizer.extra_stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    half = model.embed_tokens.weight.dtype in (torch.float16, torch.bfloat16)
+    if dtype is None and half and torch.device(device).type == "cpu":
+        dtype = torch.float32
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, model.config, uri, _run_name(uri))
 
 
 def read_config(ckpt_uri: str) -> ModelConfig:

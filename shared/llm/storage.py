@@ -297,7 +297,8 @@ def resolve_checkpoint(uri: str, *, check_hashes: bool = False) -> str:
     latest = latest_checkpoint(uri)
     if latest is None:
         raise CheckpointError(
-            f"{uri}: neither a committed checkpoint nor a run dir with committed checkpoints"
+            f"{uri}: neither a committed checkpoint nor a run dir with committed checkpoints "
+            "(nor a Hugging Face model directory: config.json with *.safetensors)"
         )
     return latest
 

@@ -98,3 +98,55 @@ def test_bad_inputs_exit_2_naming_the_problem(checkpoint: Path, tmp_path: Path) 
     (full / "keep").write_text("")
     result = runner.invoke(app, ["to-hf", str(checkpoint), str(full)])
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_a_hugging_face_directory_serves_as_a_checkpoint(
+    checkpoint: Path, tmp_path: Path, s3_bucket: str
+) -> None:
+    """Every command that takes --checkpoint takes the HF directory, local or s3://."""
+    import json
+
+    import s3fs
+
+    from llm.storage import CheckpointError
+    from llm_engine.generate import app as generate_app
+
+    out = tmp_path / "my-model"
+    assert runner.invoke(app, ["to-hf", str(checkpoint), str(out)]).exit_code == 0
+    ours = load_checkpoint(str(checkpoint))
+    prompt = ours.tokenizer.encode("def main():")
+    want = generate(ours.model, prompt, max_new_tokens=10, sampling=SamplingParams(0),
+                    stop_token_ids=())  # fmt: skip
+    config = json.loads((out / "generation_config.json").read_text())
+    config["eos_token_id"] = [ours.tokenizer.eos_id, want[4]]  # a second EOS id
+    (out / "generation_config.json").write_text(json.dumps(config))
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(out), f"{s3_bucket}/hf/my-model", recursive=True)
+    for uri in (str(out), f"{s3_bucket}/hf/my-model"):
+        loaded = load_checkpoint(uri)
+        assert loaded.name == "my-model"
+        assert {ours.tokenizer.eos_id, want[4]} <= set(loaded.tokenizer.stop_ids)
+        assert want[4] not in ours.tokenizer.stop_ids
+        got = generate(loaded.model, prompt, max_new_tokens=10, sampling=SamplingParams(0),
+                       stop_token_ids=())  # fmt: skip
+        assert got == want, uri
+    # llm-generate stops at the generation config's second EOS id.
+    result = runner.invoke(generate_app, ["def main():", "--checkpoint", str(out),
+                                          "--max-tokens", "10", "--temperature", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stops = {*ours.tokenizer.stop_ids, want[4]}
+    end = next(i for i, t in enumerate(want) if t in stops)
+    assert result.stdout == ours.tokenizer.decode(want[:end]) + "\n"
+
+    (out / "model.safetensors").rename(out / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle weights are refused"):
+        load_checkpoint(str(out))
+    (out / "pytorch_model.bin").rename(out / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"model-00002-of-00002\.safetensors, which is missing"
+    ):
+        load_checkpoint(str(out))

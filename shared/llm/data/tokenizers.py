@@ -229,11 +229,14 @@ class HFTokenizer:
         self.pad_id = self.tok.pad_token_id
         self.unk_id = self.tok.unk_token_id
         self.has_chat_template = bool(getattr(self.tok, "chat_template", None))
+        self.extra_stop_ids: list[int] = []  # a model's generation_config EOS ids
 
     @property
     def stop_ids(self) -> list[int]:
-        """Ids that end a generated turn: EOS, and ChatML's `<|im_end|>` when the vocab has it."""
+        """Ids that end a generated turn: EOS, ChatML's `<|im_end|>` when the vocab has it,
+        and `extra_stop_ids`."""
         ids = [self.eos_id] if self.eos_id is not None else []
+        ids += [i for i in self.extra_stop_ids if i not in ids]
         im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != self.unk_id and im_end not in ids:
             ids.append(im_end)
