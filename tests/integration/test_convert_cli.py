@@ -150,3 +150,36 @@ def test_a_hugging_face_directory_serves_as_a_checkpoint(
         CheckpointError, match=r"model-00002-of-00002\.safetensors, which is missing"
     ):
         load_checkpoint(str(out))
+
+
+def test_full_fine_tuning_takes_the_architecture_of_a_hugging_face_directory(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """`checkpoint.init_from=HF_DIR` with no model settings: its config, weights and
+    tokenizer (one step at a negligible learning rate leaves the weights as they were)."""
+    from llm.settings import load_settings
+    from llm.training.data import build_data
+    from llm.training.distributed import DistInfo
+    from llm.training.run import run_training
+
+    out = tmp_path / "hf"
+    assert runner.invoke(app, ["to-hf", str(checkpoint), str(out)]).exit_code == 0
+    text = tmp_path / "text.txt"
+    text.write_text("".join(default_corpus()[:20]))
+    settings = load_settings({
+        "training": {"max_steps": 1, "batch_size": 2, "block_size": 32, "eval_interval": 1,
+                     "eval_batches": 1, "log_interval": 1, "progress": False},
+        "data": {"source": str(text)},
+        "optimization": {"lr": 1e-12, "warmup_steps": 0},
+        "checkpoint": {"run_dir": str(tmp_path / "run"), "init_from": str(out), "interval": 1},
+    })  # fmt: skip
+    tok, data = build_data(settings)
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    run_training(settings, tok, data, cpu)
+    base, tuned = load_checkpoint(str(checkpoint)), load_checkpoint(str(tmp_path / "run"))
+    assert tuned.config == base.config
+    assert tuned.tokenizer.fingerprint() == base.tokenizer.fingerprint()
+    for (name, a), (_, b) in zip(
+        base.model.state_dict().items(), tuned.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)

@@ -38,8 +38,8 @@ def build_data(
     """
     d, t = settings.data, settings.training
     name = d.tokenizer
-    if name in (None, "char") and settings.finetune.method != "none":
-        name = settings.checkpoint.init_from  # adapters keep the base's vocabulary
+    if name in (None, "char") and settings.checkpoint.init_from:
+        name = settings.checkpoint.init_from  # fine-tuning keeps the base's vocabulary
     tokenizer = _explicit_tokenizer(name)
     if t.task == "sft":
         path = d.dataset_path or d.source

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from llm import storage
-from llm.checkpoint import CONFIG, TRAINER_STATE, WEIGHTS, load_checkpoint
+from llm.checkpoint import CONFIG, TRAINER_STATE, WEIGHTS, is_hf_dir, load_checkpoint
 from llm.config import ModelConfig
 from llm.core.lora import apply_lora, unload_lora
 from llm.core.qlora import bitsandbytes_available, quantize_base
@@ -43,22 +43,16 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
-def is_hf_dir(uri: str) -> bool:
-    """A Hugging Face checkpoint directory (config.json, no manifest of ours)."""
-    return Path(uri, "config.json").exists() and not storage.exists(
-        storage.join(uri, storage.MANIFEST)
-    )
-
-
 def base_model_type(uri: str) -> str | None:
     """The HF family of an HF base (its adapter keys follow it); None: inferred from ours."""
     if is_hf_dir(uri):
-        return json.loads(Path(uri, "config.json").read_text()).get("model_type")
+        return json.loads(storage.read_bytes(storage.join(uri, CONFIG))).get("model_type")
     return None
 
 
 def load_base(uri: str, device: torch.device | str = "cpu") -> DecoderModel:
-    """The base model at `uri`: our checkpoint (run or step directory) or an HF directory."""
+    """The base model at `uri`: our checkpoint (run or step directory) or an HF directory
+    (its weights only: a base needs no tokenizer of its own)."""
     if is_hf_dir(uri):
         from llm.interop.hf import from_hf
 

@@ -121,12 +121,22 @@ def run_training(
         if latest is not None:
             resume_adapter(model, latest, base_model_type(c.init_from))
     else:
-        model_cfg = settings.model.build(
-            vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
-        )
-        model = DecoderModel(model_cfg).to(info.device)
-        if c.init_from:
-            _load_initial_weights(model, c.init_from, info.device)
+        if c.init_from and not settings.model.model_fields_set:
+            # Full fine-tuning takes the architecture (and weights) of checkpoint.init_from.
+            model = load_base(c.init_from, info.device).float().train()
+            model_cfg = model.config
+        else:
+            model_cfg = settings.model.build(
+                vocab_size=tokenizer.vocab_size, max_seq_len=max(t.block_size, 256)
+            )
+            model = DecoderModel(model_cfg).to(info.device)
+            if c.init_from:
+                _load_initial_weights(model, c.init_from, info.device)
+        if t.block_size > model_cfg.max_seq_len:
+            raise ValueError(
+                f"training.block_size={t.block_size}: longer than the context of"
+                f" checkpoint.init_from ({model_cfg.max_seq_len})"
+            )
         if latest is not None:
             if read_config(latest) != model_cfg:
                 raise ValueError(
