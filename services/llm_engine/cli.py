@@ -2,7 +2,7 @@
 
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
                [--adapter runs/sft/adapter [--no-merge-adapter]]
-               [--slots 8] [--prefill-chunk 512] [--compile] [--max-queue 64]
+               [--slots 8] [--max-model-len N] [--prefill-chunk 512] [--compile] [--max-queue 64]
                [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0]
 
 Prints one JSON line on stdout once the port is bound,
@@ -65,6 +65,7 @@ async def serve(settings: EngineSettings) -> int:
             n_slots=settings.slots,
             prefill_chunk=settings.prefill_chunk,
             compile=settings.compile,
+            max_model_len=settings.max_model_len,
         )
     )
     stopped = asyncio.create_task(stop.wait())
@@ -102,6 +103,9 @@ def run(
         int | None, typer.Option(help="waiting requests before RESOURCE_EXHAUSTED")
     ] = None,
     slots: Annotated[int | None, typer.Option(help="KV-cache slots (concurrent requests)")] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="context served, KV cache per slot (default: the model's)")
+    ] = None,
     prefill_chunk: Annotated[
         int | None, typer.Option(help="prompt tokens prefilled per scheduler step")
     ] = None,
@@ -124,7 +128,7 @@ def run(
     flags = dict(
         checkpoint=checkpoint, adapter=adapter, merge_adapter=merge_adapter, host=host, port=port, model_name=model_name, max_queue=max_queue,
         slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
-        device=device, dtype=dtype, threads=threads, log_level=log_level,
+        max_model_len=max_model_len, device=device, dtype=dtype, threads=threads, log_level=log_level,
     )  # fmt: skip
     try:
         settings = EngineSettings(**{k: v for k, v in flags.items() if v is not None})

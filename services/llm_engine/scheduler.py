@@ -109,12 +109,15 @@ class Scheduler:
         n_slots: int = 8,
         prefill_chunk: int = 512,
         compile: bool = False,
+        max_seq_len: int | None = None,
     ) -> None:
         if max_queue < 1 or n_slots < 1:
             raise ValueError("max_queue and n_slots must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.n_slots = max_queue, n_slots
-        self.batch = BatchGenerator(model, n_slots, prefill_chunk=prefill_chunk, compile=compile)
+        self.batch = BatchGenerator(
+            model, n_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, compile=compile
+        )
         self.batch.warmup()  # compiles now, not during the first requests
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._active: dict[int, _Slot] = {}  # id(work request) -> slot

@@ -52,6 +52,7 @@ class EngineState:
     model_id: str
     dtype: str
     created: int
+    context_length: int  # what a prompt plus its new tokens may take (--max-model-len)
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -79,7 +80,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                 request,
                 state.loaded.tokenizer,
                 vocab_size=config.vocab_size,
-                context_length=config.max_seq_len,
+                context_length=state.context_length,
             )
         except validation.InvalidArgument as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -252,7 +253,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         loaded = state.loaded
         return pb.ModelInfoResponse(
             model_id=state.model_id,
-            context_length=loaded.config.max_seq_len,
+            context_length=state.context_length,
             vocab_size=loaded.config.vocab_size,
             slots=state.scheduler.n_slots,
             dtype=state.dtype,
@@ -351,16 +352,33 @@ class RunningEngine:
         compile: bool = False,
         adapter: str | None = None,
         merge_adapter: bool = True,
+        max_model_len: int | None = None,
     ) -> EngineState:
         """Load the checkpoint (and a LoRA adapter on it) off the event loop, start the
         scheduler, go SERVING."""
         started = time.monotonic()
         loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
+        context = loaded.config.max_seq_len
+        if max_model_len is not None and max_model_len > context:
+            raise ValueError(
+                f"max_model_len={max_model_len}: longer than the model's context ({context})"
+            )
+        context = max_model_len or context
         if adapter is not None:
             await asyncio.to_thread(_apply_adapter, loaded, adapter, merge_adapter)
         scheduler = await asyncio.to_thread(
             Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
-            prefill_chunk=prefill_chunk, compile=compile,
+            prefill_chunk=prefill_chunk, compile=compile, max_seq_len=context,
+        )  # fmt: skip
+        cache = sum(
+            b.numel() * b.element_size()
+            for name, b in loaded.model.named_buffers()
+            if name.rsplit(".", 1)[-1].endswith("_cache")
+        )
+        log.info(
+            "kv_cache",
+            extra={"bytes": cache, "mib": round(cache / 2**20, 1), "slots": n_slots,
+                   "context_length": context},
         )  # fmt: skip
         scheduler.start()
         state = EngineState(
@@ -369,6 +387,7 @@ class RunningEngine:
             model_id=model_name or loaded.name,
             dtype=str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch."),
             created=int(time.time()),
+            context_length=context,
         )
         self.servicer.state = state
         for service in ("", ENGINE_SERVICE):

@@ -30,6 +30,9 @@ class EngineSettings(BaseSettings):
         default=64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED"
     )
     slots: int = Field(default=8, ge=1, description="KV-cache slots: requests generating at once")
+    max_model_len: int | None = Field(
+        default=None, ge=2, description="context served (KV cache per slot); default: the model's"
+    )
     prefill_chunk: int = Field(
         default=512, ge=1, description="prompt tokens prefilled per scheduler step"
     )

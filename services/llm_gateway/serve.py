@@ -53,6 +53,10 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
                 device=engine_settings.device,
                 dtype=engine_settings.torch_dtype,
                 max_queue=engine_settings.max_queue,
+                n_slots=engine_settings.slots,
+                prefill_chunk=engine_settings.prefill_chunk,
+                compile=engine_settings.compile,
+                max_model_len=engine_settings.max_model_len,
             )
         except Exception as e:
             log.error(

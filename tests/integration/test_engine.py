@@ -333,6 +333,36 @@ def test_unloadable_checkpoint_exits_with_a_clear_error(tmp_path: Path) -> None:
     assert errors and str(tmp_path / "missing") in errors[0]["error"]
 
 
+def test_max_model_len_caps_the_context_and_the_kv_cache(
+    tiny_checkpoint: str, reference: LoadedModel, tmp_path: Path
+) -> None:
+    cfg = reference.config
+    with start_engine(tiny_checkpoint, tmp_path / "engine.log", "--max-model-len", "24") as eng:
+        assert eng.stub.ModelInfo(pb.ModelInfoRequest()).context_length == 24
+        ids = reference.tokenizer.encode("The quick brown fox ")[:20]
+        chunks = run(eng, token_ids=pb.TokenIds(ids=ids), sampling=GREEDY)  # no max_tokens
+        assert len(ids_of(chunks)) <= 4 and chunks[-1].finish_reason in (
+            pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP,
+        )  # fmt: skip
+        want = generate(reference.model, ids, max_new_tokens=4, sampling=SamplingParams(0),
+                        stop_token_ids=reference.tokenizer.stop_ids)  # fmt: skip
+        assert ids_of(chunks) == want
+        with pytest.raises(grpc.RpcError) as e:
+            run(eng, token_ids=pb.TokenIds(ids=[ids[0]] * 24), sampling=GREEDY)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "context length is 24" in e.value.details()
+        (kv,) = [r for r in eng.logs() if r.get("event") == "kv_cache"]
+        head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+        per_slot = cfg.n_layers * 2 * (cfg.n_kv_heads or cfg.n_heads) * head_dim * 24 * 4
+        assert kv["bytes"] == (SLOTS + 1) * per_slot  # the slots and one scratch row
+
+    too_long = str(cfg.max_seq_len + 1)
+    cmd = [sys.executable, "-m", "llm_engine", "--checkpoint", tiny_checkpoint, "--port", "0",
+           "--max-model-len", too_long]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 1 and f"max_model_len={too_long}" in proc.stderr
+
+
 def _stream(port: int, request: pb.GenerateRequest, timeout: float = 60) -> list:
     async def go() -> list:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
