@@ -45,7 +45,7 @@ CASES = {
     "autoscaling": {
         "apiKeys": {"keys": ["sk-test-0123456789"]},
         "gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
-        "engine": {"replicas": 3},
+        "engine": {"replicas": 3, "maxModelLen": 4096},
     },
 }
 # Read by the services through libraries, not settings classes: S3 credentials by
