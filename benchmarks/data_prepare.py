@@ -7,10 +7,10 @@ Measured in one run, on the same machine and input:
   3. the DataModule's batches/s over the written shards beside the `tiny` preset's
      training steps/s at the same batch shape (training must never wait for data).
 
-Input: ../shared/data/tinyshakespeare.txt repeated to --mb megabytes. The tokenizer is a
+Input: --input (e.g. nanoGPT's tinyshakespeare.txt) repeated to --mb megabytes. The tokenizer is a
 byte-level BPE (vocab 4096) trained by `llm.data.bpe.train_bpe` on one copy.
 
-    PYTHONPATH=shared:services .venv/bin/python benchmarks/data_prepare.py --mb 50
+    PYTHONPATH=shared:services .venv/bin/python benchmarks/data_prepare.py --input tinyshakespeare.txt --mb 50
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-DEFAULT_INPUT = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-)
 
 
 def _peer(tok, path: Path, out: Path) -> float:
@@ -94,17 +90,14 @@ def _loader_and_training(out: Path, tok, seq_len: int, batch: int) -> tuple[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
+    ap.add_argument("--input", type=Path, required=True, help="text, e.g. tinyshakespeare.txt")
     ap.add_argument("--mb", type=float, default=50.0, help="size to repeat the input to")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--breakdown", action="store_true", help="also time ours without the fast BPE")
     args = ap.parse_args()
     if not args.input.is_file():
-        sys.exit(
-            f"data_prepare.py: {args.input} not found (the benchmark reads tinyshakespeare"
-            " from ../shared/data; pass --input FILE)"
-        )
+        sys.exit(f"data_prepare.py: --input {args.input}: not found")
     logging.basicConfig(level=logging.WARNING)
     from llm.data.bpe import train_bpe
 

@@ -15,7 +15,8 @@ weight decay 0.1, grad clip 1.0, from `config/train_shakespeare_char.py`).
 
 Target (issue 5): our final val loss <= 1.88 in <= 0.7x the reference's wall time.
 
-Usage: PYTHONPATH=shared .venv/bin/python benchmarks/train_shakespeare.py [--iters 2000]
+Usage: PYTHONPATH=shared .venv/bin/python benchmarks/train_shakespeare.py --data tinyshakespeare.txt
+       [--iters 2000]
        [--warm-cache]
 """
 
@@ -36,17 +37,16 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 BATCH, BLOCK, LR, MIN_LR, WARMUP = 12, 64, 1e-3, 1e-4, 100
 
 
-def settings_for(run_dir: str, iters: int, precision: str, compile_: bool):
+def settings_for(data: Path, run_dir: str, iters: int, precision: str, compile_: bool):
     from llm.settings import load_settings
 
     return load_settings({
         "model": {"preset": "small", "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4,
                   "dropout": 0.0},
-        "data": {"source": str(DATA), "val_fraction": 0.1},
+        "data": {"source": str(data), "val_fraction": 0.1},
         "training": {"max_steps": iters, "batch_size": BATCH, "block_size": BLOCK,
                      "eval_interval": iters, "eval_batches": 200, "log_interval": 500,
                      "progress": False, "device": "cpu"},
@@ -57,13 +57,13 @@ def settings_for(run_dir: str, iters: int, precision: str, compile_: bool):
     })  # fmt: skip
 
 
-def run_ours(iters: int, precision: str, compile_: bool) -> tuple[float, float, object]:
+def run_ours(text: Path, iters: int, precision: str, compile_: bool) -> tuple[float, float, object]:
     from llm.training.data import build_data
     from llm.training.distributed import DistInfo
     from llm.training.run import run_training
 
     with tempfile.TemporaryDirectory() as run_dir:
-        settings = settings_for(run_dir, iters, precision, compile_)
+        settings = settings_for(text, run_dir, iters, precision, compile_)
         tok, data = build_data(settings)
         info = DistInfo(0, 0, 1, torch.device("cpu"))
         start = time.perf_counter()
@@ -113,6 +113,8 @@ def run_reference(iters: int, data, vocab_size: int) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True,
+                   help="tinyshakespeare.txt, nanoGPT's shakespeare_char input (1.1 MB)")  # fmt: skip
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-compile", action="store_true")
@@ -122,13 +124,13 @@ def main() -> int:
     if not args.warm_cache:  # compiled kernels from an earlier run would hide the compile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="inductor-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    if not DATA.is_file():
-        print(f"train_shakespeare: {DATA} not found (tinyshakespeare.txt)", file=sys.stderr)
+    if not args.data.is_file():
+        print(f"train_shakespeare: --data {args.data}: not found", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    t_ours, val_ours, data = run_ours(args.iters, args.precision, not args.no_compile)
+    t_ours, val_ours, data = run_ours(args.data, args.iters, args.precision, not args.no_compile)
     t_ref, val_ref = run_reference(args.iters, data, data.tokenizer.vocab_size)
     ratio = t_ours / t_ref
     cache = "warm" if args.warm_cache else "cold"

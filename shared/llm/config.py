@@ -1,6 +1,6 @@
 """ModelConfig: every architectural choice as an explicit, validated field.
 
-Only `DecoderModel` reads this; leaf modules take plain numbers (STYLE.md 1-3).
+Only `DecoderModel` reads this; leaf modules take plain numbers.
 Derived sizes (`head_dim`, `n_kv_heads`, `hidden_dim`, `sliding_window_layers`) are
 filled in once here and contradictions raise with the field named, never silently
 overwritten. Per-layer differences (which layers slide, which layers stay dense in an

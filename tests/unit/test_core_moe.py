@@ -109,7 +109,7 @@ def test_group_limited_routing_and_scale() -> None:
 
 
 def _hf_block(cls: type, config: transformers.PretrainedConfig) -> torch.nn.Module:
-    config._experts_implementation = "eager"  # the per-expert loop (NOTES-deps.md)
+    config._experts_implementation = "eager"  # the per-expert loop
     torch.manual_seed(0)
     block = cls(config)
     for p in block.parameters():

@@ -1,4 +1,4 @@
-"""Parity of `llm.interop.hf` against `transformers`' own Llama (STYLE.md 10).
+"""Parity of `llm.interop.hf` against `transformers`' own Llama.
 
 Tiny random models with odd sizes, fp32 on CPU; logits must match the HF reference.
 """

@@ -1,4 +1,4 @@
-"""Every supported family against its `transformers` implementation (STYLE.md 10).
+"""Every supported family against its `transformers` implementation.
 
 For each family a tiny random HF model with odd sizes (hidden 37-86, vocab 151, two
 layers, GQA, RoPE scaling, sliding windows and MoE where the family has them) is
@@ -126,7 +126,7 @@ def make_hf(family: str) -> transformers.PreTrainedModel:
         config.n_layer = 2
     model_cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     # The plain references: eager attention, and the per-expert loop (the grouped kernel
-    # needs aligned sizes, NOTES-deps.md).
+    # needs aligned sizes).
     model = model_cls._from_config(
         config, attn_implementation="eager", experts_implementation="eager"
     ).eval()

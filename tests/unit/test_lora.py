@@ -1,4 +1,4 @@
-"""LoRA against PEFT (STYLE.md 10): same base, same adapter weights, same logits.
+"""LoRA against PEFT: same base, same adapter weights, same logits.
 
 Our model is exported with `to_hf`, PEFT's `PeftModel.from_pretrained` loads the adapter
 `save_adapter` wrote over that export, and the logits must agree in fp32. Families cover

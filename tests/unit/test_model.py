@@ -1,4 +1,4 @@
-"""Invariants of `DecoderModel` on the test presets (STYLE.md 11).
+"""Invariants of `DecoderModel` on the test presets.
 
 Cached decode must reproduce a full recompute, rows of a batch may sit at different
 positions, the decode step must compile without graph breaks, and the config must

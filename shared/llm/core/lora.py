@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685), swapped in from outside the model (STYLE.md 5, 7).
+"""LoRA (Hu et al. 2021, arXiv:2106.09685), swapped in from outside the model.
 
 `LoRALinear(base, r, alpha, dropout)` computes PEFT's LoRA exactly:
 
@@ -12,7 +12,7 @@ freshly wrapped model equals its base. Adapter weights are fp32 whatever the bas
 Targets and fused layers. `apply_lora(model, targets=[...])` matches module names by
 suffix as PEFT's `target_modules` does: a target matches `name` when it equals it or
 `name` ends with `"." + target`; `"all-linear"` is every linear layer but `lm_head`.
-Our names are the checkpoint standard's (STYLE.md 8) except where a projection is fused:
+Our names are the checkpoint standard's except where a projection is fused:
 attention's `qkv_proj` holds q_proj | k_proj | v_proj stacked by rows (`interop/_llama`
 splits it the same way). A fused layer answers to its parts' names as if they were
 modules beside it (`layers.0.self_attn.q_proj`), and each matched part gets its own A and

@@ -15,7 +15,7 @@ produce the same bytes and the same dequantized weights (a test checks it whenev
 bitsandbytes imports).
 
 `NF4Linear` is a frozen linear layer holding such a weight; `quantize_base` swaps every
-`nn.Linear` of a model for one, from outside (STYLE.md 5); LoRA then wraps them
+`nn.Linear` of a model for one, from outside; LoRA then wraps them
 (`llm.core.lora.apply_lora`). Its matmul dequantizes the weight on the fly, in forward and
 again in backward (as bitsandbytes' `MatMul4Bit`), so no full-precision copy outlives a
 layer's call.

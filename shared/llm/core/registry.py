@@ -1,4 +1,4 @@
-"""Name -> class registries, resolved once when a model is built (STYLE.md 3)."""
+"""Name -> class registries, resolved once when a model is built."""
 
 from __future__ import annotations
 

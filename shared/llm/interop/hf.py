@@ -1,8 +1,8 @@
 """Hugging Face <-> `DecoderModel` conversion for every supported family.
 
 Supported `model_type`s: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe,
-deepseek_v2, gpt2, bloom. Our parameter names follow the HF checkpoint standard
-(STYLE.md 8), so most keys map by prefix; each family's exceptions (fused q/k/v,
+deepseek_v2, gpt2, bloom. Our parameter names follow the HF checkpoint standard,
+so most keys map by prefix; each family's exceptions (fused q/k/v,
 stacked experts, Conv1D transposes, DeepSeek's interleaved rope dims, BLOOM's per-head
 q/k/v) live in its private module next to this one (`_llama`, `_deepseek`, `_gpt2`), and
 nothing else in the library knows HF names.

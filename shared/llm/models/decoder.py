@@ -4,7 +4,7 @@ The only module that reads `ModelConfig`. Variants are resolved once in `__init_
 (attention, MLP or MoE per layer, norm, positions, which layers slide); `forward` is
 the data path: tokens in, logits out, with an optional preallocated KV cache for
 prefill and one-token decode (gpt-fast). Loss, DDP, compile, LoRA and quantization are
-applied from outside (STYLE.md 5).
+applied from outside.
 
 MoE auxiliary losses do not change `forward`'s output: each MoE layer keeps its last
 routing statistics, and `router_losses()` / `aux_loss()` read them after a forward::

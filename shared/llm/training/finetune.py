@@ -1,6 +1,6 @@
 """Fine-tuning with adapters: LoRA or QLoRA over a frozen base (`finetune.method`).
 
-Order of the `apply_*` steps (STYLE.md 5): load the base from `checkpoint.init_from` (our
+Order of the `apply_*` steps: load the base from `checkpoint.init_from` (our
 checkpoint or a Hugging Face directory; its architecture, not the `model` settings) ->
 `quantize_base` (qlora: every linear layer but lm_head to NF4) -> `apply_lora` (freezes
 the rest) -> compile -> DDP. FSDP is not offered here: the adapters are small and the

@@ -1,6 +1,6 @@
 """Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
 
-The order of `apply_*` calls is fixed here (STYLE.md 5): build on the device ->
+The order of `apply_*` calls is fixed here: build on the device ->
 (optional) load initial weights -> compile -> DDP/FSDP. Fine-tuning with adapters
 (`finetune.method` lora/qlora) replaces the first two: load the base from
 `checkpoint.init_from` -> (qlora) quantize it -> apply LoRA (`llm.training.finetune`).
