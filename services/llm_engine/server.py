@@ -370,11 +370,7 @@ class RunningEngine:
             Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
             prefill_chunk=prefill_chunk, compile=compile, max_seq_len=context,
         )  # fmt: skip
-        cache = sum(
-            b.numel() * b.element_size()
-            for name, b in loaded.model.named_buffers()
-            if name.rsplit(".", 1)[-1].endswith("_cache")
-        )
+        cache = loaded.model.cache_bytes()
         log.info(
             "kv_cache",
             extra={"bytes": cache, "mib": round(cache / 2**20, 1), "slots": n_slots,

@@ -91,9 +91,9 @@ class PrefixCache:
             if in_place:  # a free slot holds the whole run: reuse it where it is
                 return Placement(in_place[0], len(path) * self.block_size)
             source = min(holders)
-        # Else a free slot below the busy width, or the lowest free slot: one whose blocks
-        # other slots hold too (or that holds none) if any, else the least recently used.
-        # The run is copied into it.
+        # Else the free slot below the busy width that loses the fewest blocks (then the
+        # least recently used), or, when none is below it, the lowest free slot that loses
+        # none, else the lowest. The run is copied into it.
         dense = [s for s in free if s < busy_width]
         if not dense:
             dense = [min([s for s in free if not self._lost_blocks(s)] or free)]

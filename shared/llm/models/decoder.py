@@ -200,6 +200,13 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache.copy_(src, dst, length)
 
+    def cache_bytes(self) -> int:
+        """Memory the set-up KV cache holds, every layer (0 without one)."""
+        caches = [layer.self_attn.kv_cache for layer in self.layers]
+        return sum(
+            b.numel() * b.element_size() for c in caches if c is not None for b in c.buffers()
+        )
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
