@@ -2,7 +2,7 @@
 
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
                [--adapter runs/sft/adapter [--no-merge-adapter]]
-               [--slots 8] [--max-model-len N] [--prefill-chunk 512] [--compile] [--max-queue 64]
+               [--slots 8] [--max-model-len N] [--kv-cache-gib G] [--prefill-chunk 512] [--compile] [--max-queue 64]
                [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0]
 
 Prints one JSON line on stdout once the port is bound,
@@ -53,21 +53,7 @@ async def serve(settings: EngineSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    load = asyncio.create_task(
-        engine.load(
-            settings.checkpoint,
-            model_name=settings.model_name,
-            device=settings.device,
-            dtype=settings.torch_dtype,
-            adapter=settings.adapter,
-            merge_adapter=settings.merge_adapter,
-            max_queue=settings.max_queue,
-            n_slots=settings.slots,
-            prefill_chunk=settings.prefill_chunk,
-            compile=settings.compile,
-            max_model_len=settings.max_model_len,
-        )
-    )
+    load = asyncio.create_task(engine.load(settings.checkpoint, **settings.load_options()))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -106,6 +92,10 @@ def run(
     max_model_len: Annotated[
         int | None, typer.Option(help="context served, KV cache per slot (default: the model's)")
     ] = None,
+    kv_cache_gib: Annotated[
+        float | None,
+        typer.Option(help="KV-cache memory, GiB (default: 90% of what is free after loading)"),
+    ] = None,
     prefill_chunk: Annotated[
         int | None, typer.Option(help="prompt tokens prefilled per scheduler step")
     ] = None,
@@ -128,7 +118,7 @@ def run(
     flags = dict(
         checkpoint=checkpoint, adapter=adapter, merge_adapter=merge_adapter, host=host, port=port, model_name=model_name, max_queue=max_queue,
         slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
-        max_model_len=max_model_len, device=device, dtype=dtype, threads=threads, log_level=log_level,
+        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device, dtype=dtype, threads=threads, log_level=log_level,
     )  # fmt: skip
     try:
         settings = EngineSettings(**{k: v for k, v in flags.items() if v is not None})

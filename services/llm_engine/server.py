@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from opentelemetry.trace import Span
 from llm import storage
 from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.interop.peft import load_with_adapter
+from llm.models.decoder import DecoderModel
 from llm_engine import tracing, validation
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -260,6 +262,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             has_chat_template=loaded.tokenizer.has_chat_template,
             n_params=loaded.model.num_params(),
             created=state.created,
+            generation_defaults=pb.GenerationDefaults(**loaded.generation_defaults),
         )
 
 
@@ -332,6 +335,72 @@ def _apply_adapter(loaded: LoadedModel, adapter: str, merge: bool) -> None:
     log.info("adapter_loaded", extra={"adapter": adapter, "merged": merge})
 
 
+BLOCK = 16  # a capped context is a multiple of the prefix cache's block
+
+
+def kv_cache_context(
+    model: DecoderModel, n_slots: int, max_model_len: int | None, budget: int
+) -> int:
+    """The context to serve: `max_model_len`, else the model's, capped so that the KV cache
+    of `n_slots` (+ 1 scratch row) fits in `budget` bytes. Raises ValueError, saying what
+    it needs, when an asked-for context does not fit, or not even `BLOCK` tokens do."""
+    context = model.config.max_seq_len
+    if max_model_len is not None and max_model_len > context:
+        raise ValueError(
+            f"max_model_len={max_model_len}: longer than the model's context ({context})"
+        )
+    rows = n_slots + 1
+    per_token = model.kv_cache_bytes(rows, 1)
+    want = max_model_len or context
+    if per_token * want <= budget:
+        return want
+    fit = budget // per_token // BLOCK * BLOCK
+    if max_model_len is not None or fit < BLOCK:
+        raise ValueError(
+            f"the KV cache for {n_slots} slots x {want} tokens needs "
+            f"{_gib(per_token * want)} GiB, but {_gib(budget)} GiB is available for it: lower "
+            f"--max-model-len (at most {fit} fits) or --slots, or raise --kv-cache-gib"
+        )
+    log.warning(
+        "max_model_len_capped",
+        extra={"max_model_len": fit, "model_context": context, "budget_mib": budget >> 20,
+               "needed_mib": per_token * context >> 20},
+    )  # fmt: skip
+    return fit
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def free_memory(device: str | torch.device) -> int:
+    """Bytes this process may still allocate on `device`: the GPU's free memory; on the CPU
+    the smaller of the kernel's MemAvailable and what the cgroup's limit leaves (a pod's
+    memory limit is what kills it, not the node's memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = 1 << 62
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # fmt: skip
+        try:
+            cap = Path("/sys/fs/cgroup", limit).read_text().strip()
+            used = int(Path("/sys/fs/cgroup", usage).read_text())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:
+            free = min(free, int(cap) - used)
+        break
+    return max(free, 0)
+
+
 @dataclass
 class RunningEngine:
     server: grpc.aio.Server
@@ -353,19 +422,16 @@ class RunningEngine:
         adapter: str | None = None,
         merge_adapter: bool = True,
         max_model_len: int | None = None,
+        kv_cache_gib: float | None = None,
     ) -> EngineState:
-        """Load the checkpoint (and a LoRA adapter on it) off the event loop, start the
-        scheduler, go SERVING."""
+        """Load the checkpoint (and a LoRA adapter on it) off the event loop, size the KV
+        cache (`kv_cache_context`), start the scheduler, go SERVING."""
         started = time.monotonic()
         loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
-        context = loaded.config.max_seq_len
-        if max_model_len is not None and max_model_len > context:
-            raise ValueError(
-                f"max_model_len={max_model_len}: longer than the model's context ({context})"
-            )
-        context = max_model_len or context
         if adapter is not None:
             await asyncio.to_thread(_apply_adapter, loaded, adapter, merge_adapter)
+        budget = int(kv_cache_gib * 2**30) if kv_cache_gib else int(0.9 * free_memory(device))
+        context = kv_cache_context(loaded.model, n_slots, max_model_len, budget)
         scheduler = await asyncio.to_thread(
             Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
             prefill_chunk=prefill_chunk, compile=compile, max_seq_len=context,
@@ -374,7 +440,7 @@ class RunningEngine:
         log.info(
             "kv_cache",
             extra={"bytes": cache, "mib": round(cache / 2**20, 1), "slots": n_slots,
-                   "context_length": context},
+                   "context_length": context, "budget_mib": round(budget / 2**20, 1)},
         )  # fmt: skip
         scheduler.start()
         state = EngineState(

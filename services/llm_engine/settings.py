@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -33,6 +33,10 @@ class EngineSettings(BaseSettings):
     max_model_len: int | None = Field(
         default=None, ge=2, description="context served (KV cache per slot); default: the model's"
     )
+    kv_cache_gib: float | None = Field(
+        default=None, gt=0,
+        description="memory for the KV cache, GiB; default: 90% of what is free after loading",
+    )  # fmt: skip
     prefill_chunk: int = Field(
         default=512, ge=1, description="prompt tokens prefilled per scheduler step"
     )
@@ -51,3 +55,12 @@ class EngineSettings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES.get(self.dtype)
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of `RunningEngine.load` these settings give."""
+        return dict(
+            model_name=self.model_name, device=self.device, dtype=self.torch_dtype,
+            adapter=self.adapter, merge_adapter=self.merge_adapter, max_queue=self.max_queue,
+            n_slots=self.slots, prefill_chunk=self.prefill_chunk, compile=self.compile,
+            max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
+        )  # fmt: skip

@@ -106,19 +106,29 @@ class _Request(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _fill(
-        self, request: pb.GenerateRequest, max_tokens: int | None, request_id: str, k: int
-    ) -> None:
-        """Sampling and stopping of the `k`-th choice of a prompt."""
+        self, request: pb.GenerateRequest, max_tokens: int | None, request_id: str, k: int,
+        defaults: pb.GenerationDefaults,
+    ) -> None:  # fmt: skip
+        """Sampling and stopping of the `k`-th choice of a prompt. A sampling field the
+        request leaves out takes the model's default (its generation_config.json), else
+        OpenAI's."""
         request.request_id = request_id
         request.whole = not self.stream  # one engine message per choice, not one per token
         s = request.sampling
-        s.temperature = 1.0 if self.temperature is None else self.temperature
-        s.top_p = 1.0 if self.top_p is None else self.top_p
+
+        def pick(field: str, fallback: float) -> float:
+            value = getattr(self, field)
+            if value is not None:
+                return value
+            return getattr(defaults, field) if defaults.HasField(field) else fallback
+
+        s.temperature = pick("temperature", 1.0)
+        s.top_p = pick("top_p", 1.0)
         s.presence_penalty = self.presence_penalty or 0.0
         s.frequency_penalty = self.frequency_penalty or 0.0
-        s.top_k = max(self.top_k or 0, 0)
-        s.min_p = self.min_p or 0.0
-        s.repetition_penalty = self.repetition_penalty or 0.0  # 0: unset (1)
+        s.top_k = max(int(pick("top_k", 0)), 0)
+        s.min_p = pick("min_p", 0.0)
+        s.repetition_penalty = pick("repetition_penalty", 0.0)  # 0: unset (1)
         if self.seed is not None:
             # OpenAI seeds are signed int64, the engine's uint64; choice k samples with
             # seed + k, so the n choices differ and each reproduces.
@@ -181,7 +191,11 @@ class CompletionRequest(_Request):
             raise invalid("prompt", "must not be empty")
         return list(prompt)
 
-    def engine_calls(self, request_id: str) -> list[EngineCall]:
+    def engine_calls(
+        self, request_id: str, defaults: pb.GenerationDefaults | None = None
+    ) -> list[EngineCall]:
+        defaults = defaults or pb.GenerationDefaults()
+
         def build(prompt: Prompt, rid: str, k: int) -> pb.GenerateRequest:
             request = pb.GenerateRequest()
             if isinstance(prompt, str):
@@ -194,7 +208,7 @@ class CompletionRequest(_Request):
             # Echo needs the prompt's token strings: to score them, or to show token ids.
             if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
                 request.prompt_logprobs = self.logprobs or 0
-            self._fill(request, self.max_tokens, rid, k)
+            self._fill(request, self.max_tokens, rid, k, defaults)
             return request
 
         return self._calls(request_id, list(self.prompts()), build)
@@ -253,7 +267,11 @@ class ChatCompletionRequest(_Request):
                 code="unsupported_value",
             )
 
-    def engine_calls(self, request_id: str) -> list[EngineCall]:
+    def engine_calls(
+        self, request_id: str, defaults: pb.GenerationDefaults | None = None
+    ) -> list[EngineCall]:
+        defaults = defaults or pb.GenerationDefaults()
+
         def build(_: None, rid: str, k: int) -> pb.GenerateRequest:
             request = pb.GenerateRequest(logprobs=self.logprobs)
             if self.logprobs:
@@ -261,7 +279,7 @@ class ChatCompletionRequest(_Request):
             request.chat.messages.extend(
                 pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
             )
-            self._fill(request, self._max_tokens(), rid, k)
+            self._fill(request, self._max_tokens(), rid, k, defaults)
             return request
 
         return self._calls(request_id, [None], build)

@@ -47,18 +47,10 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
     async def load() -> None:
         nonlocal failed
         try:
-            await engine.load(
-                engine_settings.checkpoint,
-                model_name=engine_settings.model_name,
-                device=engine_settings.device,
-                dtype=engine_settings.torch_dtype,
-                max_queue=engine_settings.max_queue,
-                n_slots=engine_settings.slots,
-                prefill_chunk=engine_settings.prefill_chunk,
-                compile=engine_settings.compile,
-                max_model_len=engine_settings.max_model_len,
-            )
-        except Exception as e:
+            await engine.load(engine_settings.checkpoint, **engine_settings.load_options())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # torch's CheckpointException is a BaseException
             log.error(
                 "model_load_failed",
                 extra={"checkpoint": engine_settings.checkpoint, "error": str(e)},

@@ -9,7 +9,8 @@ Layout of one checkpoint directory (local or `s3://`):
 
 `load_checkpoint` also takes a Hugging Face model directory (local or remote): its
 `config.json` (with a `model_type`), one or sharded safetensors, the tokenizer files and
-`generation_config.json` (every EOS id it lists ends generation). Pickle weights
+`generation_config.json` (every EOS id it lists ends generation; its temperature, top_p,
+top_k, min_p and repetition_penalty become `LoadedModel.generation_defaults`). Pickle weights
 (`*.bin`) are refused, never unpickled.
 """
 
@@ -19,7 +20,7 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ class LoadedModel:
     config: ModelConfig
     uri: str  # the resolved checkpoint directory
     name: str  # the run's name, e.g. "demo" for runs/demo
+    # Sampling defaults the model ships with (generation_config.json of a Hugging Face
+    # directory: temperature, top_p, top_k, min_p, repetition_penalty), for requests that
+    # set none.
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def _weights(
@@ -105,7 +110,8 @@ def load_checkpoint(
     Hugging Face model directory (module doc).
 
     Files are checked against the manifest first: a half-written or corrupt checkpoint
-    raises `storage.CheckpointError` instead of loading. A sharded checkpoint (an FSDP
+    raises `storage.CheckpointError` instead of loading. `dtype=None` is "auto": the
+    weights' dtype, but float32 for half-precision weights on the CPU. A sharded checkpoint (an FSDP
     run's, `llm.training.sharded`) is read whole into this one process.
     """
     if is_hf_dir(uri):
@@ -134,10 +140,19 @@ def load_checkpoint(
             ) from e
     model.tie_weights()
     model.reset_buffers(device)
+    _to_dtype(model, device, dtype)
+    return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
+
+
+def _to_dtype(model: DecoderModel, device: str | torch.device, dtype: torch.dtype | None) -> None:
+    """Cast to `dtype`; None ("auto") keeps the weights' dtype, except half precision on
+    the CPU, which runs float32 (CPUs without fast half-precision matmuls are common)."""
+    half = model.embed_tokens.weight.dtype in (torch.float16, torch.bfloat16)
+    if dtype is None and half and torch.device(device).type == "cpu":
+        dtype = torch.float32
     if dtype is not None:
         model.to(dtype=dtype)
     model.eval()
-    return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
 
 
 def is_hf_dir(uri: str) -> bool:
@@ -153,11 +168,12 @@ def is_hf_dir(uri: str) -> bool:
 _HF_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_INDEX = "model.safetensors.index.json"
+# generation_config.json keys that serve as per-request sampling defaults (as vLLM reads them).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    """A Hugging Face directory, its files checked before any is read. `dtype=None` keeps
-    the weights' dtype, except half precision on the CPU, which serves float32."""
+    """A Hugging Face directory, its files checked before any is read."""
     from llm.data.tokenizers import HFTokenizer
     from llm.interop.hf import from_hf
 
@@ -191,16 +207,16 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise storage.CheckpointError(f"{uri}: not a model this library loads: {e}") from e
         generation = local / "generation_config.json"
+        defaults: dict[str, float] = {}
         if generation.exists():
-            eos = json.loads(generation.read_text()).get("eos_token_id")
+            config = json.loads(generation.read_text())
+            eos = config.get("eos_token_id")
             tokenizer.extra_stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    half = model.embed_tokens.weight.dtype in (torch.float16, torch.bfloat16)
-    if dtype is None and half and torch.device(device).type == "cpu":
-        dtype = torch.float32
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.eval()
-    return LoadedModel(model, tokenizer, model.config, uri, _run_name(uri))
+            defaults = {
+                k: config[k] for k in GENERATION_DEFAULTS if isinstance(config.get(k), int | float)
+            }
+    _to_dtype(model, device, dtype)
+    return LoadedModel(model, tokenizer, model.config, uri, _run_name(uri), defaults)
 
 
 def read_config(ckpt_uri: str) -> ModelConfig:
@@ -223,9 +239,7 @@ def _load_sharded_checkpoint(
         load_sharded_weights(ckpt, model)
     except Exception as e:  # DCP raises several kinds for a mismatch
         raise storage.CheckpointError(f"{ckpt}: sharded weights do not load: {e}") from e
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.eval()
+    _to_dtype(model, device, dtype)
     return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
 
 

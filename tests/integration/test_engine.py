@@ -363,6 +363,32 @@ def test_max_model_len_caps_the_context_and_the_kv_cache(
     assert proc.returncode == 1 and f"max_model_len={too_long}" in proc.stderr
 
 
+def test_the_kv_cache_is_sized_to_the_memory_it_may_take(
+    tiny_checkpoint: str, reference: LoadedModel, tmp_path: Path
+) -> None:
+    """No --max-model-len: the model's context, capped to what --kv-cache-gib holds (a
+    multiple of 16 tokens); an asked-for context that does not fit fails at start, saying
+    what it needs."""
+    cfg = reference.config
+    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+    per_token = (SLOTS + 1) * cfg.n_layers * 2 * (cfg.n_kv_heads or cfg.n_heads) * head_dim * 4
+    assert cfg.max_seq_len > 40
+    gib = str(per_token * 40 / 2**30)  # room for 40 tokens: 32 served
+    with start_engine(tiny_checkpoint, tmp_path / "e.log", "--kv-cache-gib", gib) as eng:
+        assert eng.stub.ModelInfo(pb.ModelInfoRequest()).context_length == 32
+        (capped,) = [r for r in eng.logs() if r.get("event") == "max_model_len_capped"]
+        assert capped["max_model_len"] == 32 and capped["model_context"] == cfg.max_seq_len
+        (kv,) = [r for r in eng.logs() if r.get("event") == "kv_cache"]
+        assert kv["bytes"] == per_token * 32
+    cmd = [sys.executable, "-m", "llm_engine", "--checkpoint", tiny_checkpoint, "--port", "0",
+           "--kv-cache-gib", gib, "--max-model-len", "48", "--slots", str(SLOTS)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 1
+    needs = f"{per_token * 48 / 2**30:.3g} GiB"
+    assert f"KV cache for {SLOTS} slots x 48 tokens needs {needs}" in proc.stderr, proc.stderr
+    assert "at most 32 fits" in proc.stderr
+
+
 def _stream(port: int, request: pb.GenerateRequest, timeout: float = 60) -> list:
     async def go() -> list:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

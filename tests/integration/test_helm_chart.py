@@ -45,7 +45,7 @@ CASES = {
     "autoscaling": {
         "apiKeys": {"keys": ["sk-test-0123456789"]},
         "gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
-        "engine": {"replicas": 3, "maxModelLen": 4096},
+        "engine": {"replicas": 3, "maxModelLen": 4096, "kvCacheGiB": 1.5},
     },
 }
 # Read by the services through libraries, not settings classes: S3 credentials by
@@ -231,6 +231,8 @@ def test_autoscaling_values(chart):
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert "replicas" not in gateway["spec"]  # the HPA owns it
     assert find(docs, "Deployment", "-engine")[0]["spec"]["replicas"] == 3
+    env = {e["name"]: e.get("value") for e in container(docs, "engine")["env"]}
+    assert (env["LLM_ENGINE_MAX_MODEL_LEN"], env["LLM_ENGINE_KV_CACHE_GIB"]) == ("4096", "1.5")
 
 
 def test_notes_show_the_openai_sdk(chart):

@@ -207,6 +207,20 @@ class DecoderModel(nn.Module):
             b.numel() * b.element_size() for c in caches if c is not None for b in c.buffers()
         )
 
+    def kv_cache_bytes(self, batch_size: int, max_seq_len: int) -> int:
+        """Memory `setup_cache(batch_size, max_seq_len)` would take (in the weights' dtype),
+        measured on the meta device: nothing is allocated, a set-up cache stays."""
+        saved = [layer.self_attn.kv_cache for layer in self.layers]
+        try:
+            for layer in self.layers:
+                layer.self_attn.setup_cache(
+                    batch_size, max_seq_len, self.embed_tokens.weight.dtype, "meta"
+                )
+            return self.cache_bytes()
+        finally:
+            for layer, cache in zip(self.layers, saved, strict=True):
+                layer.self_attn.kv_cache = cache
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
