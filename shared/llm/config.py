@@ -81,9 +81,12 @@ class ModelConfig(BaseModel):
     norm_bias: bool | None = Field(
         default=None, description="layer_norm: True unless set; rms_norm: never"
     )
-    norm_position: Literal["pre", "post"] = Field(
+    norm_position: Literal["pre", "post", "output"] = Field(
         default="pre",
-        description="pre: x + f(norm(x)), final norm; post: norm(x + f(x)), no final norm",
+        description=(
+            "pre: x + f(norm(x)), final norm; post: norm(x + f(x)), no final norm; "
+            "output: x + norm(f(x)), final norm (OLMo 2)"
+        ),
     )
     embed_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
 
@@ -103,7 +106,11 @@ class ModelConfig(BaseModel):
     attn_bias: bool = Field(default=False, description="bias on the q/k/v projections")
     attn_out_bias: bool = Field(default=False, description="bias on the output projection")
     qk_norm: bool = Field(
-        default=False, description="per-head RMSNorm on q and k before rope (Qwen3)"
+        default=False, description="RMSNorm on q and k before rope (Qwen3, OLMo 2)"
+    )
+    qk_norm_scope: Literal["head", "all_heads"] = Field(
+        default="head",
+        description="head: one norm per head (Qwen3); all_heads: over the whole q / k projection (OLMo 2)",
     )
     sliding_window: int | None = Field(
         default=None, gt=0, description="keys within this many positions"
@@ -222,6 +229,8 @@ class ModelConfig(BaseModel):
             if self.sliding_window is None:
                 raise ValueError("sliding_window_layers is set but sliding_window is not")
             _check_layers("sliding_window_layers", self.sliding_window_layers, self.n_layers)
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm=True")
         if self.attn_impl != "mla":
             return
         needed = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")

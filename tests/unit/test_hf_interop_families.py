@@ -5,6 +5,8 @@ layers, GQA, RoPE scaling, sliding windows and MoE where the family has them) is
 converted with `from_hf`; logits must match the HF eager reference in fp32, MoE
 load-balancing losses must match HF's `aux_loss`, and `to_hf` must write a directory
 `AutoModelForCausalLM` loads back to the same logits and, re-imported, the same weights.
+The converted model's KV-cache paths (one sequence per cache row; the batched engine's
+chunked prefill into chosen slots with `kv_len`) must reproduce the full recompute.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from llm.inference import BatchGenerator, Request, SamplingParams
 from llm.interop.hf import from_hf, to_hf
 from llm.models.decoder import DecoderModel
 
@@ -86,6 +89,11 @@ FAMILIES: dict[str, tuple[type, dict[str, Any], int]] = {
     ), T),
     "gpt2": (transformers.GPT2Config, dict(n_embd=36, n_layer=2, n_head=4, n_positions=64), T),
     "bloom": (transformers.BloomConfig, dict(hidden_size=42, n_layer=2, n_head=6), T),
+    # Norms on the sublayer outputs, q/k norm over all heads, biases everywhere.
+    "olmo2": (transformers.Olmo2Config, dict(
+        **GQA, intermediate_size=43, attention_bias=True, max_position_embeddings=64,
+        rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0),
+    ), T),
 }  # fmt: skip
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 # The feature each case is there to exercise, as our config must express it.
@@ -101,8 +109,16 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "deepseek_v2-lora": dict(q_lora_rank=13, router_n_groups=2, attn_bias=True),
     "gpt2": dict(position="learned", norm_impl="layer_norm", mlp_impl="mlp"),
     "bloom": dict(position="alibi", embed_norm=True, n_heads=6),
+    "olmo2": dict(norm_position="output", qk_norm_scope="all_heads", attn_bias=True, head_dim=10),
 }
-ROPE = dict(llama="llama3", mistral="linear", qwen2="yarn", qwen3="dynamic", deepseek_v2="yarn")
+ROPE = dict(
+    llama="llama3",
+    mistral="linear",
+    qwen2="yarn",
+    qwen3="dynamic",
+    deepseek_v2="yarn",
+    olmo2="linear",
+)
 
 
 @torch.no_grad()
@@ -185,3 +201,63 @@ def test_to_hf_round_trips(converted: tuple[str, Any, DecoderModel], tmp_path: P
     assert again.config == ours.config
     for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+@torch.no_grad()
+def test_cached_decode_matches_full_forward(converted: tuple[str, Any, DecoderModel]) -> None:
+    family, _, ours = converted
+    ours.eval()
+    tokens = _tokens(family)
+    T, prefix = tokens.shape[1], tokens.shape[1] // 2
+    full = ours(tokens)  # (B, T, V)
+    max_len = min(ours.config.max_seq_len, 32)
+    try:
+        # One cache row per sequence: prefill, then one token at a time.
+        ours.setup_cache(B, max_seq_len=max_len)
+        pos = torch.arange(T).expand(B, T)
+        torch.testing.assert_close(
+            ours(tokens[:, :prefix], pos[:, :prefix]), full[:, :prefix], **TOL
+        )
+        for t in range(prefix, T):
+            step = ours(tokens[:, t : t + 1], pos[:, t : t + 1])
+            torch.testing.assert_close(step, full[:, t : t + 1], **TOL, msg=f"pos {t}")
+        # The engine's calls: prompt chunks into chosen slots, attention cut at kv_len.
+        ours.setup_cache(B + 1, max_seq_len=max_len)
+        rows, cut = torch.tensor([2, 0]), prefix // 2
+        for start, end in ((0, cut), (cut, prefix)):
+            out = ours(tokens[:, start:end], pos[:, start:end], cache_rows=rows, kv_len=end)
+            torch.testing.assert_close(out, full[:, start:end], **TOL)
+        for t in range(prefix, T):
+            step = ours(tokens[:, t : t + 1], pos[:, t : t + 1], cache_rows=rows, kv_len=t + 1)
+            torch.testing.assert_close(step, full[:, t : t + 1], **TOL, msg=f"pos {t}")
+    finally:
+        ours.clear_cache()
+
+
+NEW_FAMILIES = ("olmo2",)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@torch.no_grad()
+def test_batched_engine_matches_full_recompute(family: str) -> None:
+    """Greedy requests through `BatchGenerator` (chunked prefill, slots, decode with
+    kv_len): every token's logprob equals the full recompute's."""
+    ours = from_hf(make_hf(family)).eval()
+    prompts = [_tokens(family)[0, :n].tolist() for n in (9, 4)]
+    requests = [Request(p, SamplingParams(temperature=0), 6, logprobs=True) for p in prompts]
+    batch = BatchGenerator(ours, n_slots=3, prefill_chunk=3)
+    events: dict[int, list[Any]] = {id(r): [] for r in requests}
+    for r in requests:
+        batch.add(r)
+    while batch.active:
+        for e in batch.step():
+            events[id(e.request)].append(e)
+    ours.clear_cache()
+    for r, prompt in zip(requests, prompts, strict=True):
+        seq = list(prompt)
+        assert len(events[id(r)]) == 6
+        for e in events[id(r)]:
+            logprobs = torch.log_softmax(ours(torch.tensor([seq]))[0, -1], -1)
+            assert e.token_id == int(logprobs.argmax())
+            assert e.logprob == pytest.approx(float(logprobs[e.token_id]), abs=1e-4)
+            seq.append(e.token_id)

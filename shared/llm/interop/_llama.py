@@ -83,10 +83,13 @@ def _base_fields(hf: Any) -> dict[str, Any]:
     )
 
 
-def _base_kwargs(c: ModelConfig, family: str, architecture: str) -> dict[str, Any]:
+def _base_kwargs(
+    c: ModelConfig, family: str, architecture: str, norm_position: str = "pre"
+) -> dict[str, Any]:
     require(
-        c, family, attn_impl="mha", norm_impl="rms_norm", position="rope", norm_position="pre",
-        embed_norm=False, attn_scale_factor=1.0,
+        c, family, attn_impl="mha", norm_impl="rms_norm", position="rope",
+        norm_position=norm_position, embed_norm=False, attn_scale_factor=1.0,
+        qk_norm_scope="all_heads" if norm_position == "output" else "head",
     )  # fmt: skip
     return dict(
         hidden_size=c.dim,

@@ -1,10 +1,11 @@
 """Hugging Face <-> `DecoderModel` conversion for every supported family.
 
 Supported `model_type`s: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe,
-deepseek_v2, gpt2, bloom. Our parameter names follow the HF checkpoint standard,
+deepseek_v2, gpt2, bloom, olmo2. Our parameter names follow the HF checkpoint standard,
 so most keys map by prefix; each family's exceptions (fused q/k/v,
 stacked experts, Conv1D transposes, DeepSeek's interleaved rope dims, BLOOM's per-head
-q/k/v) live in its private module next to this one (`_llama`, `_deepseek`, `_gpt2`), and
+q/k/v, OLMo 2's output norms) live in its private module next to this one (`_llama`,
+`_deepseek`, `_gpt2`, `_olmo2`), and
 nothing else in the library knows HF names.
 
 Checkpoint directories are read with `safetensors.safe_open` (one file, or shards listed
@@ -26,18 +27,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig
-from llm.interop import _deepseek, _gpt2, _llama
+from llm.interop import _deepseek, _gpt2, _llama, _olmo2
 from llm.interop._common import Family, from_hf_tensors, to_hf_tensors
 from llm.models.decoder import DecoderModel
 
 FAMILIES: dict[str, Family] = {
-    f.model_type: f for f in (*_llama.FAMILIES, *_deepseek.FAMILIES, *_gpt2.FAMILIES)
+    f.model_type: f
+    for f in (*_llama.FAMILIES, *_deepseek.FAMILIES, *_gpt2.FAMILIES, *_olmo2.FAMILIES)
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
     "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
-    "qwen2", "qwen3",
+    "qwen2", "qwen3", "olmo2",
 )  # fmt: skip
 
 

@@ -47,6 +47,7 @@ def _attention(c: ModelConfig) -> nn.Module:
     return cls(
         c.dim, c.n_heads, c.n_kv_heads, c.head_dim, qkv_bias=c.attn_bias,
         out_bias=c.attn_out_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+        qk_norm_all_heads=c.qk_norm_scope == "all_heads",
         rope=c.position == "rope", **common,
     )  # fmt: skip
 
@@ -80,19 +81,25 @@ class DecoderModel(nn.Module):
         if c.embed_norm:
             self.embed_norm = norm()
         self.embed_dropout = nn.Dropout(c.dropout)
+        # Which norms each block has: before the sublayers (pre, post's after the add) and
+        # on the sublayer outputs (output).
+        input_norms = c.norm_position in ("pre", "post")
+        output_norms = c.norm_position == "output"
         self.layers = nn.ModuleList(
             TransformerBlock(
                 self_attn=_attention(c),
                 mlp=_mlp(c, i),
-                input_layernorm=norm(),
-                post_attention_layernorm=norm(),
+                input_layernorm=norm() if input_norms else None,
+                post_attention_layernorm=norm() if input_norms else None,
                 dropout=c.dropout,
-                pre_norm=c.norm_position == "pre",
+                pre_norm=c.norm_position != "post",
+                attn_output_norm=norm() if output_norms else None,
+                mlp_output_norm=norm() if output_norms else None,
             )
             for i in range(c.n_layers)
         )
         # Post-LN blocks end in a norm already.
-        self.norm = norm() if c.norm_position == "pre" else nn.Identity()
+        self.norm = norm() if c.norm_position != "post" else nn.Identity()
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.tie_weights()
         # Which window each layer uses; forward builds one mask per distinct window.
