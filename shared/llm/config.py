@@ -26,11 +26,17 @@ class RopeScaling(BaseModel):
     - `yarn`: per-frequency blend of interpolation and extrapolation plus a cos/sin
       magnitude factor (Peng et al. 2023).
     - `llama3`: wavelength-banded interpolation (Llama 3.1).
+    - `longrope`: per-frequency divisors, `short_factor` for positions below
+      `original_max_seq_len` and `long_factor` from there on, plus a cos/sin magnitude
+      factor (Phi-3, Ding et al. 2024). One static table holds both ranges, so cached
+      decode equals recompute (vLLM does the same; HF switches every position to the
+      long factors once an input passes `original_max_seq_len`, which equals ours for
+      inputs within it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["linear", "dynamic", "yarn", "llama3"]
+    kind: Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
     factor: float = Field(gt=0)
     original_max_seq_len: int | None = Field(default=None, gt=0)
     low_freq_factor: float = 1.0  # llama3
@@ -39,13 +45,21 @@ class RopeScaling(BaseModel):
     beta_slow: float = 1.0  # yarn
     mscale: float | None = None  # yarn, DeepSeek's two-factor form
     mscale_all_dim: float | None = None  # yarn, DeepSeek's two-factor form
-    attention_factor: float | None = None  # yarn: overrides the derived cos/sin factor
+    attention_factor: float | None = None  # yarn, longrope: overrides the derived cos/sin factor
     truncate: bool = True  # yarn: round the correction range to whole dims
+    short_factor: tuple[float, ...] | None = None  # longrope: one divisor per frequency
+    long_factor: tuple[float, ...] | None = None  # longrope
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.kind in ("dynamic", "yarn", "llama3") and self.original_max_seq_len is None:
+        needs_original = ("dynamic", "yarn", "llama3", "longrope")
+        if self.kind in needs_original and self.original_max_seq_len is None:
             raise ValueError(f"rope_scaling kind={self.kind!r} needs original_max_seq_len")
+        has_factors = self.short_factor is not None and self.long_factor is not None
+        if (self.kind == "longrope") != has_factors:
+            raise ValueError("short_factor and long_factor go with rope_scaling kind='longrope'")
+        if has_factors and len(self.short_factor) != len(self.long_factor):
+            raise ValueError("short_factor and long_factor must have the same length")
         return self
 
 
@@ -94,6 +108,9 @@ class ModelConfig(BaseModel):
     position: Literal["rope", "alibi", "learned", "none"] = "rope"
     rope_theta: float = Field(default=10000.0, gt=0)
     rope_scaling: RopeScaling | None = None
+    rotary_dim: int | None = Field(
+        default=None, gt=0, description="rotated leading dims of each q/k head; head_dim if unset"
+    )
 
     # Attention.
     attn_backend: Literal["sdpa", "eager"] = Field(
@@ -155,7 +172,9 @@ class ModelConfig(BaseModel):
     @property
     def rope_dim(self) -> int:
         """Width of the rotated part of q/k per head."""
-        return self.qk_rope_head_dim if self.attn_impl == "mla" else self.head_dim
+        if self.attn_impl == "mla":
+            return self.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, None for full causal attention."""
@@ -257,6 +276,17 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim={self.rope_dim} must be even for rope")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"rope_scaling needs position='rope', not {self.position!r}")
+        if self.rotary_dim is not None:
+            if self.attn_impl == "mla":
+                raise ValueError("rotary_dim is not defined for attn_impl='mla' (qk_rope_head_dim)")
+            if self.rotary_dim > self.head_dim:
+                raise ValueError(f"rotary_dim={self.rotary_dim} exceeds head_dim={self.head_dim}")
+        s = self.rope_scaling
+        if s is not None and s.kind == "longrope" and len(s.short_factor) != self.rope_dim // 2:
+            raise ValueError(
+                f"rope_scaling.short_factor has {len(s.short_factor)} entries; "
+                f"rotary width {self.rope_dim} needs {self.rope_dim // 2}"
+            )
         if self.attn_impl == "mla" and self.position != "rope":
             raise ValueError(
                 f"attn_impl='mla' needs position='rope' (its decoupled key), not {self.position!r}"

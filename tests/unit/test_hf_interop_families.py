@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from llm.inference import BatchGenerator, Request, SamplingParams
-from llm.interop.hf import from_hf, to_hf
+from llm.interop.hf import from_hf, infer_model_type, to_hf
 from llm.models.decoder import DecoderModel
 
 VOCAB, B, T = 151, 2, 17
@@ -94,6 +94,21 @@ FAMILIES: dict[str, tuple[type, dict[str, Any], int]] = {
         **GQA, intermediate_size=43, attention_bias=True, max_position_embeddings=64,
         rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0),
     ), T),
+    # LongRoPE (inputs within original_max_position_embeddings: the short factors), half
+    # of each head rotated, a window on every layer, fused qkv and gate_up projections.
+    "phi3": (transformers.Phi3Config, dict(
+        hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=43,
+        sliding_window=5, max_position_embeddings=64, original_max_position_embeddings=32,
+        pad_token_id=None,
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.3, 2.1],
+            long_factor=[2.0, 3.5, 7.0], partial_rotary_factor=0.5,
+        ),
+    ), T),
+    "phi3-plain": (transformers.Phi3Config, dict(
+        hidden_size=40, num_attention_heads=4, num_key_value_heads=1, intermediate_size=37,
+        max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=None,
+    ), T),
 }  # fmt: skip
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 # The feature each case is there to exercise, as our config must express it.
@@ -110,7 +125,11 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "gpt2": dict(position="learned", norm_impl="layer_norm", mlp_impl="mlp"),
     "bloom": dict(position="alibi", embed_norm=True, n_heads=6),
     "olmo2": dict(norm_position="output", qk_norm_scope="all_heads", attn_bias=True, head_dim=10),
+    "phi3": dict(rotary_dim=6, sliding_window=5, sliding_window_layers=(0, 1), max_seq_len=64),
+    "phi3-plain": dict(rotary_dim=None, rope_scaling=None, n_kv_heads=1, tie_embeddings=True),
 }
+# Configs another family expresses too export as that one unless asked.
+INFERRED = {"phi3-plain": "llama"}
 ROPE = dict(
     llama="llama3",
     mistral="linear",
@@ -118,6 +137,7 @@ ROPE = dict(
     qwen3="dynamic",
     deepseek_v2="yarn",
     olmo2="linear",
+    phi3="longrope",
 )
 
 
@@ -190,7 +210,8 @@ def test_moe_aux_loss_matches_reference(family: str) -> None:
 @torch.no_grad()
 def test_to_hf_round_trips(converted: tuple[str, Any, DecoderModel], tmp_path: Path) -> None:
     family, hf, ours = converted
-    to_hf(ours, tmp_path)
+    assert infer_model_type(ours.config) == INFERRED.get(family, hf.config.model_type)
+    to_hf(ours, tmp_path, hf.config.model_type)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", experts_implementation="eager"
     ).eval()
@@ -234,7 +255,7 @@ def test_cached_decode_matches_full_forward(converted: tuple[str, Any, DecoderMo
         ours.clear_cache()
 
 
-NEW_FAMILIES = ("olmo2",)
+NEW_FAMILIES = ("olmo2", "phi3")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -261,3 +282,17 @@ def test_batched_engine_matches_full_recompute(family: str) -> None:
             assert e.token_id == int(logprobs.argmax())
             assert e.logprob == pytest.approx(float(logprobs[e.token_id]), abs=1e-4)
             seq.append(e.token_id)
+
+
+@torch.no_grad()
+def test_longrope_long_positions_match_reference() -> None:
+    """Positions from original_max_position_embeddings on rotate with the long factors,
+    as HF's do once an input reaches them (earlier ones keep the short factors: one
+    static table, see `RopeScaling`)."""
+    hf = make_hf("phi3")
+    ours = from_hf(hf)
+    original = hf.config.rope_parameters["original_max_position_embeddings"]
+    positions = torch.arange(original + 8)[None]
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(ours.rope_cos[original : original + 8], cos[0, original:])
+    torch.testing.assert_close(ours.rope_sin[original : original + 8], sin[0, original:])

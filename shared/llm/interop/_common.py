@@ -41,6 +41,9 @@ class Map:
     # A key holding our tensor as it is, tried first on import (transformers 5 keeps MoE
     # experts fused in memory while checkpoints on disk store one tensor per expert).
     fused: str | None = None
+    # (i, n): ours is chunk i of n of the one HF tensor along dim 0, the other chunks
+    # being other tensors of ours (Phi-3's gate_up_proj holds our gate_proj | up_proj).
+    chunk: tuple[int, int] | None = None
 
 
 Mapper = Callable[[str, ModelConfig], Map]
@@ -71,6 +74,12 @@ def permuted(key: str, perm: Tensor) -> Map:
     """Ours is the HF tensor with its dim-0 rows reordered by `perm`."""
     inverse = torch.argsort(perm)
     return Map((key,), join=lambda ts: ts[0][perm], split=lambda t: [t[inverse]])
+
+
+def chunk_of(key: str, index: int, n: int) -> Map:
+    """Ours is chunk `index` of `n` equal parts of the HF tensor along dim 0 (a copy: two
+    parameters sharing one storage would not save as safetensors)."""
+    return Map((key,), join=lambda ts: ts[0].chunk(n)[index].clone(), chunk=(index, n))
 
 
 def transposed(key: str) -> Map:
@@ -119,10 +128,20 @@ def param_names(config: ModelConfig) -> list[str]:
 def to_hf_tensors(model: DecoderModel, family: Family) -> dict[str, Tensor]:
     config, sd = model.config, model.state_dict()
     out: dict[str, Tensor] = {}
+    parts: dict[str, dict[int, Tensor]] = {}  # HF tensors assembled from several of ours
     for name in param_names(config):
         m = family.mapper(name, config)
+        if m.chunk is not None:
+            index, n = m.chunk
+            parts.setdefault(m.keys[0], {})[index] = sd[name]
+            if len(parts[m.keys[0]]) == n:
+                chunks = parts.pop(m.keys[0])
+                out[m.keys[0]] = torch.cat([chunks[i] for i in range(n)]).detach().contiguous()
+            continue
         for key, t in zip(m.keys, m.split(sd[name]), strict=True):
             out[key] = t.detach().contiguous()
+    if parts:
+        raise ValueError(f"HF tensors with missing parts: {sorted(parts)}")
     return out
 
 
@@ -189,8 +208,15 @@ def rope_params(hf_config: Any) -> dict[str, Any]:
     )
 
 
-def rope_fields(hf_config: Any) -> dict[str, Any]:
-    """`rope_theta`, `rope_scaling` and `max_seq_len` from an HF config."""
+_ROPE_KINDS = ("linear", "dynamic", "yarn", "llama3")
+
+
+def rope_fields(
+    hf_config: Any, kinds: tuple[str, ...] = _ROPE_KINDS, partial_rotary: bool = False
+) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling` and `max_seq_len` from an HF config; `kinds` are the
+    scaling types the family's reference computes as we do, `partial_rotary` whether it
+    reads `partial_rotary_factor` (the caller then sets `rotary_dim`)."""
     params = rope_params(hf_config)
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
@@ -198,11 +224,11 @@ def rope_fields(hf_config: Any) -> dict[str, Any]:
     out: dict[str, Any] = dict(rope_theta=theta, max_seq_len=max_len)
     if kind == "default":
         return out
-    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+    if kind not in kinds:
         raise NotImplementedError(
-            f"rope_type={kind!r} is not supported (default, linear, dynamic, yarn, llama3)"
+            f"rope_type={kind!r} is not supported ({', '.join(('default', *kinds))})"
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    if not partial_rotary and params.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial_rotary_factor != 1 is not supported")
     original = params.get("original_max_position_embeddings")
     factor = params.get("factor") or max_len / original
@@ -211,10 +237,29 @@ def rope_fields(hf_config: Any) -> dict[str, Any]:
         # static, so they span factor * that (see `RopeScaling`).
         original, out["max_seq_len"] = max_len, int(factor * max_len)
     extra = {k: params[k] for k in _SCALING_KEYS if params.get(k) is not None}
+    if kind == "longrope":
+        extra.update(
+            short_factor=tuple(params["short_factor"]), long_factor=tuple(params["long_factor"])
+        )
     out["rope_scaling"] = RopeScaling(
         kind=kind, factor=factor, original_max_seq_len=original, **extra
     )
     return out
+
+
+def require_rope(
+    config: ModelConfig,
+    family: str,
+    kinds: tuple[str, ...] = _ROPE_KINDS,
+    partial_rotary: bool = False,
+) -> None:
+    """Raise `ValueError` when `family` cannot express the config's rope (the inverse of
+    what `rope_fields` accepts for it)."""
+    s = config.rope_scaling
+    if s is not None and s.kind not in kinds:
+        raise ValueError(f"rope_scaling kind={s.kind!r} cannot be expressed as {family}")
+    if config.rotary_dim is not None and not partial_rotary:
+        raise ValueError(f"rotary_dim={config.rotary_dim} cannot be expressed as {family}")
 
 
 def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -230,6 +275,10 @@ def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
         params["original_max_position_embeddings"] = s.original_max_seq_len
     if s.kind == "llama3":
         params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.kind == "longrope":
+        params.update(short_factor=list(s.short_factor), long_factor=list(s.long_factor))
+        if s.attention_factor is not None:
+            params["attention_factor"] = s.attention_factor
     if s.kind == "yarn":
         params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
         params.update(

@@ -23,6 +23,7 @@ from llm.interop._common import (
     common_hf_kwargs,
     permuted,
     require,
+    require_rope,
     rope_fields,
     rope_params,
     rope_to_hf,
@@ -88,6 +89,7 @@ def deepseek_v2_from_hf(hf: Any) -> ModelConfig:
 
 
 def deepseek_v2_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
+    require_rope(c, "deepseek_v2")
     require(
         c, "deepseek_v2", attn_impl="mla", mlp_impl="moe", norm_impl="rms_norm", position="rope",
         norm_position="pre", embed_norm=False, mlp_bias=False, router_order="softmax_topk",

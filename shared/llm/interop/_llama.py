@@ -24,6 +24,7 @@ from llm.interop._common import (
     experts,
     qkv_sizes,
     require,
+    require_rope,
     rope_fields,
     rope_to_hf,
 )
@@ -66,7 +67,8 @@ def llama_mapper(
 # -- config: shared parts ---------------------------------------------------------------------
 
 
-def _base_fields(hf: Any) -> dict[str, Any]:
+def _base_fields(hf: Any, **rope: Any) -> dict[str, Any]:
+    """The Llama-layout fields; `rope` goes to `rope_fields` (scaling kinds, partial rotary)."""
     check_act(hf, "silu")
     return dict(
         vocab_size=hf.vocab_size,
@@ -79,13 +81,15 @@ def _base_fields(hf: Any) -> dict[str, Any]:
         norm_eps=hf.rms_norm_eps,
         tie_embeddings=hf.tie_word_embeddings,
         init_std=hf.initializer_range,
-        **rope_fields(hf),
+        **rope_fields(hf, **rope),
     )
 
 
 def _base_kwargs(
-    c: ModelConfig, family: str, architecture: str, norm_position: str = "pre"
+    c: ModelConfig, family: str, architecture: str, norm_position: str = "pre", **rope: Any
 ) -> dict[str, Any]:
+    """The Llama-layout kwargs; `rope` goes to `require_rope` (scaling kinds, partial rotary)."""
+    require_rope(c, family, **rope)
     require(
         c, family, attn_impl="mha", norm_impl="rms_norm", position="rope",
         norm_position=norm_position, embed_norm=False, attn_scale_factor=1.0,

@@ -27,19 +27,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig
-from llm.interop import _deepseek, _gpt2, _llama, _olmo2
+from llm.interop import _deepseek, _gpt2, _llama, _olmo2, _phi3
 from llm.interop._common import Family, from_hf_tensors, to_hf_tensors
 from llm.models.decoder import DecoderModel
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
-    for f in (*_llama.FAMILIES, *_deepseek.FAMILIES, *_gpt2.FAMILIES, *_olmo2.FAMILIES)
+    for f in (
+        *_llama.FAMILIES,
+        *_deepseek.FAMILIES,
+        *_gpt2.FAMILIES,
+        *_olmo2.FAMILIES,
+        *_phi3.FAMILIES,
+    )
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
     "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
-    "qwen2", "qwen3", "olmo2",
+    "qwen2", "qwen3", "olmo2", "phi3",
 )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from llm.core.mlp import SwiGLU
 from llm.core.moe import MoE
 from llm.core.norm import LayerNorm, RMSNorm
 from llm.core.registry import ATTENTION_REGISTRY, MLP_REGISTRY, NORM_REGISTRY
-from llm.core.rope import rope_inv_freq, rope_tables
+from llm.core.rope import longrope_tables, rope_inv_freq, rope_tables
 from llm.core.transformer_block import TransformerBlock
 
 
@@ -127,7 +127,17 @@ class DecoderModel(nn.Module):
         device = device or self.embed_tokens.weight.device
         # Unused tables stay empty, but on `device`: a meta leftover would fail `.to()`.
         self.rope_cos = self.rope_sin = self.alibi_slopes = torch.empty(0, device=device)
-        if c.position == "rope":
+        if (
+            c.position == "rope"
+            and c.rope_scaling is not None
+            and c.rope_scaling.kind == "longrope"
+        ):
+            s = c.rope_scaling
+            self.rope_cos, self.rope_sin = longrope_tables(
+                c.rope_dim, c.rope_theta, s.short_factor, s.long_factor, s.original_max_seq_len,
+                c.max_seq_len, _rope_attention_factor(c), device=device,
+            )  # fmt: skip
+        elif c.position == "rope":
             s = c.rope_scaling
             scaling = {} if s is None else dict(
                 scaling=s.kind, factor=s.factor, original_max_seq_len=s.original_max_seq_len,
@@ -333,12 +343,16 @@ class DecoderModel(nn.Module):
 
 
 def _rope_attention_factor(c: ModelConfig) -> float:
-    """YaRN scales cos/sin by a magnitude factor; every other variant leaves them alone."""
+    """YaRN and LongRoPE scale cos/sin by a magnitude factor; the others leave them alone."""
     s = c.rope_scaling
-    if s is None or s.kind != "yarn":
+    if s is None or s.kind not in ("yarn", "longrope"):
         return 1.0
     if s.attention_factor is not None:
         return s.attention_factor
+    if s.kind == "longrope":
+        if s.factor <= 1:
+            return 1.0
+        return math.sqrt(1 + math.log(s.factor) / math.log(s.original_max_seq_len))
     if s.mscale and s.mscale_all_dim:
         return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
     return yarn_mscale(s.factor)
