@@ -95,14 +95,21 @@ class ModelConfig(BaseModel):
     norm_bias: bool | None = Field(
         default=None, description="layer_norm: True unless set; rms_norm: never"
     )
-    norm_position: Literal["pre", "post", "output"] = Field(
+    norm_position: Literal["pre", "post", "output", "sandwich"] = Field(
         default="pre",
         description=(
             "pre: x + f(norm(x)), final norm; post: norm(x + f(x)), no final norm; "
-            "output: x + norm(f(x)), final norm (OLMo 2)"
+            "output: x + norm(f(x)), final norm (OLMo 2); "
+            "sandwich: x + norm(f(norm(x))), final norm (Gemma 2/3)"
         ),
     )
     embed_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
+    embed_scale: float = Field(
+        default=1.0, gt=0, description="embeddings times this, in their dtype (Gemma: sqrt(dim))"
+    )
+    final_logit_softcap: float | None = Field(
+        default=None, gt=0, description="logits = cap * tanh(logits / cap) (Gemma 2/3)"
+    )
 
     # Positions.
     position: Literal["rope", "alibi", "learned", "none"] = "rope"
@@ -111,6 +118,11 @@ class ModelConfig(BaseModel):
     rotary_dim: int | None = Field(
         default=None, gt=0, description="rotated leading dims of each q/k head; head_dim if unset"
     )
+    sliding_rope_theta: float | None = Field(
+        default=None,
+        gt=0,
+        description="sliding-window layers rotate with this theta and no rope_scaling (Gemma 3)",
+    )
 
     # Attention.
     attn_backend: Literal["sdpa", "eager"] = Field(
@@ -118,7 +130,15 @@ class ModelConfig(BaseModel):
         description="sdpa: torch kernel; eager: explicit softmax, the reference path",
     )
     attn_scale_factor: float = Field(
-        default=1.0, gt=0, description="softmax scale = attn_scale_factor / sqrt(head_dim)"
+        default=1.0, gt=0, description="softmax scale = attn_scale_factor / sqrt(attn_scale_dim)"
+    )
+    attn_scale_dim: int | None = Field(
+        default=None, gt=0, description="head_dim if unset (Gemma's query_pre_attn_scalar)"
+    )
+    attn_logit_softcap: float | None = Field(
+        default=None,
+        gt=0,
+        description="scores = cap * tanh(scores / cap) before the mask (Gemma 2)",
     )
     attn_bias: bool = Field(default=False, description="bias on the q/k/v projections")
     attn_out_bias: bool = Field(default=False, description="bias on the output projection")
@@ -266,6 +286,8 @@ class ModelConfig(BaseModel):
             )
         if self.qk_norm:
             raise ValueError("qk_norm is not defined for attn_impl='mla'")
+        if self.attn_logit_softcap is not None:
+            raise ValueError("attn_logit_softcap is not implemented for attn_impl='mla'")
         if self.attn_bias != self.attn_out_bias:
             raise ValueError(
                 "attn_impl='mla' has one bias flag: attn_bias must equal attn_out_bias"
@@ -276,6 +298,10 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim={self.rope_dim} must be even for rope")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"rope_scaling needs position='rope', not {self.position!r}")
+        if self.sliding_rope_theta is not None and (
+            self.position != "rope" or self.sliding_window is None
+        ):
+            raise ValueError("sliding_rope_theta needs position='rope' and a sliding_window")
         if self.rotary_dim is not None:
             if self.attn_impl == "mla":
                 raise ValueError("rotary_dim is not defined for attn_impl='mla' (qk_rope_head_dim)")

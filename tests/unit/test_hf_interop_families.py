@@ -109,6 +109,23 @@ FAMILIES: dict[str, tuple[type, dict[str, Any], int]] = {
         hidden_size=40, num_attention_heads=4, num_key_value_heads=1, intermediate_size=37,
         max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=None,
     ), T),
+    # Alternating windows, sandwich norms, (1 + w) RMSNorm, scaled embeddings, tanh-GELU,
+    # query_pre_attn_scalar, soft-capped attention scores and logits.
+    "gemma2": (transformers.Gemma2Config, dict(
+        **GQA, intermediate_size=43, sliding_window=5, query_pre_attn_scalar=7,
+        attn_logit_softcapping=3.0, final_logit_softcapping=2.5, max_position_embeddings=64,
+        pad_token_id=None,
+    ), T),
+    # Per-head q/k norm, the local layers' own rope theta, scaled rope on the global ones.
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        **GQA, intermediate_size=43, sliding_window=4, sliding_window_pattern=2,
+        query_pre_attn_scalar=12, final_logit_softcapping=4.0, max_position_embeddings=64,
+        pad_token_id=None, tie_word_embeddings=False,
+        rope_parameters=dict(
+            full_attention=dict(rope_type="linear", rope_theta=5e4, factor=2.0),
+            sliding_attention=dict(rope_type="default", rope_theta=1e3),
+        ),
+    ), T),
 }  # fmt: skip
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 # The feature each case is there to exercise, as our config must express it.
@@ -127,6 +144,25 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "olmo2": dict(norm_position="output", qk_norm_scope="all_heads", attn_bias=True, head_dim=10),
     "phi3": dict(rotary_dim=6, sliding_window=5, sliding_window_layers=(0, 1), max_seq_len=64),
     "phi3-plain": dict(rotary_dim=None, rope_scaling=None, n_kv_heads=1, tie_embeddings=True),
+    "gemma2": dict(
+        norm_position="sandwich",
+        norm_impl="rms_norm_offset",
+        mlp_impl="geglu",
+        attn_scale_dim=7,
+        attn_logit_softcap=3.0,
+        final_logit_softcap=2.5,
+        sliding_window_layers=(0,),
+        tie_embeddings=True,
+    ),
+    "gemma3_text": dict(
+        qk_norm=True,
+        sliding_rope_theta=1e3,
+        rope_theta=5e4,
+        sliding_window_layers=(0,),
+        attn_logit_softcap=None,
+        final_logit_softcap=4.0,
+        attn_scale_dim=12,
+    ),
 }
 # Configs another family expresses too export as that one unless asked.
 INFERRED = {"phi3-plain": "llama"}
@@ -255,7 +291,7 @@ def test_cached_decode_matches_full_forward(converted: tuple[str, Any, DecoderMo
         ours.clear_cache()
 
 
-NEW_FAMILIES = ("olmo2", "phi3")
+NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -3,9 +3,10 @@
 pre:    x = x + attn(norm1(x));         x = x + mlp(norm2(x))           (GPT-2 onwards)
 post:   x = norm1(x + attn(x));         x = norm2(x + mlp(x))           (Vaswani et al. 2017)
 output: x = x + norm_a(attn(x));        x = x + norm_m(mlp(x))          (OLMo 2)
+sandwich: x = x + norm_a(attn(norm1(x)));  x = x + norm_m(mlp(norm2(x)))  (Gemma 2/3)
 
-`output` normalises what each sublayer adds to the residual stream instead of its
-input, which keeps the stream's growth in check.
+`output` and `sandwich` normalise what each sublayer adds to the residual stream, which
+keeps the stream's growth in check.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig
-from llm.interop import _deepseek, _gpt2, _llama, _olmo2, _phi3
+from llm.interop import _deepseek, _gemma, _gpt2, _llama, _olmo2, _phi3
 from llm.interop._common import Family, from_hf_tensors, to_hf_tensors
 from llm.models.decoder import DecoderModel
 
@@ -39,13 +39,14 @@ FAMILIES: dict[str, Family] = {
         *_gpt2.FAMILIES,
         *_olmo2.FAMILIES,
         *_phi3.FAMILIES,
+        *_gemma.FAMILIES,
     )
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
     "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
-    "qwen2", "qwen3", "olmo2", "phi3",
+    "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
 )  # fmt: skip
 
 

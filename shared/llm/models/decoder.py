@@ -25,7 +25,7 @@ from llm.core.alibi import alibi_slopes
 from llm.core.attn.masks import attention_mask
 from llm.core.mlp import SwiGLU
 from llm.core.moe import MoE
-from llm.core.norm import LayerNorm, RMSNorm
+from llm.core.norm import LayerNorm, OffsetRMSNorm, RMSNorm
 from llm.core.registry import ATTENTION_REGISTRY, MLP_REGISTRY, NORM_REGISTRY
 from llm.core.rope import longrope_tables, rope_inv_freq, rope_tables
 from llm.core.transformer_block import TransformerBlock
@@ -34,7 +34,7 @@ from llm.core.transformer_block import TransformerBlock
 def _attention(c: ModelConfig) -> nn.Module:
     cls = ATTENTION_REGISTRY.get(c.attn_impl)
     common = dict(
-        scale=c.attn_scale_factor / math.sqrt(c.head_dim),
+        scale=c.attn_scale_factor / math.sqrt(c.attn_scale_dim or c.head_dim),
         eager=c.attn_backend == "eager",
         dropout=c.dropout,
     )
@@ -47,9 +47,17 @@ def _attention(c: ModelConfig) -> nn.Module:
     return cls(
         c.dim, c.n_heads, c.n_kv_heads, c.head_dim, qkv_bias=c.attn_bias,
         out_bias=c.attn_out_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
-        qk_norm_all_heads=c.qk_norm_scope == "all_heads",
+        qk_norm_all_heads=c.qk_norm_scope == "all_heads", norm_cls=_qk_norm_cls(c),
+        softcap=c.attn_logit_softcap,
         rope=c.position == "rope", **common,
     )  # fmt: skip
+
+
+def _qk_norm_cls(c: ModelConfig) -> type[nn.Module]:
+    """q/k norms follow the model's norm when it is an RMSNorm flavour ((1 + w) in Gemma 3),
+    and are plain RMSNorm otherwise."""
+    cls = NORM_REGISTRY.get(c.norm_impl)
+    return cls if issubclass(cls, RMSNorm) else RMSNorm
 
 
 def _mlp(c: ModelConfig, layer: int) -> nn.Module:
@@ -83,8 +91,8 @@ class DecoderModel(nn.Module):
         self.embed_dropout = nn.Dropout(c.dropout)
         # Which norms each block has: before the sublayers (pre, post's after the add) and
         # on the sublayer outputs (output).
-        input_norms = c.norm_position in ("pre", "post")
-        output_norms = c.norm_position == "output"
+        input_norms = c.norm_position in ("pre", "post", "sandwich")
+        output_norms = c.norm_position in ("output", "sandwich")
         self.layers = nn.ModuleList(
             TransformerBlock(
                 self_attn=_attention(c),
@@ -104,8 +112,14 @@ class DecoderModel(nn.Module):
         self.tie_weights()
         # Which window each layer uses; forward builds one mask per distinct window.
         self._layer_windows = [c.layer_window(i) for i in range(c.n_layers)]
+        # Which layers rotate with the sliding layers' own rope table (Gemma 3's local layers).
+        self._layer_local_rope = [
+            c.sliding_rope_theta is not None and w is not None for w in self._layer_windows
+        ]
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
         self.cache_max_seq_len = 0
         self.cache_batch_size = 0
@@ -127,6 +141,10 @@ class DecoderModel(nn.Module):
         device = device or self.embed_tokens.weight.device
         # Unused tables stay empty, but on `device`: a meta leftover would fail `.to()`.
         self.rope_cos = self.rope_sin = self.alibi_slopes = torch.empty(0, device=device)
+        self.rope_local_cos = self.rope_local_sin = torch.empty(0, device=device)
+        if c.position == "rope" and c.sliding_rope_theta is not None:
+            inv_freq = rope_inv_freq(c.rope_dim, c.sliding_rope_theta, device=device)
+            self.rope_local_cos, self.rope_local_sin = rope_tables(inv_freq, c.max_seq_len)
         if (
             c.position == "rope"
             and c.rope_scaling is not None
@@ -155,7 +173,7 @@ class DecoderModel(nn.Module):
     def _apply(self, fn, recurse=True):  # nn.Module's signature, untyped
         # `.to(bfloat16)` would round the rope tables and slopes too; they stay fp32 as in HF.
         super()._apply(fn, recurse)
-        buffers = (self.rope_cos, self.alibi_slopes)
+        buffers = (self.rope_cos, self.rope_local_cos, self.alibi_slopes)
         if any(b.numel() and b.dtype != torch.float32 and b.device.type != "meta" for b in buffers):
             self.reset_buffers(self.embed_tokens.weight.device)
         return self
@@ -176,6 +194,8 @@ class DecoderModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, OffsetRMSNorm):
+                nn.init.zeros_(module.weight)  # scales by 1 + weight
             elif isinstance(module, RMSNorm | LayerNorm):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -314,15 +334,19 @@ class DecoderModel(nn.Module):
             k_pos = torch.arange(kv_len or self.cache_max_seq_len, device=tokens.device)  # (L,)
 
         x = self.embed_tokens(tokens)  # (B, T, dim)
+        if c.embed_scale != 1.0:
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)  # rounded as the weights are
         if c.position == "learned":
             x = x + self.embed_positions(q_pos)  # (1|B, T, dim)
         if c.embed_norm:
             x = self.embed_norm(x)
         x = self.embed_dropout(x)
 
-        cos = sin = None
+        cos = sin = local_cos = local_sin = None
         if c.position == "rope":
             cos, sin = self.rope_cos[q_pos], self.rope_sin[q_pos]  # (1|B, T, rope_dim)
+        if any(self._layer_local_rope):
+            local_cos, local_sin = self.rope_local_cos[q_pos], self.rope_local_sin[q_pos]
         slopes = self.alibi_slopes if c.position == "alibi" else None
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in dict.fromkeys(self._layer_windows):
@@ -333,13 +357,19 @@ class DecoderModel(nn.Module):
                 None if plain_causal else attention_mask(q_pos, k_pos, window, slopes, document_ids)
             )
 
-        for layer, window in zip(self.layers, self._layer_windows, strict=True):
-            x = layer(x, cos, sin, input_pos, masks[window], cache_rows, kv_len)
+        for layer, window, local in zip(
+            self.layers, self._layer_windows, self._layer_local_rope, strict=True
+        ):
+            rope = (local_cos, local_sin) if local else (cos, sin)
+            x = layer(x, *rope, input_pos, masks[window], cache_rows, kv_len)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, dim)
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
+        logits = self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
+        if c.final_logit_softcap is not None:
+            logits = torch.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return logits
 
 
 def _rope_attention_factor(c: ModelConfig) -> float:

@@ -34,6 +34,8 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         qk_norm_all_heads: bool = False,
+        norm_cls: type[nn.Module] = RMSNorm,
+        softcap: float | None = None,
         rope: bool = True,
         scale: float | None = None,
         eager: bool = False,
@@ -49,8 +51,9 @@ class Attention(nn.Module):
             if qk_norm_all_heads
             else (head_dim, head_dim)
         )
-        self.q_norm = RMSNorm(q_width, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(k_width, norm_eps) if qk_norm else None
+        self.q_norm = norm_cls(q_width, norm_eps) if qk_norm else None
+        self.k_norm = norm_cls(k_width, norm_eps) if qk_norm else None
+        self.softcap = softcap
         self.qk_norm_all_heads = qk_norm_all_heads
         self.rope = rope
         self.scale = scale if scale is not None else head_dim**-0.5
@@ -105,6 +108,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, nkv, L, hd)
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, self.scale, dropout, eager=self.eager)  # (B, nh, T, hd)
+        y = attend(
+            q, k, v, mask, self.scale, dropout, eager=self.eager, softcap=self.softcap
+        )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
