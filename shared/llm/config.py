@@ -140,6 +140,9 @@ class ModelConfig(BaseModel):
         gt=0,
         description="scores = cap * tanh(scores / cap) before the mask (Gemma 2)",
     )
+    attn_sinks: bool = Field(
+        default=False, description="a learned per-head logit in each softmax denominator (gpt-oss)"
+    )
     attn_bias: bool = Field(default=False, description="bias on the q/k/v projections")
     attn_out_bias: bool = Field(default=False, description="bias on the output projection")
     qk_norm: bool = Field(
@@ -181,6 +184,17 @@ class ModelConfig(BaseModel):
     )
     router_n_groups: int | None = Field(default=None, gt=0, description="group-limited routing")
     router_topk_groups: int | None = Field(default=None, gt=0)
+    router_bias: bool = Field(default=False, description="bias on the router logits (gpt-oss)")
+    moe_expert_bias: bool = Field(default=False, description="biases on the expert projections")
+    moe_activation: Literal["swiglu", "clamped_swiglu"] = Field(
+        default="swiglu",
+        description=(
+            "clamped_swiglu: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), "
+            "g = min(gate, limit) (gpt-oss)"
+        ),
+    )
+    swiglu_alpha: float = Field(default=1.702, gt=0, description="clamped_swiglu's alpha")
+    swiglu_limit: float = Field(default=7.0, gt=0, description="clamped_swiglu's limit")
     router_aux_loss_coef: float = Field(default=0.0, ge=0, description="load-balancing loss weight")
     router_z_loss_coef: float = Field(default=0.0, ge=0, description="router z-loss weight")
 
@@ -286,8 +300,10 @@ class ModelConfig(BaseModel):
             )
         if self.qk_norm:
             raise ValueError("qk_norm is not defined for attn_impl='mla'")
-        if self.attn_logit_softcap is not None:
-            raise ValueError("attn_logit_softcap is not implemented for attn_impl='mla'")
+        if self.attn_logit_softcap is not None or self.attn_sinks:
+            raise ValueError(
+                "attn_logit_softcap and attn_sinks are not implemented for attn_impl='mla'"
+            )
         if self.attn_bias != self.attn_out_bias:
             raise ValueError(
                 "attn_impl='mla' has one bias flag: attn_bias must equal attn_out_bias"

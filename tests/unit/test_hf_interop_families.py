@@ -18,8 +18,9 @@ import pytest
 import torch
 import transformers
 
+from llm.config import ModelConfig
 from llm.inference import BatchGenerator, Request, SamplingParams
-from llm.interop.hf import from_hf, infer_model_type, to_hf
+from llm.interop.hf import config_to_hf, from_hf, infer_model_type, to_hf
 from llm.models.decoder import DecoderModel
 
 VOCAB, B, T = 151, 2, 17
@@ -126,8 +127,18 @@ FAMILIES: dict[str, tuple[type, dict[str, Any], int]] = {
             sliding_attention=dict(rope_type="default", rope_theta=1e3),
         ),
     ), T),
+    # Attention sinks, windows on alternate layers, biased router and experts with the
+    # clamped SwiGLU (a limit low enough to clamp), YaRN without truncation.
+    "gpt_oss": (transformers.GptOssConfig, dict(
+        **GQA, intermediate_size=23, num_local_experts=5, num_experts_per_tok=2, sliding_window=5,
+        swiglu_alpha=1.3, swiglu_limit=0.4, max_position_embeddings=64, router_aux_loss_coef=0.02,
+        rope_parameters=dict(
+            rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16,
+            beta_fast=8.0, beta_slow=1.0, truncate=False,
+        ),
+    ), T),
 }  # fmt: skip
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # The feature each case is there to exercise, as our config must express it.
 EXPECTED: dict[str, dict[str, Any]] = {
     "llama": dict(n_kv_heads=2, head_dim=10),
@@ -153,6 +164,16 @@ EXPECTED: dict[str, dict[str, Any]] = {
         final_logit_softcap=2.5,
         sliding_window_layers=(0,),
         tie_embeddings=True,
+    ),
+    "gpt_oss": dict(
+        attn_sinks=True,
+        sliding_window_layers=(0,),
+        router_bias=True,
+        moe_expert_bias=True,
+        moe_activation="clamped_swiglu",
+        swiglu_limit=0.4,
+        router_order="topk_softmax",
+        attn_bias=True,
     ),
     "gemma3_text": dict(
         qk_norm=True,
@@ -291,7 +312,7 @@ def test_cached_decode_matches_full_forward(converted: tuple[str, Any, DecoderMo
         ours.clear_cache()
 
 
-NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text")
+NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -332,3 +353,14 @@ def test_longrope_long_positions_match_reference() -> None:
     cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
     torch.testing.assert_close(ours.rope_cos[original : original + 8], cos[0, original:])
     torch.testing.assert_close(ours.rope_sin[original : original + 8], sin[0, original:])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("attn_sinks", True), ("final_logit_softcap", 30.0), ("qk_norm_scope", "all_heads")],
+)
+def test_exports_refuse_what_the_family_cannot_express(field: str, value: object) -> None:
+    """A family that lacks a feature refuses the config rather than dropping it."""
+    config = ModelConfig.from_preset("tiny", qk_norm=True, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        config_to_hf(config, "qwen3")

@@ -3,7 +3,8 @@
 Switch Transformer (Fedus et al. 2022) / Mixtral (Jiang et al. 2024) routing, with the
 options the open families differ in: softmax-then-top-k or top-k-then-softmax,
 renormalised or not, a routed-output scale and group-limited selection (DeepSeek-V2),
-and an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek).
+an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek), and a router
+bias with biased, clamped-SwiGLU experts (gpt-oss).
 
 Experts run without a loop over experts or tokens and without host syncs. The (token,
 expert) assignments are sorted by expert and each projection is one grouped GEMM
@@ -107,13 +108,45 @@ def _block_rows(n_assignments: int, n_experts: int) -> int:
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: `gate_up_proj` (E, 2*hidden, dim) and `down_proj` (E, dim, hidden),
-    the layout of transformers' fused MoE checkpoints."""
+    the layout of transformers' fused MoE checkpoints.
 
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
+    Options (gpt-oss): a bias on both projections, and the clamped SwiGLU
+    `(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)` with `g = clamp(gate, max=l)`,
+    which bounds what one expert can add to the residual stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        *,
+        bias: bool = False,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+    ) -> None:
         super().__init__()
+        if activation not in ("swiglu", "clamped_swiglu"):
+            raise ValueError(f"activation={activation!r}: use 'swiglu' or 'clamped_swiglu'")
         self.n_experts, self.hidden_dim = n_experts, hidden_dim
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.gate_up_proj_bias = (
+            nn.Parameter(torch.zeros(n_experts, 2 * hidden_dim)) if bias else None
+        )
+        self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, dim)) if bias else None
+        self.clamped = activation == "clamped_swiglu"
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(..., 2H) gate|up -> (..., H)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if not self.clamped:
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
 
     def forward(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -151,8 +184,13 @@ class GroupedExperts(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
         token = order // k  # (M,) token of each sorted assignment
         x_rows = _gather_rows(x, token)  # (M, D)
-        gate, up = _grouped_mm(x_rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # (M, D)
+        gate_up = _grouped_mm(x_rows, self.gate_up_proj.transpose(1, 2), offs)  # (M, 2H)
+        expert = flat[order]  # (M,) expert of each sorted row
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert]
+        y = _grouped_mm(self._act(gate_up), self.down_proj.transpose(1, 2), offs)  # (M, D)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[expert]
         y = y * weights.reshape(N * k)[order].unsqueeze(-1).to(y.dtype)
         return y.new_zeros(N, D).index_add_(0, token, y)  # (N, D)
 
@@ -183,8 +221,12 @@ class GroupedExperts(nn.Module):
         x_rows = x_rows.view(n_blocks, b, D)  # (nb, b, D)
         w_gate_up = _gather_rows(self.gate_up_proj, block_expert)  # (nb, 2H, D)
         w_down = _gather_rows(self.down_proj, block_expert)  # (nb, D, H)
-        gate, up = torch.bmm(x_rows, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # (nb, b, H) each
-        y = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # (nb, b, D)
+        gate_up = torch.bmm(x_rows, w_gate_up.transpose(1, 2))  # (nb, b, 2H)
+        if self.gate_up_proj_bias is not None:  # padding rows get it too, and are dropped below
+            gate_up = gate_up + self.gate_up_proj_bias[block_expert][:, None]
+        y = torch.bmm(self._act(gate_up), w_down.transpose(1, 2))  # (nb, b, D)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[block_expert][:, None]
         y = _gather_rows(y.view(n_blocks * b, D), slot).view(N, k, D)  # back to assignment order
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
 
@@ -205,6 +247,11 @@ class MoE(nn.Module):
         topk_groups: int | None = None,
         shared_hidden_dim: int | None = None,
         shared_gate: bool = False,
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
     ) -> None:
         super().__init__()
         if router_order not in ("softmax_topk", "topk_softmax"):
@@ -213,8 +260,11 @@ class MoE(nn.Module):
         self.softmax_first = router_order == "softmax_topk"
         self.renormalize, self.router_scale = renormalize, router_scale
         self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.gate = nn.Linear(dim, n_experts, bias=False)  # the router
-        self.experts = GroupedExperts(dim, hidden_dim, n_experts)
+        self.gate = nn.Linear(dim, n_experts, bias=router_bias)  # the router
+        self.experts = GroupedExperts(
+            dim, hidden_dim, n_experts, bias=expert_bias, activation=activation,
+            swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+        )  # fmt: skip
         self.shared_expert = SwiGLU(dim, shared_hidden_dim) if shared_hidden_dim else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.router_stats: RouterStats | None = None
@@ -249,7 +299,8 @@ class MoE(nn.Module):
         """
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
-        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E), routing in fp32
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        logits = F.linear(x.float(), self.gate.weight.float(), bias)  # (N, E), routing in fp32
         weights, experts = self.route(logits)
         y = self.experts(x, experts, weights)  # (N, D)
         if self.shared_expert is not None:

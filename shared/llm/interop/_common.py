@@ -49,15 +49,43 @@ class Map:
 Mapper = Callable[[str, ModelConfig], Map]
 
 
+# Config fields only some families express, at the value every other family needs.
+OPTIONAL_FIELDS: dict[str, Any] = dict(
+    qk_norm_scope="head", rotary_dim=None, embed_scale=1.0, final_logit_softcap=None,
+    attn_scale_dim=None, attn_logit_softcap=None, attn_sinks=False, sliding_rope_theta=None,
+    router_bias=False, moe_expert_bias=False, moe_activation="swiglu", swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Family:
-    """One Hugging Face architecture: config translation both ways plus the key map."""
+    """One Hugging Face architecture: config translation both ways plus the key map.
+
+    `features` names the `OPTIONAL_FIELDS` the family expresses; `config_to_hf` refuses
+    a config that sets any other (so no export silently drops, say, attention sinks).
+    """
 
     model_type: str
     config_from_hf: Callable[[Any], ModelConfig]
     config_to_hf: Callable[[ModelConfig], transformers.PretrainedConfig]
     mapper: Mapper
     ignored: tuple[str, ...] = field(default=IGNORED_SUFFIXES)
+    features: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        export = self.config_to_hf
+
+        def checked(config: ModelConfig) -> transformers.PretrainedConfig:
+            for name, default in OPTIONAL_FIELDS.items():
+                if name not in self.features and getattr(config, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(config, name)!r} cannot be expressed as "
+                        f"{self.model_type} (needs {default!r})"
+                    )
+            return export(config)
+
+        object.__setattr__(self, "config_to_hf", checked)
 
 
 # -- key-map helpers --------------------------------------------------------------------------

@@ -148,7 +148,14 @@ def gemma3_text_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
+_GEMMA = frozenset({"embed_scale", "final_logit_softcap", "attn_scale_dim"})
 FAMILIES = (
-    Family("gemma2", gemma2_from_hf, gemma2_to_hf, gemma_mapper),
-    Family("gemma3_text", gemma3_text_from_hf, gemma3_text_to_hf, gemma_mapper),
-)
+    Family(
+        "gemma2", gemma2_from_hf, gemma2_to_hf, gemma_mapper,
+        features=_GEMMA | {"attn_logit_softcap"},
+    ),
+    Family(
+        "gemma3_text", gemma3_text_from_hf, gemma3_text_to_hf, gemma_mapper,
+        features=_GEMMA | {"sliding_rope_theta"},
+    ),
+)  # fmt: skip

@@ -55,4 +55,8 @@ def olmo2_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
     )
 
 
-FAMILIES = (Family("olmo2", olmo2_from_hf, olmo2_to_hf, olmo2_mapper),)
+FAMILIES = (
+    Family(
+        "olmo2", olmo2_from_hf, olmo2_to_hf, olmo2_mapper, features=frozenset({"qk_norm_scope"})
+    ),
+)

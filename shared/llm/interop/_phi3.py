@@ -67,4 +67,6 @@ def phi3_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
-FAMILIES = (Family("phi3", phi3_from_hf, phi3_to_hf, phi3_mapper),)
+FAMILIES = (
+    Family("phi3", phi3_from_hf, phi3_to_hf, phi3_mapper, features=frozenset({"rotary_dim"})),
+)

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig
-from llm.interop import _deepseek, _gemma, _gpt2, _llama, _olmo2, _phi3
+from llm.interop import _deepseek, _gemma, _gpt2, _gpt_oss, _llama, _olmo2, _phi3
 from llm.interop._common import Family, from_hf_tensors, to_hf_tensors
 from llm.models.decoder import DecoderModel
 
@@ -40,13 +40,14 @@ FAMILIES: dict[str, Family] = {
         *_olmo2.FAMILIES,
         *_phi3.FAMILIES,
         *_gemma.FAMILIES,
+        *_gpt_oss.FAMILIES,
     )
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
     "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
-    "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text",
+    "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss",
 )  # fmt: skip
 
 

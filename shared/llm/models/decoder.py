@@ -23,6 +23,7 @@ from torch import nn
 from llm.config import ModelConfig, yarn_mscale
 from llm.core.alibi import alibi_slopes
 from llm.core.attn.masks import attention_mask
+from llm.core.attn.mha import Attention
 from llm.core.mlp import SwiGLU
 from llm.core.moe import MoE
 from llm.core.norm import LayerNorm, OffsetRMSNorm, RMSNorm
@@ -48,7 +49,7 @@ def _attention(c: ModelConfig) -> nn.Module:
         c.dim, c.n_heads, c.n_kv_heads, c.head_dim, qkv_bias=c.attn_bias,
         out_bias=c.attn_out_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
         qk_norm_all_heads=c.qk_norm_scope == "all_heads", norm_cls=_qk_norm_cls(c),
-        softcap=c.attn_logit_softcap,
+        softcap=c.attn_logit_softcap, sinks=c.attn_sinks,
         rope=c.position == "rope", **common,
     )  # fmt: skip
 
@@ -67,7 +68,9 @@ def _mlp(c: ModelConfig, layer: int) -> nn.Module:
             router_order=c.router_order, renormalize=c.router_renormalize,
             router_scale=c.router_scale, n_groups=c.router_n_groups,
             topk_groups=c.router_topk_groups, shared_hidden_dim=c.shared_expert_hidden_dim,
-            shared_gate=c.shared_expert_gate,
+            shared_gate=c.shared_expert_gate, router_bias=c.router_bias,
+            expert_bias=c.moe_expert_bias, activation=c.moe_activation,
+            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
         )  # fmt: skip
     if c.mlp_impl == "moe":  # a dense layer of an MoE model (DeepSeek's first layers)
         return SwiGLU(c.dim, c.hidden_dim, bias=c.mlp_bias, dropout=c.dropout)
@@ -201,8 +204,14 @@ class DecoderModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, MoE):
-                nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std)
-                nn.init.normal_(module.experts.down_proj, mean=0.0, std=residual_std)
+                ex = module.experts
+                nn.init.normal_(ex.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(ex.down_proj, mean=0.0, std=residual_std)
+                for bias in (ex.gate_up_proj_bias, ex.down_proj_bias):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
+            elif isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -36,6 +36,7 @@ class Attention(nn.Module):
         qk_norm_all_heads: bool = False,
         norm_cls: type[nn.Module] = RMSNorm,
         softcap: float | None = None,
+        sinks: bool = False,
         rope: bool = True,
         scale: float | None = None,
         eager: bool = False,
@@ -54,6 +55,8 @@ class Attention(nn.Module):
         self.q_norm = norm_cls(q_width, norm_eps) if qk_norm else None
         self.k_norm = norm_cls(k_width, norm_eps) if qk_norm else None
         self.softcap = softcap
+        # One learned logit per head in the softmax denominator (gpt-oss's attention sinks).
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.qk_norm_all_heads = qk_norm_all_heads
         self.rope = rope
         self.scale = scale if scale is not None else head_dim**-0.5
@@ -108,8 +111,10 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, nkv, L, hd)
         dropout = self.dropout if self.training else 0.0
+        # (B, nh, T, hd)
         y = attend(
-            q, k, v, mask, self.scale, dropout, eager=self.eager, softcap=self.softcap
-        )  # (B, nh, T, hd)
+            q, k, v, mask, self.scale, dropout, eager=self.eager, softcap=self.softcap,
+            sinks=self.sinks,
+        )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
