@@ -175,7 +175,17 @@ class ModelConfig(BaseModel):
     )
     shared_expert_hidden_dim: int | None = Field(default=None, gt=0, description="always-on expert")
     shared_expert_gate: bool = Field(default=False, description="sigmoid gate on the shared expert")
-    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    router_order: Literal["softmax_topk", "topk_softmax", "sigmoid_topk"] = Field(
+        default="softmax_topk",
+        description="sigmoid_topk: top-k of independent sigmoid scores (DeepSeek-V3)",
+    )
+    router_choice_bias: bool = Field(
+        default=False,
+        description="a bias on the scores for choosing experts only, not weighting (DeepSeek-V3)",
+    )
+    router_group_score: Literal["max", "top2_sum"] = Field(
+        default="max", description="a group's rank: its best expert (V2) or best two (V3)"
+    )
     router_renormalize: bool = Field(
         default=False, description="top-k weights rescaled to sum to 1"
     )
@@ -345,6 +355,13 @@ class ModelConfig(BaseModel):
         _check_layers("moe_dense_layers", self.moe_dense_layers, self.n_layers)
         if self.shared_expert_gate and self.shared_expert_hidden_dim is None:
             raise ValueError("shared_expert_gate needs shared_expert_hidden_dim")
+        if self.router_choice_bias and self.router_order != "sigmoid_topk":
+            raise ValueError("router_choice_bias needs router_order='sigmoid_topk'")
+        if (
+            self.router_group_score == "top2_sum"
+            and self.n_experts // (self.router_n_groups or 1) < 2
+        ):
+            raise ValueError("router_group_score='top2_sum' needs groups of at least 2 experts")
         if (self.router_n_groups is None) != (self.router_topk_groups is None):
             raise ValueError("router_n_groups and router_topk_groups go together")
         if self.router_n_groups is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from llm.config import ModelConfig
 from llm.inference import BatchGenerator, Request, SamplingParams
@@ -88,6 +89,20 @@ FAMILIES: dict[str, tuple[type, dict[str, Any], int]] = {
         first_k_dense_replace=0, topk_method="group_limited_greedy", n_group=2, topk_group=1,
         attention_bias=True, max_position_embeddings=64,
     ), T),
+    # Sigmoid routing with the correction bias, groups ranked by their best two experts,
+    # renormalised and scaled weights; low-rank q, YaRN with mscale.
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(
+        hidden_size=39, num_attention_heads=3, q_lora_rank=13, kv_lora_rank=12,
+        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, intermediate_size=43,
+        num_key_value_heads=3, moe_intermediate_size=17, n_routed_experts=8, num_experts_per_tok=3,
+        n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, max_position_embeddings=128, pad_token_id=None,
+        rope_parameters=dict(
+            rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=32,
+            mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1,
+        ),
+    ), T),
     "gpt2": (transformers.GPT2Config, dict(n_embd=36, n_layer=2, n_head=4, n_positions=64), T),
     "bloom": (transformers.BloomConfig, dict(hidden_size=42, n_layer=2, n_head=6), T),
     # Norms on the sublayer outputs, q/k norm over all heads, biases everywhere.
@@ -150,6 +165,17 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(qk_norm=True, router_renormalize=True, moe_dense_layers=()),
     "deepseek_v2": dict(attn_impl="mla", q_lora_rank=None, moe_dense_layers=(0,), router_scale=1.5),
     "deepseek_v2-lora": dict(q_lora_rank=13, router_n_groups=2, attn_bias=True),
+    "deepseek_v3": dict(
+        router_order="sigmoid_topk",
+        router_choice_bias=True,
+        router_group_score="top2_sum",
+        router_n_groups=4,
+        router_topk_groups=2,
+        router_renormalize=True,
+        router_scale=2.5,
+        q_lora_rank=13,
+        moe_dense_layers=(0,),
+    ),
     "gpt2": dict(position="learned", norm_impl="layer_norm", mlp_impl="mlp"),
     "bloom": dict(position="alibi", embed_norm=True, n_heads=6),
     "olmo2": dict(norm_position="output", qk_norm_scope="all_heads", attn_bias=True, head_dim=10),
@@ -205,6 +231,9 @@ def _randomise(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         is_norm = "norm" in name or ".ln_" in name or "layernorm" in name
         p.copy_(torch.randn_like(p) * 0.1 + (1.0 if is_norm and name.endswith("weight") else 0.0))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: large enough to re-route
+            b.copy_(torch.randn_like(b) * 0.3)
 
 
 def make_hf(family: str) -> transformers.PreTrainedModel:
@@ -312,7 +341,7 @@ def test_cached_decode_matches_full_forward(converted: tuple[str, Any, DecoderMo
         ours.clear_cache()
 
 
-NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss")
+NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss", "deepseek_v3")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -364,3 +393,19 @@ def test_exports_refuse_what_the_family_cannot_express(field: str, value: object
     config = ModelConfig.from_preset("tiny", qk_norm=True, **{field: value})
     with pytest.raises(ValueError, match=field):
         config_to_hf(config, "qwen3")
+
+
+@torch.no_grad()
+def test_deepseek_v3_multi_token_prediction_layers_are_skipped(tmp_path: Path) -> None:
+    hf = make_hf("deepseek_v3")
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    sd = load_file(path)
+    n = hf.config.num_hidden_layers
+    sd[f"model.layers.{n}.eh_proj.weight"] = torch.ones(3, 3)
+    sd[f"model.layers.{n}.mlp.gate.weight"] = torch.ones(3, 3)
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="2 tensors of multi-token-prediction layers"):
+        ours = from_hf(tmp_path)
+    tokens = _tokens("deepseek_v3")
+    torch.testing.assert_close(ours.eval()(tokens), hf(tokens).logits, **TOL)

@@ -1,8 +1,9 @@
 """Mixture of experts: a top-k router over SwiGLU experts stored as fixed-shape tensors.
 
 Switch Transformer (Fedus et al. 2022) / Mixtral (Jiang et al. 2024) routing, with the
-options the open families differ in: softmax-then-top-k or top-k-then-softmax,
-renormalised or not, a routed-output scale and group-limited selection (DeepSeek-V2),
+options the open families differ in: softmax-then-top-k, top-k-then-softmax or sigmoid
+scores with a choice-only correction bias (DeepSeek-V3), renormalised or not, a
+routed-output scale and group-limited selection (DeepSeek-V2/V3),
 an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek), and a router
 bias with biased, clamped-SwiGLU experts (gpt-oss).
 
@@ -252,15 +253,27 @@ class MoE(nn.Module):
         activation: str = "swiglu",
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
+        group_score: str = "max",
+        choice_bias: bool = False,
     ) -> None:
         super().__init__()
-        if router_order not in ("softmax_topk", "topk_softmax"):
-            raise ValueError(f"router_order={router_order!r}: use 'softmax_topk' or 'topk_softmax'")
+        orders = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+        if router_order not in orders:
+            raise ValueError(f"router_order={router_order!r}: use one of {orders}")
+        if group_score not in ("max", "top2_sum"):
+            raise ValueError(f"group_score={group_score!r}: use 'max' or 'top2_sum'")
         self.n_experts, self.top_k = n_experts, top_k
         self.softmax_first = router_order == "softmax_topk"
+        self.sigmoid = router_order == "sigmoid_topk"
         self.renormalize, self.router_scale = renormalize, router_scale
-        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.n_groups, self.topk_groups, self.group_score = n_groups, topk_groups, group_score
         self.gate = nn.Linear(dim, n_experts, bias=router_bias)  # the router
+        # DeepSeek-V3's load-balancing bias: shifts which experts are chosen, not their
+        # weights; set outside backprop, so a buffer (kept in fp32 for routing).
+        if choice_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(n_experts))
+        else:
+            self.e_score_correction_bias = None
         self.experts = GroupedExperts(
             dim, hidden_dim, n_experts, bias=expert_bias, activation=activation,
             swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
@@ -269,20 +282,40 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.router_stats: RouterStats | None = None
 
+    def _keep_groups(self, scores: torch.Tensor, floor: float) -> torch.Tensor:
+        """Scores (N, E) with every expert outside the `topk_groups` best groups set to
+        `floor`; a group ranks by its best expert (`max`, DeepSeek-V2) or its best two
+        (`top2_sum`, DeepSeek-V3)."""
+        N, E = scores.shape
+        grouped = scores.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+        if self.group_score == "max":
+            group_scores = grouped.amax(-1)  # (N, G)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        best_groups = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+        keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=scores.device)
+        keep = keep.scatter(1, best_groups, True)  # (N, G)
+        return grouped.masked_fill(~keep.unsqueeze(-1), floor).view(N, E)
+
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, E) fp32 router logits -> (weights, experts), each (N, k)."""
+        if self.sigmoid:
+            # DeepSeek-V3: independent sigmoid scores; the correction bias only steers the
+            # choice, the weights are the chosen experts' own scores.
+            probs = logits.sigmoid()
+            choice = probs
+            if self.e_score_correction_bias is not None:
+                choice = probs + self.e_score_correction_bias.float()
+            if self.n_groups is not None:
+                choice = self._keep_groups(choice, float("-inf"))
+            experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+            weights = probs.gather(1, experts)
+            if self.renormalize:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            return weights * self.router_scale, experts
         scores = logits.softmax(-1) if self.softmax_first else logits
         if self.n_groups is not None:
-            # Keep only experts in the `topk_groups` groups with the best single expert.
-            N, E = scores.shape
-            grouped = scores.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
-            best_groups = (
-                grouped.amax(-1).topk(self.topk_groups, dim=-1).indices
-            )  # (N, topk_groups)
-            keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=scores.device)
-            keep = keep.scatter(1, best_groups, True)  # (N, G)
-            floor = 0.0 if self.softmax_first else float("-inf")
-            scores = grouped.masked_fill(~keep.unsqueeze(-1), floor).view(N, E)
+            scores = self._keep_groups(scores, 0.0 if self.softmax_first else float("-inf"))
         weights, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
         if not self.softmax_first:
             weights = weights.softmax(-1)

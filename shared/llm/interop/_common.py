@@ -7,6 +7,7 @@ description serves both directions, so importer and exporter cannot drift apart.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ OPTIONAL_FIELDS: dict[str, Any] = dict(
     qk_norm_scope="head", rotary_dim=None, embed_scale=1.0, final_logit_softcap=None,
     attn_scale_dim=None, attn_logit_softcap=None, attn_sinks=False, sliding_rope_theta=None,
     router_bias=False, moe_expert_bias=False, moe_activation="swiglu", swiglu_alpha=1.702,
-    swiglu_limit=7.0,
+    swiglu_limit=7.0, router_choice_bias=False, router_group_score="max",
 )  # fmt: skip
 
 
@@ -72,6 +73,8 @@ class Family:
     mapper: Mapper
     ignored: tuple[str, ...] = field(default=IGNORED_SUFFIXES)
     features: frozenset[str] = frozenset()
+    # HF keys import leaves out on purpose: the reason (warned once per reason), or None.
+    skip: Callable[[str, ModelConfig], str | None] | None = None
 
     def __post_init__(self) -> None:
         export = self.config_to_hf
@@ -197,7 +200,20 @@ def from_hf_tensors(
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed_tokens.weight"]
         used.add("lm_head.weight")  # tied HF models may still list it (the same tensor)
-    if extra := sorted(k for k in sd if k not in used and not k.endswith(family.ignored)):
+    extra = sorted(k for k in sd if k not in used and not k.endswith(family.ignored))
+    if family.skip is not None:
+        skipped: dict[str, list[str]] = {}
+        for key in extra:
+            if (reason := family.skip(key, config)) is not None:
+                skipped.setdefault(reason, []).append(key)
+        for reason, keys in skipped.items():
+            warnings.warn(
+                f"{family.model_type}: leaving out {len(keys)} tensors of {reason}, "
+                f"e.g. {keys[0]!r}",
+                stacklevel=3,
+            )
+        extra = [k for k in extra if not any(k in keys for keys in skipped.values())]
+    if extra:
         raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {extra}")
     return out
 

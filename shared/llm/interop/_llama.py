@@ -232,6 +232,8 @@ def qwen3_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
 def _require_moe(c: ModelConfig, family: str, **expected: Any) -> None:
     if c.mlp_impl != "moe":
         raise ValueError(f"mlp_impl={c.mlp_impl!r} cannot be expressed as {family} (needs 'moe')")
+    if c.router_order == "sigmoid_topk":
+        raise ValueError(f"router_order='sigmoid_topk' cannot be expressed as {family}")
     require(
         c, family, mlp_bias=False, router_scale=1.0, router_n_groups=None, router_z_loss_coef=0.0,
         **expected,

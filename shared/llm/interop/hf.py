@@ -46,7 +46,7 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
-    "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
+    "deepseek_v2", "deepseek_v3", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
     "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss",
 )  # fmt: skip
 

@@ -71,6 +71,7 @@ def _mlp(c: ModelConfig, layer: int) -> nn.Module:
             shared_gate=c.shared_expert_gate, router_bias=c.router_bias,
             expert_bias=c.moe_expert_bias, activation=c.moe_activation,
             swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+            group_score=c.router_group_score, choice_bias=c.router_choice_bias,
         )  # fmt: skip
     if c.mlp_impl == "moe":  # a dense layer of an MoE model (DeepSeek's first layers)
         return SwiGLU(c.dim, c.hidden_dim, bias=c.mlp_bias, dropout=c.dropout)
