@@ -1,7 +1,8 @@
 """Every supported family against its `transformers` implementation.
 
-For each family a tiny random HF model with odd sizes (hidden 37-86, vocab 151, two
-layers, GQA, RoPE scaling, sliding windows and MoE where the family has them) is
+For each family a tiny random HF model with odd sizes (hidden 36-86, vocab 151, two
+layers, GQA, RoPE scaling, sliding windows, soft-capping, attention sinks and MoE where
+the family has them) is
 converted with `from_hf`; logits must match the HF eager reference in fp32, MoE
 load-balancing losses must match HF's `aux_loss`, and `to_hf` must write a directory
 `AutoModelForCausalLM` loads back to the same logits and, re-imported, the same weights.
@@ -20,8 +21,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from llm.config import ModelConfig
+from llm.core.lora import apply_lora
 from llm.inference import BatchGenerator, Request, SamplingParams
 from llm.interop.hf import config_to_hf, from_hf, infer_model_type, to_hf
+from llm.interop.peft import save_adapter
 from llm.models.decoder import DecoderModel
 
 VOCAB, B, T = 151, 2, 17
@@ -409,3 +412,11 @@ def test_deepseek_v3_multi_token_prediction_layers_are_skipped(tmp_path: Path) -
         ours = from_hf(tmp_path)
     tokens = _tokens("deepseek_v3")
     torch.testing.assert_close(ours.eval()(tokens), hf(tokens).logits, **TOL)
+
+
+def test_phi3_fused_gate_up_lora_has_no_peft_form(tmp_path: Path) -> None:
+    """Our gate_proj and up_proj share Phi-3's one gate_up_proj: refused, not mangled."""
+    ours = from_hf(make_hf("phi3"))
+    apply_lora(ours, ["gate_proj"], r=2)
+    with pytest.raises(NotImplementedError, match="gate_up_proj"):
+        save_adapter(ours, tmp_path)

@@ -1,12 +1,13 @@
 """Hugging Face <-> `DecoderModel` conversion for every supported family.
 
 Supported `model_type`s: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe,
-deepseek_v2, gpt2, bloom, olmo2. Our parameter names follow the HF checkpoint standard,
-so most keys map by prefix; each family's exceptions (fused q/k/v,
-stacked experts, Conv1D transposes, DeepSeek's interleaved rope dims, BLOOM's per-head
-q/k/v, OLMo 2's output norms) live in its private module next to this one (`_llama`,
-`_deepseek`, `_gpt2`, `_olmo2`), and
-nothing else in the library knows HF names.
+deepseek_v2, deepseek_v3, gpt2, bloom, olmo2, phi3, gemma2, gemma3_text, gpt_oss. Our
+parameter names follow the HF checkpoint standard, so most keys map by prefix; each
+family's exceptions (fused q/k/v, stacked experts, Conv1D transposes, DeepSeek's
+interleaved rope dims, BLOOM's per-head q/k/v, OLMo 2's and Gemma's norm names, Phi-3's
+fused gate_up_proj, gpt-oss's interleaved transposed experts) live in its private module
+next to this one (`_llama`, `_deepseek`, `_gpt2`, `_olmo2`, `_phi3`, `_gemma`,
+`_gpt_oss`), and nothing else in the library knows HF names.
 
 Checkpoint directories are read with `safetensors.safe_open` (one file, or shards listed
 in `model.safetensors.index.json`), so importing never instantiates the HF model class.
