@@ -26,11 +26,17 @@ class RopeScaling(BaseModel):
     - `yarn`: per-frequency blend of interpolation and extrapolation plus a cos/sin
       magnitude factor (Peng et al. 2023).
     - `llama3`: wavelength-banded interpolation (Llama 3.1).
+    - `longrope`: per-frequency divisors, `short_factor` for positions below
+      `original_max_seq_len` and `long_factor` from there on, plus a cos/sin magnitude
+      factor (Phi-3, Ding et al. 2024). One static table holds both ranges, so cached
+      decode equals recompute (vLLM does the same; HF switches every position to the
+      long factors once an input passes `original_max_seq_len`, which equals ours for
+      inputs within it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["linear", "dynamic", "yarn", "llama3"]
+    kind: Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
     factor: float = Field(gt=0)
     original_max_seq_len: int | None = Field(default=None, gt=0)
     low_freq_factor: float = 1.0  # llama3
@@ -39,13 +45,21 @@ class RopeScaling(BaseModel):
     beta_slow: float = 1.0  # yarn
     mscale: float | None = None  # yarn, DeepSeek's two-factor form
     mscale_all_dim: float | None = None  # yarn, DeepSeek's two-factor form
-    attention_factor: float | None = None  # yarn: overrides the derived cos/sin factor
+    attention_factor: float | None = None  # yarn, longrope: overrides the derived cos/sin factor
     truncate: bool = True  # yarn: round the correction range to whole dims
+    short_factor: tuple[float, ...] | None = None  # longrope: one divisor per frequency
+    long_factor: tuple[float, ...] | None = None  # longrope
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.kind in ("dynamic", "yarn", "llama3") and self.original_max_seq_len is None:
+        needs_original = ("dynamic", "yarn", "llama3", "longrope")
+        if self.kind in needs_original and self.original_max_seq_len is None:
             raise ValueError(f"rope_scaling kind={self.kind!r} needs original_max_seq_len")
+        has_factors = self.short_factor is not None and self.long_factor is not None
+        if (self.kind == "longrope") != has_factors:
+            raise ValueError("short_factor and long_factor go with rope_scaling kind='longrope'")
+        if has_factors and len(self.short_factor) != len(self.long_factor):
+            raise ValueError("short_factor and long_factor must have the same length")
         return self
 
 
@@ -81,16 +95,34 @@ class ModelConfig(BaseModel):
     norm_bias: bool | None = Field(
         default=None, description="layer_norm: True unless set; rms_norm: never"
     )
-    norm_position: Literal["pre", "post"] = Field(
+    norm_position: Literal["pre", "post", "output", "sandwich"] = Field(
         default="pre",
-        description="pre: x + f(norm(x)), final norm; post: norm(x + f(x)), no final norm",
+        description=(
+            "pre: x + f(norm(x)), final norm; post: norm(x + f(x)), no final norm; "
+            "output: x + norm(f(x)), final norm (OLMo 2); "
+            "sandwich: x + norm(f(norm(x))), final norm (Gemma 2/3)"
+        ),
     )
     embed_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
+    embed_scale: float = Field(
+        default=1.0, gt=0, description="embeddings times this, in their dtype (Gemma: sqrt(dim))"
+    )
+    final_logit_softcap: float | None = Field(
+        default=None, gt=0, description="logits = cap * tanh(logits / cap) (Gemma 2/3)"
+    )
 
     # Positions.
     position: Literal["rope", "alibi", "learned", "none"] = "rope"
     rope_theta: float = Field(default=10000.0, gt=0)
     rope_scaling: RopeScaling | None = None
+    rotary_dim: int | None = Field(
+        default=None, gt=0, description="rotated leading dims of each q/k head; head_dim if unset"
+    )
+    sliding_rope_theta: float | None = Field(
+        default=None,
+        gt=0,
+        description="sliding-window layers rotate with this theta and no rope_scaling (Gemma 3)",
+    )
 
     # Attention.
     attn_backend: Literal["sdpa", "eager"] = Field(
@@ -98,12 +130,27 @@ class ModelConfig(BaseModel):
         description="sdpa: torch kernel; eager: explicit softmax, the reference path",
     )
     attn_scale_factor: float = Field(
-        default=1.0, gt=0, description="softmax scale = attn_scale_factor / sqrt(head_dim)"
+        default=1.0, gt=0, description="softmax scale = attn_scale_factor / sqrt(attn_scale_dim)"
+    )
+    attn_scale_dim: int | None = Field(
+        default=None, gt=0, description="head_dim if unset (Gemma's query_pre_attn_scalar)"
+    )
+    attn_logit_softcap: float | None = Field(
+        default=None,
+        gt=0,
+        description="scores = cap * tanh(scores / cap) before the mask (Gemma 2)",
+    )
+    attn_sinks: bool = Field(
+        default=False, description="a learned per-head logit in each softmax denominator (gpt-oss)"
     )
     attn_bias: bool = Field(default=False, description="bias on the q/k/v projections")
     attn_out_bias: bool = Field(default=False, description="bias on the output projection")
     qk_norm: bool = Field(
-        default=False, description="per-head RMSNorm on q and k before rope (Qwen3)"
+        default=False, description="RMSNorm on q and k before rope (Qwen3, OLMo 2)"
+    )
+    qk_norm_scope: Literal["head", "all_heads"] = Field(
+        default="head",
+        description="head: one norm per head (Qwen3); all_heads: over the whole q / k projection (OLMo 2)",
     )
     sliding_window: int | None = Field(
         default=None, gt=0, description="keys within this many positions"
@@ -128,7 +175,17 @@ class ModelConfig(BaseModel):
     )
     shared_expert_hidden_dim: int | None = Field(default=None, gt=0, description="always-on expert")
     shared_expert_gate: bool = Field(default=False, description="sigmoid gate on the shared expert")
-    router_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    router_order: Literal["softmax_topk", "topk_softmax", "sigmoid_topk"] = Field(
+        default="softmax_topk",
+        description="sigmoid_topk: top-k of independent sigmoid scores (DeepSeek-V3)",
+    )
+    router_choice_bias: bool = Field(
+        default=False,
+        description="a bias on the scores for choosing experts only, not weighting (DeepSeek-V3)",
+    )
+    router_group_score: Literal["max", "top2_sum"] = Field(
+        default="max", description="a group's rank: its best expert (V2) or best two (V3)"
+    )
     router_renormalize: bool = Field(
         default=False, description="top-k weights rescaled to sum to 1"
     )
@@ -137,6 +194,17 @@ class ModelConfig(BaseModel):
     )
     router_n_groups: int | None = Field(default=None, gt=0, description="group-limited routing")
     router_topk_groups: int | None = Field(default=None, gt=0)
+    router_bias: bool = Field(default=False, description="bias on the router logits (gpt-oss)")
+    moe_expert_bias: bool = Field(default=False, description="biases on the expert projections")
+    moe_activation: Literal["swiglu", "clamped_swiglu"] = Field(
+        default="swiglu",
+        description=(
+            "clamped_swiglu: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), "
+            "g = min(gate, limit) (gpt-oss)"
+        ),
+    )
+    swiglu_alpha: float = Field(default=1.702, gt=0, description="clamped_swiglu's alpha")
+    swiglu_limit: float = Field(default=7.0, gt=0, description="clamped_swiglu's limit")
     router_aux_loss_coef: float = Field(default=0.0, ge=0, description="load-balancing loss weight")
     router_z_loss_coef: float = Field(default=0.0, ge=0, description="router z-loss weight")
 
@@ -148,7 +216,9 @@ class ModelConfig(BaseModel):
     @property
     def rope_dim(self) -> int:
         """Width of the rotated part of q/k per head."""
-        return self.qk_rope_head_dim if self.attn_impl == "mla" else self.head_dim
+        if self.attn_impl == "mla":
+            return self.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, None for full causal attention."""
@@ -222,6 +292,8 @@ class ModelConfig(BaseModel):
             if self.sliding_window is None:
                 raise ValueError("sliding_window_layers is set but sliding_window is not")
             _check_layers("sliding_window_layers", self.sliding_window_layers, self.n_layers)
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm=True")
         if self.attn_impl != "mla":
             return
         needed = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -238,6 +310,10 @@ class ModelConfig(BaseModel):
             )
         if self.qk_norm:
             raise ValueError("qk_norm is not defined for attn_impl='mla'")
+        if self.attn_logit_softcap is not None or self.attn_sinks:
+            raise ValueError(
+                "attn_logit_softcap and attn_sinks are not implemented for attn_impl='mla'"
+            )
         if self.attn_bias != self.attn_out_bias:
             raise ValueError(
                 "attn_impl='mla' has one bias flag: attn_bias must equal attn_out_bias"
@@ -248,6 +324,21 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim={self.rope_dim} must be even for rope")
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"rope_scaling needs position='rope', not {self.position!r}")
+        if self.sliding_rope_theta is not None and (
+            self.position != "rope" or self.sliding_window is None
+        ):
+            raise ValueError("sliding_rope_theta needs position='rope' and a sliding_window")
+        if self.rotary_dim is not None:
+            if self.attn_impl == "mla":
+                raise ValueError("rotary_dim is not defined for attn_impl='mla' (qk_rope_head_dim)")
+            if self.rotary_dim > self.head_dim:
+                raise ValueError(f"rotary_dim={self.rotary_dim} exceeds head_dim={self.head_dim}")
+        s = self.rope_scaling
+        if s is not None and s.kind == "longrope" and len(s.short_factor) != self.rope_dim // 2:
+            raise ValueError(
+                f"rope_scaling.short_factor has {len(s.short_factor)} entries; "
+                f"rotary width {self.rope_dim} needs {self.rope_dim // 2}"
+            )
         if self.attn_impl == "mla" and self.position != "rope":
             raise ValueError(
                 f"attn_impl='mla' needs position='rope' (its decoupled key), not {self.position!r}"
@@ -264,6 +355,13 @@ class ModelConfig(BaseModel):
         _check_layers("moe_dense_layers", self.moe_dense_layers, self.n_layers)
         if self.shared_expert_gate and self.shared_expert_hidden_dim is None:
             raise ValueError("shared_expert_gate needs shared_expert_hidden_dim")
+        if self.router_choice_bias and self.router_order != "sigmoid_topk":
+            raise ValueError("router_choice_bias needs router_order='sigmoid_topk'")
+        if (
+            self.router_group_score == "top2_sum"
+            and self.n_experts // (self.router_n_groups or 1) < 2
+        ):
+            raise ValueError("router_group_score='top2_sum' needs groups of at least 2 experts")
         if (self.router_n_groups is None) != (self.router_topk_groups is None):
             raise ValueError("router_n_groups and router_topk_groups go together")
         if self.router_n_groups is not None:

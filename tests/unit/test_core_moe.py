@@ -59,6 +59,40 @@ def test_grouped_experts_match_loop(path: str, routing: str, n_tokens: int, k: i
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("path", ["grouped_mm", "blocked"])
+def test_biased_clamped_experts_match_loop(path: str) -> None:
+    """gpt-oss experts: biases on both projections and the clamped SwiGLU, both paths."""
+    torch.manual_seed(0)
+    dim, hidden = (16, 12) if path == "grouped_mm" else (D, H)
+    alpha, limit = 1.702, 0.3  # a limit the random activations cross
+    ex = GroupedExperts(
+        dim, hidden, E, bias=True, activation="clamped_swiglu", swiglu_alpha=alpha,
+        swiglu_limit=limit,
+    )  # fmt: skip
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    idx = ROUTINGS["random"](9, 2)
+    x = torch.randn(9, dim, requires_grad=True)
+    w = torch.rand(9, 2)
+    assert ex.uses_grouped_mm(x) == (path == "grouped_mm")
+    ref = torch.zeros_like(x)
+    for n in range(9):
+        for j in range(2):
+            e = idx[n, j]
+            gate, up = (ex.gate_up_proj[e] @ x[n] + ex.gate_up_proj_bias[e]).chunk(2)
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            h = (up + 1) * gate * torch.sigmoid(alpha * gate)
+            ref[n] = ref[n] + w[n, j] * (ex.down_proj[e] @ h + ex.down_proj_bias[e])
+    ours = ex(x, idx, w)
+    torch.testing.assert_close(ours, ref, **TOL)
+    params = [x, *ex.parameters()]
+    g = torch.randn_like(ref)
+    for a, b in zip(
+        torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_grouped_mm_compiles_without_graph_breaks() -> None:
     """fp32 grouped GEMM under torch.compile: torch's own fake kernel refuses non-bf16, ours
     runs it as an opaque op; values and gradients equal eager's."""

@@ -1,9 +1,11 @@
 """Mixture of experts: a top-k router over SwiGLU experts stored as fixed-shape tensors.
 
 Switch Transformer (Fedus et al. 2022) / Mixtral (Jiang et al. 2024) routing, with the
-options the open families differ in: softmax-then-top-k or top-k-then-softmax,
-renormalised or not, a routed-output scale and group-limited selection (DeepSeek-V2),
-and an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek).
+options the open families differ in: softmax-then-top-k, top-k-then-softmax or sigmoid
+scores with a choice-only correction bias (DeepSeek-V3), renormalised or not, a
+routed-output scale and group-limited selection (DeepSeek-V2/V3),
+an always-on shared expert, optionally sigmoid-gated (Qwen2-MoE, DeepSeek), and a router
+bias with biased, clamped-SwiGLU experts (gpt-oss).
 
 Experts run without a loop over experts or tokens and without host syncs. The (token,
 expert) assignments are sorted by expert and each projection is one grouped GEMM
@@ -107,13 +109,45 @@ def _block_rows(n_assignments: int, n_experts: int) -> int:
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: `gate_up_proj` (E, 2*hidden, dim) and `down_proj` (E, dim, hidden),
-    the layout of transformers' fused MoE checkpoints."""
+    the layout of transformers' fused MoE checkpoints.
 
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
+    Options (gpt-oss): a bias on both projections, and the clamped SwiGLU
+    `(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)` with `g = clamp(gate, max=l)`,
+    which bounds what one expert can add to the residual stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        *,
+        bias: bool = False,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+    ) -> None:
         super().__init__()
+        if activation not in ("swiglu", "clamped_swiglu"):
+            raise ValueError(f"activation={activation!r}: use 'swiglu' or 'clamped_swiglu'")
         self.n_experts, self.hidden_dim = n_experts, hidden_dim
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.gate_up_proj_bias = (
+            nn.Parameter(torch.zeros(n_experts, 2 * hidden_dim)) if bias else None
+        )
+        self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, dim)) if bias else None
+        self.clamped = activation == "clamped_swiglu"
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(..., 2H) gate|up -> (..., H)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if not self.clamped:
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
 
     def forward(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -151,8 +185,13 @@ class GroupedExperts(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
         token = order // k  # (M,) token of each sorted assignment
         x_rows = _gather_rows(x, token)  # (M, D)
-        gate, up = _grouped_mm(x_rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # (M, D)
+        gate_up = _grouped_mm(x_rows, self.gate_up_proj.transpose(1, 2), offs)  # (M, 2H)
+        expert = flat[order]  # (M,) expert of each sorted row
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert]
+        y = _grouped_mm(self._act(gate_up), self.down_proj.transpose(1, 2), offs)  # (M, D)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[expert]
         y = y * weights.reshape(N * k)[order].unsqueeze(-1).to(y.dtype)
         return y.new_zeros(N, D).index_add_(0, token, y)  # (N, D)
 
@@ -183,8 +222,12 @@ class GroupedExperts(nn.Module):
         x_rows = x_rows.view(n_blocks, b, D)  # (nb, b, D)
         w_gate_up = _gather_rows(self.gate_up_proj, block_expert)  # (nb, 2H, D)
         w_down = _gather_rows(self.down_proj, block_expert)  # (nb, D, H)
-        gate, up = torch.bmm(x_rows, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # (nb, b, H) each
-        y = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # (nb, b, D)
+        gate_up = torch.bmm(x_rows, w_gate_up.transpose(1, 2))  # (nb, b, 2H)
+        if self.gate_up_proj_bias is not None:  # padding rows get it too, and are dropped below
+            gate_up = gate_up + self.gate_up_proj_bias[block_expert][:, None]
+        y = torch.bmm(self._act(gate_up), w_down.transpose(1, 2))  # (nb, b, D)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[block_expert][:, None]
         y = _gather_rows(y.view(n_blocks * b, D), slot).view(N, k, D)  # back to assignment order
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
 
@@ -205,34 +248,74 @@ class MoE(nn.Module):
         topk_groups: int | None = None,
         shared_hidden_dim: int | None = None,
         shared_gate: bool = False,
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        activation: str = "swiglu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        group_score: str = "max",
+        choice_bias: bool = False,
     ) -> None:
         super().__init__()
-        if router_order not in ("softmax_topk", "topk_softmax"):
-            raise ValueError(f"router_order={router_order!r}: use 'softmax_topk' or 'topk_softmax'")
+        orders = ("softmax_topk", "topk_softmax", "sigmoid_topk")
+        if router_order not in orders:
+            raise ValueError(f"router_order={router_order!r}: use one of {orders}")
+        if group_score not in ("max", "top2_sum"):
+            raise ValueError(f"group_score={group_score!r}: use 'max' or 'top2_sum'")
         self.n_experts, self.top_k = n_experts, top_k
         self.softmax_first = router_order == "softmax_topk"
+        self.sigmoid = router_order == "sigmoid_topk"
         self.renormalize, self.router_scale = renormalize, router_scale
-        self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.gate = nn.Linear(dim, n_experts, bias=False)  # the router
-        self.experts = GroupedExperts(dim, hidden_dim, n_experts)
+        self.n_groups, self.topk_groups, self.group_score = n_groups, topk_groups, group_score
+        self.gate = nn.Linear(dim, n_experts, bias=router_bias)  # the router
+        # DeepSeek-V3's load-balancing bias: shifts which experts are chosen, not their
+        # weights; set outside backprop, so a buffer (kept in fp32 for routing).
+        if choice_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(n_experts))
+        else:
+            self.e_score_correction_bias = None
+        self.experts = GroupedExperts(
+            dim, hidden_dim, n_experts, bias=expert_bias, activation=activation,
+            swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+        )  # fmt: skip
         self.shared_expert = SwiGLU(dim, shared_hidden_dim) if shared_hidden_dim else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.router_stats: RouterStats | None = None
 
+    def _keep_groups(self, scores: torch.Tensor, floor: float) -> torch.Tensor:
+        """Scores (N, E) with every expert outside the `topk_groups` best groups set to
+        `floor`; a group ranks by its best expert (`max`, DeepSeek-V2) or its best two
+        (`top2_sum`, DeepSeek-V3)."""
+        N, E = scores.shape
+        grouped = scores.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+        if self.group_score == "max":
+            group_scores = grouped.amax(-1)  # (N, G)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        best_groups = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+        keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=scores.device)
+        keep = keep.scatter(1, best_groups, True)  # (N, G)
+        return grouped.masked_fill(~keep.unsqueeze(-1), floor).view(N, E)
+
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, E) fp32 router logits -> (weights, experts), each (N, k)."""
+        if self.sigmoid:
+            # DeepSeek-V3: independent sigmoid scores; the correction bias only steers the
+            # choice, the weights are the chosen experts' own scores.
+            probs = logits.sigmoid()
+            choice = probs
+            if self.e_score_correction_bias is not None:
+                choice = probs + self.e_score_correction_bias.float()
+            if self.n_groups is not None:
+                choice = self._keep_groups(choice, float("-inf"))
+            experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+            weights = probs.gather(1, experts)
+            if self.renormalize:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            return weights * self.router_scale, experts
         scores = logits.softmax(-1) if self.softmax_first else logits
         if self.n_groups is not None:
-            # Keep only experts in the `topk_groups` groups with the best single expert.
-            N, E = scores.shape
-            grouped = scores.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
-            best_groups = (
-                grouped.amax(-1).topk(self.topk_groups, dim=-1).indices
-            )  # (N, topk_groups)
-            keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=scores.device)
-            keep = keep.scatter(1, best_groups, True)  # (N, G)
-            floor = 0.0 if self.softmax_first else float("-inf")
-            scores = grouped.masked_fill(~keep.unsqueeze(-1), floor).view(N, E)
+            scores = self._keep_groups(scores, 0.0 if self.softmax_first else float("-inf"))
         weights, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
         if not self.softmax_first:
             weights = weights.softmax(-1)
@@ -249,7 +332,8 @@ class MoE(nn.Module):
         """
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
-        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E), routing in fp32
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        logits = F.linear(x.float(), self.gate.weight.float(), bias)  # (N, E), routing in fp32
         weights, experts = self.route(logits)
         y = self.experts(x, experts, weights)  # (N, D)
         if self.shared_expert is not None:

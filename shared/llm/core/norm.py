@@ -1,4 +1,4 @@
-"""Normalisation layers: RMSNorm (Zhang & Sennrich 2019) and LayerNorm."""
+"""Normalisation layers: RMSNorm (Zhang & Sennrich 2019), its (1 + weight) form, and LayerNorm."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+@NORM_REGISTRY.register("rms_norm_offset")
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm scaling by (1 + weight), the weight stored as its offset from 1 and zero
+    at init (Gemma's convention; checkpoints hold the offset)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False) -> None:
+        super().__init__(dim, eps, bias)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * scale).type_as(x)
 
 
 @NORM_REGISTRY.register("layer_norm")

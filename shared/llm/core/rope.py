@@ -2,7 +2,7 @@
 
 Frequency scaling variants follow `transformers.modeling_rope_utils` formula for formula:
 linear (position interpolation, Chen et al. 2023), dynamic NTK (bloc97/emozilla), YaRN
-(Peng et al. 2023) and Llama 3.1's wavelength bands. Tables are built once for
+(Peng et al. 2023), Llama 3.1's wavelength bands and LongRoPE (Phi-3). Tables are built once for
 `max_seq_len` and indexed by position, never rebuilt in forward. Checkpoints that use the
 interleaved layout (DeepSeek) are permuted into this one at import (`llm.interop`).
 """
@@ -89,6 +89,37 @@ def _yarn_correction_range(
     return max(low, 0), min(high, dim - 1)
 
 
+def longrope_inv_freq(
+    dim: int, theta: float, ext_factors: tuple[float, ...], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """LongRoPE (Phi-3): each frequency divided by its own rescale factor, (dim/2,) fp32."""
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
+    factors = torch.tensor(ext_factors, device=device, dtype=torch.float32)
+    return 1.0 / (factors * theta**exponents)
+
+
+def longrope_tables(
+    dim: int,
+    theta: float,
+    short_factor: tuple[float, ...],
+    long_factor: tuple[float, ...],
+    original_max_seq_len: int,
+    max_seq_len: int,
+    attention_factor: float,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) tables: positions below `original_max_seq_len` rotate with the short
+    factors, later ones with the long factors (one static table, see `RopeScaling`)."""
+    short = rope_tables(
+        longrope_inv_freq(dim, theta, short_factor, device), max_seq_len, attention_factor
+    )
+    long = rope_tables(
+        longrope_inv_freq(dim, theta, long_factor, device), max_seq_len, attention_factor
+    )
+    n = min(original_max_seq_len, max_seq_len)
+    return tuple(torch.cat([s[:n], lg[n:]]) for s, lg in zip(short, long, strict=True))
+
+
 def rope_tables(
     inv_freq: torch.Tensor, max_seq_len: int, attention_factor: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +139,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, T, H, d) by per-position angles; cos/sin are (T, d) or (B, T, d)."""
+    """Rotate `x` (B, T, H, d) by per-position angles; cos/sin are (T, r) or (B, T, r).
+
+    With r < d only the leading r dims rotate and the rest pass through (partial rotary,
+    Phi-3's `partial_rotary_factor`)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     cos = cos.unsqueeze(-2)  # (..., T, 1, d): broadcast over heads
     sin = sin.unsqueeze(-2)
     xf = x.float()

@@ -1,7 +1,12 @@
-"""A transformer block, pre-LN (GPT-2 onwards) or post-LN (Vaswani et al. 2017).
+"""A transformer block: where the norms sit around the two sublayers.
 
-pre:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
-post: x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+pre:    x = x + attn(norm1(x));         x = x + mlp(norm2(x))           (GPT-2 onwards)
+post:   x = norm1(x + attn(x));         x = norm2(x + mlp(x))           (Vaswani et al. 2017)
+output: x = x + norm_a(attn(x));        x = x + norm_m(mlp(x))          (OLMo 2)
+sandwich: x = x + norm_a(attn(norm1(x)));  x = x + norm_m(mlp(norm2(x)))  (Gemma 2/3)
+
+`output` and `sandwich` normalise what each sublayer adds to the residual stream, which
+keeps the stream's growth in check.
 """
 
 from __future__ import annotations
@@ -11,24 +16,36 @@ from torch import nn
 
 
 class TransformerBlock(nn.Module):
-    """Takes already-built sub-modules so it stays independent of the config."""
+    """Takes already-built sub-modules so it stays independent of the config.
+
+    `input_layernorm` / `post_attention_layernorm` are the norms before attention and
+    before the MLP (pre) or after each residual add (post); None leaves that input as
+    it is. `attn_output_norm` / `mlp_output_norm`, when given, normalise the sublayer
+    outputs before the residual add.
+    """
 
     def __init__(
         self,
         self_attn: nn.Module,
         mlp: nn.Module,
-        input_layernorm: nn.Module,
-        post_attention_layernorm: nn.Module,
+        input_layernorm: nn.Module | None,
+        post_attention_layernorm: nn.Module | None,
         dropout: float = 0.0,
         pre_norm: bool = True,
+        attn_output_norm: nn.Module | None = None,
+        mlp_output_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = input_layernorm
         self.self_attn = self_attn
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
+        self.attn_output_norm = attn_output_norm
+        self.mlp_output_norm = mlp_output_norm
         self.resid_dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        if not pre_norm and (input_layernorm is None or post_attention_layernorm is None):
+            raise ValueError("a post-norm block needs both norms")
 
     def forward(
         self,
@@ -41,13 +58,17 @@ class TransformerBlock(nn.Module):
         kv_len: int = 0,
     ) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); the other arguments go to attention."""
-        if self.pre_norm:
-            h = self.self_attn(
-                self.input_layernorm(x), cos, sin, input_pos, mask, cache_rows, kv_len
-            )
-            x = x + self.resid_dropout(h)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = self.input_layernorm(
-            x + self.resid_dropout(self.self_attn(x, cos, sin, input_pos, mask, cache_rows, kv_len))
-        )
-        return self.post_attention_layernorm(x + self.mlp(x))
+        if not self.pre_norm:
+            h = self.self_attn(x, cos, sin, input_pos, mask, cache_rows, kv_len)
+            x = self.input_layernorm(x + self.resid_dropout(h))
+            return self.post_attention_layernorm(x + self.mlp(x))
+        h = x if self.input_layernorm is None else self.input_layernorm(x)
+        h = self.self_attn(h, cos, sin, input_pos, mask, cache_rows, kv_len)
+        if self.attn_output_norm is not None:
+            h = self.attn_output_norm(h)
+        x = x + self.resid_dropout(h)
+        h = x if self.post_attention_layernorm is None else self.post_attention_layernorm(x)
+        h = self.mlp(h)
+        if self.mlp_output_norm is not None:
+            h = self.mlp_output_norm(h)
+        return x + h

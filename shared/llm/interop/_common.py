@@ -7,6 +7,7 @@ description serves both directions, so importer and exporter cannot drift apart.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,20 +42,53 @@ class Map:
     # A key holding our tensor as it is, tried first on import (transformers 5 keeps MoE
     # experts fused in memory while checkpoints on disk store one tensor per expert).
     fused: str | None = None
+    # (i, n): ours is chunk i of n of the one HF tensor along dim 0, the other chunks
+    # being other tensors of ours (Phi-3's gate_up_proj holds our gate_proj | up_proj).
+    chunk: tuple[int, int] | None = None
 
 
 Mapper = Callable[[str, ModelConfig], Map]
 
 
+# Config fields only some families express, at the value every other family needs.
+OPTIONAL_FIELDS: dict[str, Any] = dict(
+    qk_norm_scope="head", rotary_dim=None, embed_scale=1.0, final_logit_softcap=None,
+    attn_scale_dim=None, attn_logit_softcap=None, attn_sinks=False, sliding_rope_theta=None,
+    router_bias=False, moe_expert_bias=False, moe_activation="swiglu", swiglu_alpha=1.702,
+    swiglu_limit=7.0, router_choice_bias=False, router_group_score="max",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Family:
-    """One Hugging Face architecture: config translation both ways plus the key map."""
+    """One Hugging Face architecture: config translation both ways plus the key map.
+
+    `features` names the `OPTIONAL_FIELDS` the family expresses; `config_to_hf` refuses
+    a config that sets any other (so no export silently drops, say, attention sinks).
+    """
 
     model_type: str
     config_from_hf: Callable[[Any], ModelConfig]
     config_to_hf: Callable[[ModelConfig], transformers.PretrainedConfig]
     mapper: Mapper
     ignored: tuple[str, ...] = field(default=IGNORED_SUFFIXES)
+    features: frozenset[str] = frozenset()
+    # HF keys import leaves out on purpose: the reason (warned once per reason), or None.
+    skip: Callable[[str, ModelConfig], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        export = self.config_to_hf
+
+        def checked(config: ModelConfig) -> transformers.PretrainedConfig:
+            for name, default in OPTIONAL_FIELDS.items():
+                if name not in self.features and getattr(config, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(config, name)!r} cannot be expressed as "
+                        f"{self.model_type} (needs {default!r})"
+                    )
+            return export(config)
+
+        object.__setattr__(self, "config_to_hf", checked)
 
 
 # -- key-map helpers --------------------------------------------------------------------------
@@ -71,6 +105,12 @@ def permuted(key: str, perm: Tensor) -> Map:
     """Ours is the HF tensor with its dim-0 rows reordered by `perm`."""
     inverse = torch.argsort(perm)
     return Map((key,), join=lambda ts: ts[0][perm], split=lambda t: [t[inverse]])
+
+
+def chunk_of(key: str, index: int, n: int) -> Map:
+    """Ours is chunk `index` of `n` equal parts of the HF tensor along dim 0 (a copy: two
+    parameters sharing one storage would not save as safetensors)."""
+    return Map((key,), join=lambda ts: ts[0].chunk(n)[index].clone(), chunk=(index, n))
 
 
 def transposed(key: str) -> Map:
@@ -119,10 +159,20 @@ def param_names(config: ModelConfig) -> list[str]:
 def to_hf_tensors(model: DecoderModel, family: Family) -> dict[str, Tensor]:
     config, sd = model.config, model.state_dict()
     out: dict[str, Tensor] = {}
+    parts: dict[str, dict[int, Tensor]] = {}  # HF tensors assembled from several of ours
     for name in param_names(config):
         m = family.mapper(name, config)
+        if m.chunk is not None:
+            index, n = m.chunk
+            parts.setdefault(m.keys[0], {})[index] = sd[name]
+            if len(parts[m.keys[0]]) == n:
+                chunks = parts.pop(m.keys[0])
+                out[m.keys[0]] = torch.cat([chunks[i] for i in range(n)]).detach().contiguous()
+            continue
         for key, t in zip(m.keys, m.split(sd[name]), strict=True):
             out[key] = t.detach().contiguous()
+    if parts:
+        raise ValueError(f"HF tensors with missing parts: {sorted(parts)}")
     return out
 
 
@@ -150,7 +200,20 @@ def from_hf_tensors(
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed_tokens.weight"]
         used.add("lm_head.weight")  # tied HF models may still list it (the same tensor)
-    if extra := sorted(k for k in sd if k not in used and not k.endswith(family.ignored)):
+    extra = sorted(k for k in sd if k not in used and not k.endswith(family.ignored))
+    if family.skip is not None:
+        skipped: dict[str, list[str]] = {}
+        for key in extra:
+            if (reason := family.skip(key, config)) is not None:
+                skipped.setdefault(reason, []).append(key)
+        for reason, keys in skipped.items():
+            warnings.warn(
+                f"{family.model_type}: leaving out {len(keys)} tensors of {reason}, "
+                f"e.g. {keys[0]!r}",
+                stacklevel=3,
+            )
+        extra = [k for k in extra if not any(k in keys for keys in skipped.values())]
+    if extra:
         raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {extra}")
     return out
 
@@ -189,8 +252,15 @@ def rope_params(hf_config: Any) -> dict[str, Any]:
     )
 
 
-def rope_fields(hf_config: Any) -> dict[str, Any]:
-    """`rope_theta`, `rope_scaling` and `max_seq_len` from an HF config."""
+_ROPE_KINDS = ("linear", "dynamic", "yarn", "llama3")
+
+
+def rope_fields(
+    hf_config: Any, kinds: tuple[str, ...] = _ROPE_KINDS, partial_rotary: bool = False
+) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling` and `max_seq_len` from an HF config; `kinds` are the
+    scaling types the family's reference computes as we do, `partial_rotary` whether it
+    reads `partial_rotary_factor` (the caller then sets `rotary_dim`)."""
     params = rope_params(hf_config)
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
@@ -198,11 +268,11 @@ def rope_fields(hf_config: Any) -> dict[str, Any]:
     out: dict[str, Any] = dict(rope_theta=theta, max_seq_len=max_len)
     if kind == "default":
         return out
-    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+    if kind not in kinds:
         raise NotImplementedError(
-            f"rope_type={kind!r} is not supported (default, linear, dynamic, yarn, llama3)"
+            f"rope_type={kind!r} is not supported ({', '.join(('default', *kinds))})"
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    if not partial_rotary and params.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial_rotary_factor != 1 is not supported")
     original = params.get("original_max_position_embeddings")
     factor = params.get("factor") or max_len / original
@@ -211,10 +281,29 @@ def rope_fields(hf_config: Any) -> dict[str, Any]:
         # static, so they span factor * that (see `RopeScaling`).
         original, out["max_seq_len"] = max_len, int(factor * max_len)
     extra = {k: params[k] for k in _SCALING_KEYS if params.get(k) is not None}
+    if kind == "longrope":
+        extra.update(
+            short_factor=tuple(params["short_factor"]), long_factor=tuple(params["long_factor"])
+        )
     out["rope_scaling"] = RopeScaling(
         kind=kind, factor=factor, original_max_seq_len=original, **extra
     )
     return out
+
+
+def require_rope(
+    config: ModelConfig,
+    family: str,
+    kinds: tuple[str, ...] = _ROPE_KINDS,
+    partial_rotary: bool = False,
+) -> None:
+    """Raise `ValueError` when `family` cannot express the config's rope (the inverse of
+    what `rope_fields` accepts for it)."""
+    s = config.rope_scaling
+    if s is not None and s.kind not in kinds:
+        raise ValueError(f"rope_scaling kind={s.kind!r} cannot be expressed as {family}")
+    if config.rotary_dim is not None and not partial_rotary:
+        raise ValueError(f"rotary_dim={config.rotary_dim} cannot be expressed as {family}")
 
 
 def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -230,6 +319,10 @@ def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
         params["original_max_position_embeddings"] = s.original_max_seq_len
     if s.kind == "llama3":
         params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.kind == "longrope":
+        params.update(short_factor=list(s.short_factor), long_factor=list(s.long_factor))
+        if s.attention_factor is not None:
+            params["attention_factor"] = s.attention_factor
     if s.kind == "yarn":
         params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
         params.update(

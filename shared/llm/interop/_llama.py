@@ -24,6 +24,7 @@ from llm.interop._common import (
     experts,
     qkv_sizes,
     require,
+    require_rope,
     rope_fields,
     rope_to_hf,
 )
@@ -66,7 +67,8 @@ def llama_mapper(
 # -- config: shared parts ---------------------------------------------------------------------
 
 
-def _base_fields(hf: Any) -> dict[str, Any]:
+def _base_fields(hf: Any, **rope: Any) -> dict[str, Any]:
+    """The Llama-layout fields; `rope` goes to `rope_fields` (scaling kinds, partial rotary)."""
     check_act(hf, "silu")
     return dict(
         vocab_size=hf.vocab_size,
@@ -79,14 +81,19 @@ def _base_fields(hf: Any) -> dict[str, Any]:
         norm_eps=hf.rms_norm_eps,
         tie_embeddings=hf.tie_word_embeddings,
         init_std=hf.initializer_range,
-        **rope_fields(hf),
+        **rope_fields(hf, **rope),
     )
 
 
-def _base_kwargs(c: ModelConfig, family: str, architecture: str) -> dict[str, Any]:
+def _base_kwargs(
+    c: ModelConfig, family: str, architecture: str, norm_position: str = "pre", **rope: Any
+) -> dict[str, Any]:
+    """The Llama-layout kwargs; `rope` goes to `require_rope` (scaling kinds, partial rotary)."""
+    require_rope(c, family, **rope)
     require(
-        c, family, attn_impl="mha", norm_impl="rms_norm", position="rope", norm_position="pre",
-        embed_norm=False, attn_scale_factor=1.0,
+        c, family, attn_impl="mha", norm_impl="rms_norm", position="rope",
+        norm_position=norm_position, embed_norm=False, attn_scale_factor=1.0,
+        qk_norm_scope="all_heads" if norm_position == "output" else "head",
     )  # fmt: skip
     return dict(
         hidden_size=c.dim,
@@ -225,6 +232,8 @@ def qwen3_to_hf(c: ModelConfig) -> transformers.PretrainedConfig:
 def _require_moe(c: ModelConfig, family: str, **expected: Any) -> None:
     if c.mlp_impl != "moe":
         raise ValueError(f"mlp_impl={c.mlp_impl!r} cannot be expressed as {family} (needs 'moe')")
+    if c.router_order == "sigmoid_topk":
+        raise ValueError(f"router_order='sigmoid_topk' cannot be expressed as {family}")
     require(
         c, family, mlp_bias=False, router_scale=1.0, router_n_groups=None, router_z_loss_coef=0.0,
         **expected,

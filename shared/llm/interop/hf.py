@@ -1,11 +1,13 @@
 """Hugging Face <-> `DecoderModel` conversion for every supported family.
 
 Supported `model_type`s: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe,
-deepseek_v2, gpt2, bloom. Our parameter names follow the HF checkpoint standard,
-so most keys map by prefix; each family's exceptions (fused q/k/v,
-stacked experts, Conv1D transposes, DeepSeek's interleaved rope dims, BLOOM's per-head
-q/k/v) live in its private module next to this one (`_llama`, `_deepseek`, `_gpt2`), and
-nothing else in the library knows HF names.
+deepseek_v2, deepseek_v3, gpt2, bloom, olmo2, phi3, gemma2, gemma3_text, gpt_oss. Our
+parameter names follow the HF checkpoint standard, so most keys map by prefix; each
+family's exceptions (fused q/k/v, stacked experts, Conv1D transposes, DeepSeek's
+interleaved rope dims, BLOOM's per-head q/k/v, OLMo 2's and Gemma's norm names, Phi-3's
+fused gate_up_proj, gpt-oss's interleaved transposed experts) live in its private module
+next to this one (`_llama`, `_deepseek`, `_gpt2`, `_olmo2`, `_phi3`, `_gemma`,
+`_gpt_oss`), and nothing else in the library knows HF names.
 
 Checkpoint directories are read with `safetensors.safe_open` (one file, or shards listed
 in `model.safetensors.index.json`), so importing never instantiates the HF model class.
@@ -26,18 +28,27 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig
-from llm.interop import _deepseek, _gpt2, _llama
+from llm.interop import _deepseek, _gemma, _gpt2, _gpt_oss, _llama, _olmo2, _phi3
 from llm.interop._common import Family, from_hf_tensors, to_hf_tensors
 from llm.models.decoder import DecoderModel
 
 FAMILIES: dict[str, Family] = {
-    f.model_type: f for f in (*_llama.FAMILIES, *_deepseek.FAMILIES, *_gpt2.FAMILIES)
+    f.model_type: f
+    for f in (
+        *_llama.FAMILIES,
+        *_deepseek.FAMILIES,
+        *_gpt2.FAMILIES,
+        *_olmo2.FAMILIES,
+        *_phi3.FAMILIES,
+        *_gemma.FAMILIES,
+        *_gpt_oss.FAMILIES,
+    )
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Which family a native config exports as: the first that can express it.
 _EXPORT_ORDER = (
-    "deepseek_v2", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
-    "qwen2", "qwen3",
+    "deepseek_v2", "deepseek_v3", "bloom", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
+    "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text", "gpt_oss",
 )  # fmt: skip
 
 

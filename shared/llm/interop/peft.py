@@ -20,9 +20,11 @@ our layers, maybe permuted (DeepSeek's rope rows) or transposed (GPT-2's Conv1D,
 each HF module's update fits our parts (a block-structured update on a fused HF module).
 
 One PEFT limit to know: for MoE families laid out like Qwen2-MoE (qwen2_moe, qwen3_moe,
-deepseek_v2), PEFT >= 0.19 reads `gate_proj`/`up_proj`/`down_proj` targets as the fused
+deepseek_v2, deepseek_v3), PEFT >= 0.19 reads `gate_proj`/`up_proj`/`down_proj` targets as the fused
 routed experts' parameters, so an adapter on those models' dense or shared-expert MLPs
-does not load in PEFT as written; attention targets do.
+does not load in PEFT as written; attention targets do. Phi-3's `gate_up_proj` holds
+two of our layers (gate_proj, up_proj), which one PEFT LoRA cannot express per part:
+adapters on them raise `NotImplementedError`; attention and `down_proj` targets work.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class HFModule(NamedTuple):
 def hf_modules(name: str, out_features: int, model: DecoderModel, family: Family) -> list[HFModule]:
     """The HF modules our linear layer `name` is exported as, with the rows each holds."""
     m = family.mapper(f"{name}.weight", model.config)
+    if m.chunk is not None:
+        raise NotImplementedError(
+            f"LoRA on {name} has no PEFT form for {family.model_type}: its HF module "
+            f"{m.keys[0].removesuffix('.weight')} fuses it with another of our layers"
+        )
     probe = torch.arange(out_features, dtype=torch.float64)[:, None]  # (out, 1): row ids
     out = []
     for key, piece in zip(m.keys, m.split(probe), strict=True):

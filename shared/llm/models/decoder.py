@@ -23,18 +23,19 @@ from torch import nn
 from llm.config import ModelConfig, yarn_mscale
 from llm.core.alibi import alibi_slopes
 from llm.core.attn.masks import attention_mask
+from llm.core.attn.mha import Attention
 from llm.core.mlp import SwiGLU
 from llm.core.moe import MoE
-from llm.core.norm import LayerNorm, RMSNorm
+from llm.core.norm import LayerNorm, OffsetRMSNorm, RMSNorm
 from llm.core.registry import ATTENTION_REGISTRY, MLP_REGISTRY, NORM_REGISTRY
-from llm.core.rope import rope_inv_freq, rope_tables
+from llm.core.rope import longrope_tables, rope_inv_freq, rope_tables
 from llm.core.transformer_block import TransformerBlock
 
 
 def _attention(c: ModelConfig) -> nn.Module:
     cls = ATTENTION_REGISTRY.get(c.attn_impl)
     common = dict(
-        scale=c.attn_scale_factor / math.sqrt(c.head_dim),
+        scale=c.attn_scale_factor / math.sqrt(c.attn_scale_dim or c.head_dim),
         eager=c.attn_backend == "eager",
         dropout=c.dropout,
     )
@@ -47,8 +48,17 @@ def _attention(c: ModelConfig) -> nn.Module:
     return cls(
         c.dim, c.n_heads, c.n_kv_heads, c.head_dim, qkv_bias=c.attn_bias,
         out_bias=c.attn_out_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+        qk_norm_all_heads=c.qk_norm_scope == "all_heads", norm_cls=_qk_norm_cls(c),
+        softcap=c.attn_logit_softcap, sinks=c.attn_sinks,
         rope=c.position == "rope", **common,
     )  # fmt: skip
+
+
+def _qk_norm_cls(c: ModelConfig) -> type[nn.Module]:
+    """q/k norms follow the model's norm when it is an RMSNorm flavour ((1 + w) in Gemma 3),
+    and are plain RMSNorm otherwise."""
+    cls = NORM_REGISTRY.get(c.norm_impl)
+    return cls if issubclass(cls, RMSNorm) else RMSNorm
 
 
 def _mlp(c: ModelConfig, layer: int) -> nn.Module:
@@ -58,7 +68,10 @@ def _mlp(c: ModelConfig, layer: int) -> nn.Module:
             router_order=c.router_order, renormalize=c.router_renormalize,
             router_scale=c.router_scale, n_groups=c.router_n_groups,
             topk_groups=c.router_topk_groups, shared_hidden_dim=c.shared_expert_hidden_dim,
-            shared_gate=c.shared_expert_gate,
+            shared_gate=c.shared_expert_gate, router_bias=c.router_bias,
+            expert_bias=c.moe_expert_bias, activation=c.moe_activation,
+            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+            group_score=c.router_group_score, choice_bias=c.router_choice_bias,
         )  # fmt: skip
     if c.mlp_impl == "moe":  # a dense layer of an MoE model (DeepSeek's first layers)
         return SwiGLU(c.dim, c.hidden_dim, bias=c.mlp_bias, dropout=c.dropout)
@@ -80,25 +93,37 @@ class DecoderModel(nn.Module):
         if c.embed_norm:
             self.embed_norm = norm()
         self.embed_dropout = nn.Dropout(c.dropout)
+        # Which norms each block has: before the sublayers (pre, post's after the add) and
+        # on the sublayer outputs (output).
+        input_norms = c.norm_position in ("pre", "post", "sandwich")
+        output_norms = c.norm_position in ("output", "sandwich")
         self.layers = nn.ModuleList(
             TransformerBlock(
                 self_attn=_attention(c),
                 mlp=_mlp(c, i),
-                input_layernorm=norm(),
-                post_attention_layernorm=norm(),
+                input_layernorm=norm() if input_norms else None,
+                post_attention_layernorm=norm() if input_norms else None,
                 dropout=c.dropout,
-                pre_norm=c.norm_position == "pre",
+                pre_norm=c.norm_position != "post",
+                attn_output_norm=norm() if output_norms else None,
+                mlp_output_norm=norm() if output_norms else None,
             )
             for i in range(c.n_layers)
         )
         # Post-LN blocks end in a norm already.
-        self.norm = norm() if c.norm_position == "pre" else nn.Identity()
+        self.norm = norm() if c.norm_position != "post" else nn.Identity()
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.tie_weights()
         # Which window each layer uses; forward builds one mask per distinct window.
         self._layer_windows = [c.layer_window(i) for i in range(c.n_layers)]
+        # Which layers rotate with the sliding layers' own rope table (Gemma 3's local layers).
+        self._layer_local_rope = [
+            c.sliding_rope_theta is not None and w is not None for w in self._layer_windows
+        ]
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
         self.cache_max_seq_len = 0
         self.cache_batch_size = 0
@@ -120,7 +145,21 @@ class DecoderModel(nn.Module):
         device = device or self.embed_tokens.weight.device
         # Unused tables stay empty, but on `device`: a meta leftover would fail `.to()`.
         self.rope_cos = self.rope_sin = self.alibi_slopes = torch.empty(0, device=device)
-        if c.position == "rope":
+        self.rope_local_cos = self.rope_local_sin = torch.empty(0, device=device)
+        if c.position == "rope" and c.sliding_rope_theta is not None:
+            inv_freq = rope_inv_freq(c.rope_dim, c.sliding_rope_theta, device=device)
+            self.rope_local_cos, self.rope_local_sin = rope_tables(inv_freq, c.max_seq_len)
+        if (
+            c.position == "rope"
+            and c.rope_scaling is not None
+            and c.rope_scaling.kind == "longrope"
+        ):
+            s = c.rope_scaling
+            self.rope_cos, self.rope_sin = longrope_tables(
+                c.rope_dim, c.rope_theta, s.short_factor, s.long_factor, s.original_max_seq_len,
+                c.max_seq_len, _rope_attention_factor(c), device=device,
+            )  # fmt: skip
+        elif c.position == "rope":
             s = c.rope_scaling
             scaling = {} if s is None else dict(
                 scaling=s.kind, factor=s.factor, original_max_seq_len=s.original_max_seq_len,
@@ -138,7 +177,7 @@ class DecoderModel(nn.Module):
     def _apply(self, fn, recurse=True):  # nn.Module's signature, untyped
         # `.to(bfloat16)` would round the rope tables and slopes too; they stay fp32 as in HF.
         super()._apply(fn, recurse)
-        buffers = (self.rope_cos, self.alibi_slopes)
+        buffers = (self.rope_cos, self.rope_local_cos, self.alibi_slopes)
         if any(b.numel() and b.dtype != torch.float32 and b.device.type != "meta" for b in buffers):
             self.reset_buffers(self.embed_tokens.weight.device)
         return self
@@ -159,13 +198,21 @@ class DecoderModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, OffsetRMSNorm):
+                nn.init.zeros_(module.weight)  # scales by 1 + weight
             elif isinstance(module, RMSNorm | LayerNorm):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, MoE):
-                nn.init.normal_(module.experts.gate_up_proj, mean=0.0, std=std)
-                nn.init.normal_(module.experts.down_proj, mean=0.0, std=residual_std)
+                ex = module.experts
+                nn.init.normal_(ex.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(ex.down_proj, mean=0.0, std=residual_std)
+                for bias in (ex.gate_up_proj_bias, ex.down_proj_bias):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
+            elif isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -311,15 +358,19 @@ class DecoderModel(nn.Module):
             k_pos = torch.arange(kv_len or self.cache_max_seq_len, device=tokens.device)  # (L,)
 
         x = self.embed_tokens(tokens)  # (B, T, dim)
+        if c.embed_scale != 1.0:
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)  # rounded as the weights are
         if c.position == "learned":
             x = x + self.embed_positions(q_pos)  # (1|B, T, dim)
         if c.embed_norm:
             x = self.embed_norm(x)
         x = self.embed_dropout(x)
 
-        cos = sin = None
+        cos = sin = local_cos = local_sin = None
         if c.position == "rope":
             cos, sin = self.rope_cos[q_pos], self.rope_sin[q_pos]  # (1|B, T, rope_dim)
+        if any(self._layer_local_rope):
+            local_cos, local_sin = self.rope_local_cos[q_pos], self.rope_local_sin[q_pos]
         slopes = self.alibi_slopes if c.position == "alibi" else None
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in dict.fromkeys(self._layer_windows):
@@ -330,22 +381,32 @@ class DecoderModel(nn.Module):
                 None if plain_causal else attention_mask(q_pos, k_pos, window, slopes, document_ids)
             )
 
-        for layer, window in zip(self.layers, self._layer_windows, strict=True):
-            x = layer(x, cos, sin, input_pos, masks[window], cache_rows, kv_len)
+        for layer, window, local in zip(
+            self.layers, self._layer_windows, self._layer_local_rope, strict=True
+        ):
+            rope = (local_cos, local_sin) if local else (cos, sin)
+            x = layer(x, *rope, input_pos, masks[window], cache_rows, kv_len)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, dim)
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
+        logits = self.lm_head(self.norm(x))  # (B, T or logits_to_keep, V)
+        if c.final_logit_softcap is not None:
+            logits = torch.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return logits
 
 
 def _rope_attention_factor(c: ModelConfig) -> float:
-    """YaRN scales cos/sin by a magnitude factor; every other variant leaves them alone."""
+    """YaRN and LongRoPE scale cos/sin by a magnitude factor; the others leave them alone."""
     s = c.rope_scaling
-    if s is None or s.kind != "yarn":
+    if s is None or s.kind not in ("yarn", "longrope"):
         return 1.0
     if s.attention_factor is not None:
         return s.attention_factor
+    if s.kind == "longrope":
+        if s.factor <= 1:
+            return 1.0
+        return math.sqrt(1 + math.log(s.factor) / math.log(s.original_max_seq_len))
     if s.mscale and s.mscale_all_dim:
         return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
     return yarn_mscale(s.factor)

@@ -1,8 +1,9 @@
 """The attention kernel shared by every attention variant: SDPA or the eager reference.
 
 The eager path is the textbook formula (scores in the input dtype, softmax in fp32, as
-HF's `eager_attention_forward`); it exists to check the fused kernel and to run where
-SDPA cannot. Both take the same mask convention (`llm.core.attn.masks`).
+HF's `eager_attention_forward`); it exists to check the fused kernel and to run what
+SDPA cannot (soft-capped scores, attention sinks). Both take the same mask convention
+(`llm.core.attn.masks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def attend(
     scale: float,
     dropout: float = 0.0,
     eager: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Args:
@@ -30,10 +33,15 @@ def attend(
         scale: softmax scale.
         dropout: attention dropout probability (pass 0.0 in eval).
         eager: use the explicit reference formula instead of SDPA.
+        softcap: scores become `softcap * tanh(scores / softcap)` before the mask (Gemma 2).
+            SDPA has no such step, so capped attention always takes the explicit formula.
+        sinks: (H,) a learned logit per head that joins each softmax's denominator and
+            attends to nothing, so a query may put weight nowhere (gpt-oss). Explicit
+            formula only, as for `softcap`.
     Returns:
         (B, H, T, dv)
     """
-    if not eager:
+    if not eager and softcap is None and sinks is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale,
             enable_gqa=True,
@@ -42,11 +50,19 @@ def attend(
     k = k.repeat_interleave(groups, dim=1)  # (B, H, L, dk)
     v = v.repeat_interleave(groups, dim=1)  # (B, H, L, dv)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         T, L = scores.shape[-2:]
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril()
     # Boolean masks say where to attend; float ones are additive biases (ALiBi).
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is None:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        B, H, T, _ = scores.shape
+        sink = sinks.view(1, H, 1, 1).expand(B, H, T, 1).to(scores.dtype)
+        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)
+        probs = probs[..., :-1].to(q.dtype)  # the sink's share is dropped
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, v)  # (B, H, T, dv)

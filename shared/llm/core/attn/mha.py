@@ -1,8 +1,8 @@
 """Multi-head attention with grouped KV heads (MHA, GQA, MQA via n_kv_heads).
 
 GQA: Ainslie et al. 2023. One fused QKV projection (one matmul instead of three), an
-optional bias on it (Qwen2), optional per-head RMSNorm on q and k before rope (Qwen3,
-OLMo-2 style "QK-norm", Dehghani et al. 2023), and rope, ALiBi (via the mask) or no
+optional bias on it (Qwen2), optional RMSNorm on q and k before rope ("QK-norm",
+Dehghani et al. 2023: per head as Qwen3, or over the whole projection as OLMo 2), and rope, ALiBi (via the mask) or no
 positions at all. Sliding windows arrive in the mask too. Without a cache the pass is
 causal over the sequence (training); with a cache each query attends to cached
 positions the mask allows (prefill and decode).
@@ -33,6 +33,10 @@ class Attention(nn.Module):
         out_bias: bool = False,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        qk_norm_all_heads: bool = False,
+        norm_cls: type[nn.Module] = RMSNorm,
+        softcap: float | None = None,
+        sinks: bool = False,
         rope: bool = True,
         scale: float | None = None,
         eager: bool = False,
@@ -42,8 +46,18 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.qkv_proj = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
-        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        # Per head (Qwen3), or over all heads of the projection at once (OLMo 2).
+        q_width, k_width = (
+            (n_heads * head_dim, n_kv_heads * head_dim)
+            if qk_norm_all_heads
+            else (head_dim, head_dim)
+        )
+        self.q_norm = norm_cls(q_width, norm_eps) if qk_norm else None
+        self.k_norm = norm_cls(k_width, norm_eps) if qk_norm else None
+        self.softcap = softcap
+        # One learned logit per head in the softmax denominator (gpt-oss's attention sinks).
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
+        self.qk_norm_all_heads = qk_norm_all_heads
         self.rope = rope
         self.scale = scale if scale is not None else head_dim**-0.5
         self.eager = eager
@@ -83,10 +97,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        if self.q_norm is not None and self.qk_norm_all_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -95,6 +111,10 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, nkv, L, hd)
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, self.scale, dropout, eager=self.eager)  # (B, nh, T, hd)
+        # (B, nh, T, hd)
+        y = attend(
+            q, k, v, mask, self.scale, dropout, eager=self.eager, softcap=self.softcap,
+            sinks=self.sinks,
+        )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
