@@ -178,7 +178,7 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
     from llm.interop.hf import from_hf
 
     fs, root = storage.url_to_fs(uri)
-    sizes = {r: n for r, n in storage._list_files(fs, root).items() if "/" not in r}
+    sizes = {r: n for r, n in storage.list_files(fs, root).items() if "/" not in r}
     weights = sorted(r for r in sizes if r.endswith(".safetensors"))
     if not weights:
         pickled = sorted(r for r in sizes if r.endswith(_PICKLES))
@@ -188,6 +188,7 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
                 "save the model as safetensors (save_pretrained(safe_serialization=True))"
             )
         raise storage.CheckpointError(f"{uri}: a Hugging Face directory without *.safetensors")
+    index: dict[str, Any] = {}
     if HF_INDEX in sizes:
         index = json.loads(storage.read_bytes(storage.join(uri, HF_INDEX)))
         for name in sorted(set(index.get("weight_map", {}).values())):
@@ -201,6 +202,8 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
                 fs.get_file(f"{root.rstrip('/')}/{rel}", str(local / rel))
                 if (local / rel).stat().st_size != sizes[rel]:
                     raise storage.CheckpointError(f"{uri}/{rel}: changed while it was read")
+        shards = sorted(set(index.get("weight_map", {}).values())) or weights
+        _check_safetensors(uri, local, shards, index)
         try:
             model = from_hf(local, device=device)
             tokenizer = HFTokenizer(local)
@@ -217,6 +220,39 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
             }
     _to_dtype(model, device, dtype)
     return LoadedModel(model, tokenizer, model.config, uri, _run_name(uri), defaults)
+
+
+def _check_safetensors(
+    uri: str, local: Path, files: list[str], index: dict[str, Any]
+) -> None:
+    """Each safetensors file whole (its size is its header's end of data) and, with an
+    index, the tensors' bytes its `total_size`: a truncated upload or a shard from another
+    save fails here, naming the file, before any weight is read."""
+    total = 0
+    for name in files:
+        path = local / name
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 < n < 100 << 20 else None
+            except ValueError:
+                header = None
+        if not isinstance(header, dict):
+            raise storage.CheckpointError(f"{uri}/{name}: not a safetensors file (bad header)")
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        size, want = path.stat().st_size, 8 + n + max(ends, default=0)
+        if size != want:
+            raise storage.CheckpointError(
+                f"{uri}/{name}: {size} bytes, its header says {want}: truncated or corrupt"
+            )
+        total += max(ends, default=0)
+    declared = index.get("metadata", {}).get("total_size")
+    if isinstance(declared, int) and declared != total:
+        raise storage.CheckpointError(
+            f"{uri}/{HF_INDEX}: total_size {declared}, but the shards hold {total} bytes of "
+            "tensors (a shard from another save?)"
+        )
 
 
 def read_config(ckpt_uri: str) -> ModelConfig:

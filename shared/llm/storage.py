@@ -132,7 +132,7 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+def list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     """Map relative path -> size for every file under ``root`` (recursively)."""
     found = fs.find(root, detail=True)
     prefix = fs._strip_protocol(root).rstrip("/") + "/"
@@ -157,7 +157,7 @@ def commit(dir_uri: str, *, extra: dict | None = None) -> dict:
     fs, root = url_to_fs(dir_uri)
     rels = sorted(
         r
-        for r in _list_files(fs, root)
+        for r in list_files(fs, root)
         if r != MANIFEST and not _TMP_RE.match(posixpath.basename(r))
     )
     if not rels:
@@ -212,7 +212,7 @@ def verify(dir_uri: str, *, check_hashes: bool = True) -> dict:
     """
     manifest = read_manifest(dir_uri)
     fs, root = url_to_fs(dir_uri)
-    present = _list_files(fs, root)
+    present = list_files(fs, root)
     for rel, entry in sorted(manifest["files"].items()):
         where = join(dir_uri, rel)
         if rel not in present:

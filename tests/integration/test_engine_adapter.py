@@ -1,5 +1,6 @@
 """`llm-engine --adapter`: a base checkpoint plus a PEFT-layout LoRA adapter answers as the
-merged model does (greedy, fp32), and differently from the base alone."""
+merged model does (greedy, fp32), and differently from the base alone; on a base that is
+a Hugging Face directory too."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 
 import torch
 from tests.integration.test_engine import GREEDY, ids_of, start_engine
+from typer.testing import CliRunner
 
 from llm.checkpoint import load_checkpoint
 from llm.core.lora import apply_lora, unload_lora
 from llm.inference import SamplingParams, generate
 from llm.interop.peft import load_with_adapter, save_adapter
 from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_trainer.convert import app as convert_app
 
 PROMPTS = ["The ", "def f(x):"]
 
@@ -41,3 +44,10 @@ def test_adapter_equals_merged_model(tiny_checkpoint: str, tmp_path: Path) -> No
         served = [ids_of(list(engine.stub.Generate(r, timeout=60))) for r in requests]
     assert served == merged == unmerged
     assert served != base
+
+    # The same adapter on the base as a Hugging Face directory (`llm-convert to-hf`).
+    hf_dir = tmp_path / "base-hf"
+    assert CliRunner().invoke(convert_app, ["to-hf", tiny_checkpoint, str(hf_dir)]).exit_code == 0
+    with start_engine(str(hf_dir), tmp_path / "hf.log",
+                      "--adapter", str(tmp_path / "adapter")) as engine:  # fmt: skip
+        assert [ids_of(list(engine.stub.Generate(r, timeout=60))) for r in requests] == merged

@@ -65,3 +65,32 @@ def test_flipped_byte_is_detected(saved: tuple[Path, DecoderModel]) -> None:
     (ckpt / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(storage.CheckpointError, match="sha256"):
         load_checkpoint(str(ckpt))
+
+
+def test_a_truncated_or_foreign_hugging_face_shard_is_refused_before_reading(
+    tmp_path: Path,
+) -> None:
+    """An HF directory has no manifest: each shard's size must be its header's end of
+    data, and the shards' tensor bytes the index's total_size."""
+    import json
+
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    out = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(out, max_shard_size="40KB")
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = out / sorted(set(index["weight_map"].values()))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-4])
+    with pytest.raises(storage.CheckpointError, match=rf"{shard.name}: .* truncated or corrupt"):
+        load_checkpoint(str(out))
+    shard.write_bytes(data)
+    index["metadata"]["total_size"] += 4
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(storage.CheckpointError, match=r"total_size \d+, but the shards hold"):
+        load_checkpoint(str(out))
