@@ -222,9 +222,7 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
     return LoadedModel(model, tokenizer, model.config, uri, _run_name(uri), defaults)
 
 
-def _check_safetensors(
-    uri: str, local: Path, files: list[str], index: dict[str, Any]
-) -> None:
+def _check_safetensors(uri: str, local: Path, files: list[str], index: dict[str, Any]) -> None:
     """Each safetensors file whole (its size is its header's end of data) and, with an
     index, the tensors' bytes its `total_size`: a truncated upload or a shard from another
     save fails here, naming the file, before any weight is read."""
