@@ -79,3 +79,41 @@ def shrink(preset: str) -> dict[str, object]:
     if p.get("rope_scaling"):
         o["rope_scaling"] = {**p["rope_scaling"], "original_max_seq_len": 16}
     return o
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def sharded_checkpoint_that_runs_code(
+    run_dir: Path, marker: Path
+) -> tuple[Path, torch.nn.Module, torch.optim.Optimizer]:
+    """A committed sharded checkpoint of a tiny model whose DCP `.metadata` is a pickle that,
+    if unpickled, creates `marker` (what an attacker with write access to a bucket can do).
+    The honest checkpoint is checked to load first."""
+    import pickle
+
+    from llm.checkpoint import load_checkpoint, save_checkpoint
+    from llm.config import ModelConfig
+    from llm.data.tokenizers import SimpleCharacterTokenizer
+    from llm.models import DecoderModel
+    from llm.storage import MANIFEST, commit
+    from llm.training.sharded import DCP_DIR, METADATA, save_sharded
+
+    tok = SimpleCharacterTokenizer.train("hello world")
+    model = DecoderModel(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = run_dir / "checkpoints" / "step-00000001"
+    save_sharded(str(ckpt), model, optimizer)
+    save_checkpoint(str(ckpt), model, tok, weights=False)
+    assert load_checkpoint(str(ckpt)).config == model.config
+    (ckpt / DCP_DIR / METADATA).write_bytes(pickle.dumps(_RunsCode(marker)))
+    (ckpt / MANIFEST).unlink()
+    commit(str(ckpt))
+    return ckpt, model, optimizer

@@ -263,6 +263,8 @@ def read_config(ckpt_uri: str) -> ModelConfig:
 def _load_sharded_checkpoint(
     ckpt: str, device: str | torch.device, dtype: torch.dtype | None
 ) -> LoadedModel:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from llm.training.sharded import load_sharded_weights
 
     config = read_config(ckpt)
@@ -271,7 +273,7 @@ def _load_sharded_checkpoint(
     model = DecoderModel(config).to(device)
     try:
         load_sharded_weights(ckpt, model)
-    except Exception as e:  # DCP raises several kinds for a mismatch
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise storage.CheckpointError(f"{ckpt}: sharded weights do not load: {e}") from e
     _to_dtype(model, device, dtype)
     return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))

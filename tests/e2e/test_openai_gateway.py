@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from e2e_services import Service, start, stop, wait_ready
+from support import sharded_checkpoint_that_runs_code
 
 from llm.checkpoint import LoadedModel
 from llm.inference import SamplingParams, generate
@@ -185,6 +186,19 @@ def test_llm_serve_answers_a_request(tiny_checkpoint: str, tmp_path: Path) -> No
     finally:
         assert stop(serve) == 0
     assert any(r["event"] == "engine_stopped" for r in serve.logs())
+
+
+def test_llm_serve_exits_when_the_checkpoint_does_not_load(tmp_path: Path) -> None:
+    """A checkpoint that fails to load (here a crafted sharded one, refused before any code
+    runs) ends llm-serve with exit 1, instead of a live process whose /readyz stays 503."""
+    marker = tmp_path / "pwned"
+    ckpt, _, _ = sharded_checkpoint_that_runs_code(tmp_path / "run", marker)
+    serve = start("llm_gateway.serve", ["--checkpoint", str(ckpt), "--port", "0"],
+                  tmp_path / "serve.log", "gateway_listening")  # fmt: skip
+    assert serve.proc.wait(timeout=60) == 1
+    (failed,) = [r for r in serve.logs() if r["event"] == "model_load_failed"]
+    assert "refers to posix.system" in failed["error"]
+    assert not marker.exists()
 
 
 def test_chat_logprobs(client: openai.OpenAI, reference: LoadedModel) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import sharded_checkpoint_that_runs_code
 
 from llm import storage
 from llm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
@@ -94,3 +95,17 @@ def test_a_truncated_or_foreign_hugging_face_shard_is_refused_before_reading(
     index_path.write_text(json.dumps(index))
     with pytest.raises(storage.CheckpointError, match=r"total_size \d+, but the shards hold"):
         load_checkpoint(str(out))
+
+
+def test_a_sharded_checkpoint_never_runs_code(tmp_path: Path) -> None:
+    """DCP's `.metadata` is a pickle: a crafted one, committed, is refused by name when the
+    engine loads the checkpoint and when a trainer resumes from it; nothing runs."""
+    from llm.training.sharded import METADATA, load_sharded
+
+    marker = tmp_path / "pwned"
+    ckpt, model, optimizer = sharded_checkpoint_that_runs_code(tmp_path / "run", marker)
+    with pytest.raises(storage.CheckpointError, match=rf"{METADATA}: refers to posix\.system"):
+        load_checkpoint(str(ckpt))
+    with pytest.raises(BaseException, match=r"refers to posix\.system"):
+        load_sharded(str(ckpt), model, optimizer)
+    assert not marker.exists()
