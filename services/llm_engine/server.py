@@ -26,6 +26,7 @@ from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
 from llm_engine import tracing, validation
+from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.scheduler import (
@@ -68,17 +69,19 @@ class EngineServicer(pb_grpc.EngineServicer):
         assert self.state is not None
         return self.state
 
-    def _start(
+    async def _start(
         self, state: EngineState, request: pb.GenerateRequest, metadata: Metadata,
         sink: Callable[[Event], None],
     ) -> tuple[GenerationRequest, Span]:  # fmt: skip
         """Validate and queue one generation; its events go to `sink` (on the scheduler
-        thread). Raises `_Refused` with the status a call ends with."""
+        thread). Raises `_Refused` with the status a call ends with. Tokenizing runs off
+        the event loop: a long prompt does not stall the streams this server relays."""
         if self.draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
         config = state.loaded.config
         try:
-            spec = validation.generation_spec(
+            spec = await asyncio.to_thread(
+                validation.generation_spec,
                 request,
                 state.loaded.tokenizer,
                 vocab_size=config.vocab_size,
@@ -118,7 +121,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            job, span = self._start(state, request, context.invocation_metadata(), sink)
+            job, span = await self._start(state, request, context.invocation_metadata(), sink)
         except _Refused as e:
             await context.abort(e.code, e.message)
         decode = state.loaded.tokenizer.decode
@@ -167,7 +170,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         whole: set[int] = set()  # generations sent as one chunk at their end
         held: dict[int, list[Event]] = {}  # their events so far
 
-        def start(item: pb.GenerateManyRequest) -> None:
+        async def start(item: pb.GenerateManyRequest) -> None:
             def sink(event: Event, i: int = item.id) -> None:  # on the scheduler thread
                 loop.call_soon_threadsafe(events.put_nowait, (i, event))
 
@@ -175,10 +178,11 @@ class EngineServicer(pb_grpc.EngineServicer):
                 events.put_nowait((item.id, _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"id {item.id} is already running")))  # fmt: skip
                 return
             try:
-                running[item.id] = self._start(state, item.generate, item.metadata.items(), sink)
+                started = await self._start(state, item.generate, item.metadata.items(), sink)
             except _Refused as e:
                 events.put_nowait((item.id, e))
                 return
+            running[item.id] = started
             if item.generate.whole:
                 whole.add(item.id)
 
@@ -195,7 +199,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         async def read() -> None:
             async for item in request_iterator:
                 if not item.cancel:
-                    start(item)
+                    await start(item)
                 elif item.id in running:
                     end(item.id, cancelled=True)
             events.put_nowait((0, None))  # half-closed: end once the running ones end
@@ -480,7 +484,15 @@ class RunningEngine:
 async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
     """Bind and start the server (health NOT_SERVING, no model yet); port 0 picks a free one."""
     # so_reuseport=0: a second engine on a taken port must fail, not silently share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Above anything a gateway forwards, which checks its messages against the same
+            # limit: an oversized message would tear down a stream other requests share.
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
     servicer = EngineServicer()
     pb_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -151,7 +151,7 @@ def create_app(
         info = await check_model(body.model, metadata)
         g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", info.model_id, int(time.time()))
         request.state.request_id = g.id
-        calls = body.engine_calls(g.id, info.generation_defaults)
+        calls = body.engine_calls(g.id, info)
         g.choices = [Choice.of(call) for call in calls]
         requests = [c.request for c in calls]
         param = fmt.input_param

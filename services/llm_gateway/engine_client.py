@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 
@@ -36,6 +37,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # A long prompt's logprobs can exceed gRPC's default 4 MiB; the engine sends at most this.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 # How long a request waits for the first health answers of a just-started gateway.
 _FIRST_HEALTH_WAIT_S = 3.0
@@ -368,8 +372,12 @@ class Multiplexer:
                 if self.closing and not self.calls:
                     break
         except grpc.aio.AioRpcError as e:
-            failure = e
             self._note_unsupported(e)
+            failure = e
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # The transport's, not an engine's full queue (that refuses one generation,
+                # on its own chunk): not a reason to try the same message on another engine.
+                failure = _rpc_error(grpc.StatusCode.INTERNAL, f"engine stream: {e.details()}")
         finally:
             writer.cancel()
             stream.cancel()

@@ -261,3 +261,62 @@ def test_malformed_requests_get_openai_4xx_errors(keyed_stack: tuple[Service, Se
     errors = [r for r in gateway.logs() if r.get("level") in ("ERROR", "CRITICAL")]
     assert not errors, errors[:3]
     assert KEY not in gateway.log.read_text()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_request_near_the_body_limit_breaks_nothing(keyed_stack: tuple[Service, Service]) -> None:
+    """Bodies just under the 4 MiB limit (a text prompt; a token array with n=16) are refused
+    with a 400 naming the prompt while two streams run on the same engine stream: both
+    finish whole, and the big token array costs the gateway little memory (it is checked
+    against the context before any engine request is built)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateway = keyed_stack[1]
+    base_url = f"http://127.0.0.1:{gateway.port}"
+    with httpx.Client(base_url=base_url, timeout=60, headers=AUTH) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        started = [0, 0]
+
+        def stream(i: int) -> list[dict]:
+            body = {"model": model, "prompt": "The ", "max_tokens": 120, "temperature": 0,
+                    "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            chunks = []
+            with client.stream("POST", COMPLETIONS, json=body) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                        started[i] = 1
+            return chunks
+
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(stream, i) for i in range(2)]
+            while sum(started) < 2 and not any(f.done() for f in running):
+                pass
+            text = {"model": model, "prompt": "ab " * ((4 * MB - 4096) // 3), "max_tokens": 4}
+            body = json.dumps(text).encode()
+            assert 4 * MB - 8192 < len(body) < 4 * MB
+            refused = client.post(COMPLETIONS, content=body, headers=JSON)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+            before = _rss(gateway.proc.pid)
+            ids = {"model": model, "prompt": [7] * ((4 * MB - 4096) // 2), "n": 16}
+            body = json.dumps(ids, separators=(",", ":")).encode()
+            assert 4 * MB - 8192 < len(body) < 4 * MB
+            refused = client.post(COMPLETIONS, content=body, headers=JSON)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+            assert "context length" in refused.json()["error"]["message"]
+            grown = _rss(gateway.proc.pid) - before
+            assert grown < 50 * MB, f"the gateway grew {grown / MB:.0f} MiB"
+            results = [f.result() for f in running]
+    for chunks in results:
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 120  # every token, none lost

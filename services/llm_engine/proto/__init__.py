@@ -1,0 +1,4 @@
+
+# The largest gRPC message either side of the engine API sends or accepts (gRPC's default
+# receive limit is 4 MiB, under what a gateway body of 4 MiB becomes with its framing).
+MAX_MESSAGE_BYTES = 64 << 20
