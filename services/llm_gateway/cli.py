@@ -25,6 +25,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llm_engine.jsonlog import announce, setup_logging
 from llm_gateway.app import create_app
@@ -49,10 +50,59 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol with deadlines on reading a request: its headers within
+    `header_timeout_s` of the connection opening (or of its previous response ending), its
+    body within `body_timeout_s` after. uvicorn has neither, so an idle or half-sent
+    connection (slowloris) stayed open for good; past a deadline the connection is closed
+    (the app, if it was reading the body, sees a disconnect)."""
+
+    class TimedProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expire(self) -> None:
+            if not self.transport.is_closing():
+                log.info("connection_timed_out", extra={"client": self.client})
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(header_timeout_s)
+
+        def on_headers_complete(self) -> None:
+            self._arm(body_timeout_s)
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm(header_timeout_s)  # the next request's headers
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedProtocol
+
+
 class HttpServer:
     """uvicorn on a socket we bound ourselves, so `--port 0` has a known port at once."""
 
-    def __init__(self, http_app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, http_app: FastAPI, settings: GatewaySettings) -> None:
+        host, port = settings.bind_host, settings.port
         self.host, self.sock = host, bind(host, port)
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
@@ -61,6 +111,8 @@ class HttpServer:
             lifespan="on",
             timeout_graceful_shutdown=10,
             access_log=False,  # GatewayMiddleware logs each request, with its trace id
+            http=timed_protocol(settings.header_timeout_s, settings.body_timeout_s),
+            limit_concurrency=settings.max_connections,
         )
         self.server = uvicorn.Server(config)
 
@@ -146,13 +198,23 @@ def run(
         bool | None,
         typer.Option(help="one GenerateMany stream per engine (off: a call per generation)"),
     ] = None,
+    header_timeout_s: Annotated[
+        float | None, typer.Option(help="close a connection whose request headers lag this long")
+    ] = None,
+    body_timeout_s: Annotated[
+        float | None, typer.Option(help="close a connection whose request body lags this long")
+    ] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="connections and requests at once (beyond: 503)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve the OpenAI API in front of one or more llm-engines."""
     flags = dict(
         engine=engine, host=host, port=port, api_keys=api_key or None, api_keys_file=api_keys_file,
         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
-        log_level=log_level,
+        header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+        max_connections=max_connections, log_level=log_level,
     )  # fmt: skip
     settings = settings_from_flags(GatewaySettings, flags)
     assert isinstance(settings, GatewaySettings)
@@ -161,7 +223,7 @@ def run(
     setup_tracing()
     load_keys(settings)
     try:
-        server = HttpServer(create_app(settings), settings.bind_host, settings.port)
+        server = HttpServer(create_app(settings), settings)
     except OSError as e:
         log.error(
             "bind_failed",

@@ -35,9 +35,7 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
     engine = await start_engine("127.0.0.1", 0)
     gateway_settings = gateway_settings.model_copy(update={"engine": [f"127.0.0.1:{engine.port}"]})
     try:
-        http = HttpServer(
-            create_app(gateway_settings), gateway_settings.bind_host, gateway_settings.port
-        )
+        http = HttpServer(create_app(gateway_settings), gateway_settings)
     except OSError as e:
         log.error("bind_failed", extra={"port": gateway_settings.port, "error": str(e)})
         await engine.stop(0)

@@ -58,6 +58,19 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="deadline of one request (504 when passed)"
     )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a connection that has not sent a request's headers this long after it "
+        "opened (or after its last response) is closed",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body not received whole this long after "
+        "its headers closes the connection",
+    )  # fmt: skip
+    max_connections: int = Field(
+        default=2048, ge=1,
+        description="open connections and requests at once; beyond it new requests get 503",
+    )  # fmt: skip
     model_info_ttl_s: float = Field(default=10.0, ge=0, description="how long ModelInfo is cached")
     health_retry_s: float = Field(
         default=1.0, gt=0, description="wait before re-watching an engine's health"

@@ -18,6 +18,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"content-type": "application/json", **AUTH}
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 MB = 1 << 20
+SLOW_S = 2.0  # the gateway's header and body read deadlines here
 
 # Values of the wrong type (or shape) for every field, per endpoint.
 COMMON_WRONG: dict[str, list[object]] = {
@@ -219,7 +220,9 @@ def keyed_stack(
     logs = tmp_path_factory.mktemp("hostile")
     keys = Path(logs / "api-keys")
     keys.write_text(KEY + "\n")
-    with running_stack(tiny_checkpoint, logs, (), ["--api-keys-file", str(keys)]) as services:
+    gateway_args = ["--api-keys-file", str(keys), "--header-timeout-s", str(SLOW_S),
+                    "--body-timeout-s", str(SLOW_S)]  # fmt: skip
+    with running_stack(tiny_checkpoint, logs, (), gateway_args) as services:
         yield services
 
 
@@ -320,3 +323,43 @@ def test_a_request_near_the_body_limit_breaks_nothing(keyed_stack: tuple[Service
         assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert chunks[-1]["usage"]["completion_tokens"] == 120  # every token, none lost
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes `sock` (reads until EOF); fails after `seconds`."""
+    import time
+
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        raise AssertionError(f"the connection was still open after {seconds} s") from None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def test_slow_clients_do_not_hold_connections(keyed_stack: tuple[Service, Service]) -> None:
+    """An idle connection, half-sent headers and a half-sent body are each closed once the
+    gateway's read deadline passes, and the gateway keeps serving."""
+    gateway = keyed_stack[1]
+    address = ("127.0.0.1", gateway.port)
+    head = f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    partials = [
+        b"",  # connected, nothing sent
+        head.encode(),  # headers never finished
+        (head + "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+        + b'{"model": ',  # a tenth of the body
+    ]
+    socks = [socket.create_connection(address) for _ in partials]
+    for sock, data in zip(socks, partials, strict=True):
+        sock.sendall(data)
+    for sock in socks:
+        assert _closed_within(sock, SLOW_S + 8) <= SLOW_S + 8
+        sock.close()
+    with httpx.Client(base_url=f"http://127.0.0.1:{gateway.port}", timeout=30) as client:
+        model = client.get("/v1/models", headers=AUTH).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "The ", "max_tokens": 4}
+        assert client.post(COMPLETIONS, json=body, headers=AUTH).status_code == 200

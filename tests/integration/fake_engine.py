@@ -172,8 +172,10 @@ def serve_gateway(app: object) -> Iterator[str]:
     """The app on a real uvicorn server on 127.0.0.1 in a thread (real HTTP connections,
     so a client can really disconnect); yields its base URL."""
     from llm_gateway.cli import HttpServer
+    from llm_gateway.settings import GatewaySettings
 
-    server = HttpServer(app, "127.0.0.1", 0)  # type: ignore[arg-type]
+    settings = GatewaySettings(engine=["127.0.0.1:1"], host="127.0.0.1", port=0)
+    server = HttpServer(app, settings)  # type: ignore[arg-type]
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     wait_for(lambda: server.server.started, 10, "the gateway to start")
