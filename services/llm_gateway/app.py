@@ -31,7 +31,7 @@ from llm_gateway import errors
 from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
-from llm_gateway.middleware import GatewayMiddleware
+from llm_gateway.middleware import ApiKeys, GatewayMiddleware
 from llm_gateway.responses import (
     ChatFormat,
     Choice,
@@ -95,7 +95,7 @@ def create_app(
         GatewayMiddleware,
         metrics=metrics,
         tracer=trace.get_tracer("llm_gateway", tracer_provider=tracer_provider),
-        api_keys=settings.load_api_keys(),
+        api_keys=ApiKeys([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file),
         max_body_bytes=settings.max_body_bytes,
     )
 

@@ -14,6 +14,7 @@ key the gateway warns loudly and binds 127.0.0.1 unless a host is given.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -168,6 +169,15 @@ def load_keys(settings: GatewaySettings) -> list[str]:
         raise typer.Exit(2) from None
     if keys:
         log.info("api_keys_loaded", extra={"count": len(keys)})
+    elif not _is_loopback(settings.bind_host) and not settings.allow_unauthenticated:
+        typer.echo(
+            f"refusing to serve {settings.bind_host} without an API key: set "
+            "LLM_GATEWAY_API_KEYS or LLM_GATEWAY_API_KEYS_FILE (--api-key, --api-keys-file), "
+            "or pass --allow-unauthenticated (LLM_GATEWAY_ALLOW_UNAUTHENTICATED=true) to serve "
+            "it open on purpose",
+            err=True,
+        )
+        raise typer.Exit(2)
     else:
         log.warning(
             "NO API KEY CONFIGURED: every client is accepted without authentication. Set "
@@ -175,6 +185,13 @@ def load_keys(settings: GatewaySettings) -> list[str]:
             extra={"host": settings.bind_host, "host_set": settings.host is not None},
         )
     return keys
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @app.command()
@@ -187,6 +204,10 @@ def run(
     ] = None,
     api_keys_file: Annotated[
         str | None, typer.Option(help="file of accepted keys, one per line")
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool | None,
+        typer.Option("--allow-unauthenticated", help="serve a non-loopback address keyless"),
     ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(help="larger request bodies get 413")
@@ -212,6 +233,7 @@ def run(
     """Serve the OpenAI API in front of one or more llm-engines."""
     flags = dict(
         engine=engine, host=host, port=port, api_keys=api_key or None, api_keys_file=api_keys_file,
+        allow_unauthenticated=allow_unauthenticated,
         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
         header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, log_level=log_level,

@@ -15,6 +15,7 @@ import hmac
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_gateway.errors import OpenAIError
+from llm_gateway.settings import parse_keys
 from llm_gateway.telemetry import REQUEST_SPAN, Metrics
 
 log = logging.getLogger("llm_gateway.access")
@@ -59,6 +61,46 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+class ApiKeys:
+    """The accepted keys (as SHA-256 digests): the settings' own plus those of the keys file,
+    read again when the file changes, so a rotated Secret takes effect within `check_s`
+    without a restart. A file that cannot be read or parsed meanwhile (a Secret volume
+    mid-swap) keeps the keys already loaded, with a warning."""
+
+    def __init__(self, keys: Sequence[str], file: Path | None = None, check_s: float = 2.0) -> None:
+        self.keys, self.file, self.check_s = list(keys), file, check_s
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self._digests = self._load(parse_keys(file.read_text()) if file else [])
+        self._stamp = self._file_stamp()
+
+    def _load(self, file_keys: list[str]) -> list[bytes]:
+        keys = dict.fromkeys(k for k in [*self.keys, *file_keys] if k)
+        return [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.file.stat() if self.file else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def digests(self) -> list[bytes]:
+        now = time.monotonic()
+        if self.file is not None and now - self._checked >= self.check_s:
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    self._digests = self._load(parse_keys(self.file.read_text()))
+                except (OSError, ValueError) as e:
+                    log.warning("api_keys_reload_failed", extra={"error": str(e)})
+                else:
+                    self._stamp = stamp
+                    log.info("api_keys_reloaded", extra={"count": len(self._digests)})
+        return self._digests
+
+
 class GatewayMiddleware:
     def __init__(
         self,
@@ -66,15 +108,16 @@ class GatewayMiddleware:
         *,
         metrics: Metrics,
         tracer: trace.Tracer,
-        api_keys: Sequence[str],
+        api_keys: ApiKeys,
         max_body_bytes: int,
     ) -> None:
         self.app, self.metrics, self.tracer = app, metrics, tracer
         self.max_body_bytes = max_body_bytes
-        self._key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+        self.api_keys = api_keys
 
     def _auth_error(self, scope: Scope) -> OpenAIError | None:
-        if not self._key_digests or scope["path"] in PUBLIC_PATHS:
+        digests = self.api_keys.digests()
+        if not digests or scope["path"] in PUBLIC_PATHS:
             return None
         header = _header(scope, b"authorization") or b""
         scheme, _, token = header.partition(b" ")
@@ -85,7 +128,7 @@ class GatewayMiddleware:
             )  # fmt: skip
         digest = hashlib.sha256(token.strip()).digest()
         # Every key is compared (no early exit), each in constant time.
-        if not any([hmac.compare_digest(digest, k) for k in self._key_digests]):
+        if not any([hmac.compare_digest(digest, k) for k in digests]):
             return OpenAIError(
                 401, "invalid API key", code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},

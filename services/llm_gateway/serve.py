@@ -79,17 +79,33 @@ def run(
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
+    slots: Annotated[int | None, typer.Option(help="KV-cache slots (concurrent requests)")] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="context served (default: the model's, capped to memory)")
+    ] = None,
+    kv_cache_gib: Annotated[
+        float | None, typer.Option(help="KV-cache memory, GiB (default: 90% of free memory)")
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile at start")
+    ] = None,
     api_key: Annotated[
         list[str] | None, typer.Option(help="accepted Bearer key (repeatable)")
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool | None,
+        typer.Option("--allow-unauthenticated", help="serve a non-loopback address keyless"),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve a checkpoint with the OpenAI API, engine and gateway in one process."""
     engine_flags = dict(
         checkpoint=checkpoint, model_name=model_name, max_queue=max_queue, device=device,
-        dtype=dtype, threads=threads, log_level=log_level,
+        dtype=dtype, threads=threads, slots=slots, max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib, compile=compile, log_level=log_level,
     )  # fmt: skip
-    gateway_flags = dict(host=host, port=port, api_keys=api_key or None, log_level=log_level)
+    gateway_flags = dict(host=host, port=port, api_keys=api_key or None, log_level=log_level,
+                         allow_unauthenticated=allow_unauthenticated)  # fmt: skip
     engine_settings = settings_from_flags(EngineSettings, engine_flags)
     gateway_settings = settings_from_flags(GatewaySettings, gateway_flags)
     assert isinstance(engine_settings, EngineSettings)

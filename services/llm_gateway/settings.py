@@ -52,6 +52,10 @@ class GatewaySettings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="file with more accepted keys (a mounted Secret)"
     )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="serve a non-loopback address with no API key (refused otherwise)",
+    )
     max_body_bytes: int = Field(
         default=4 << 20, ge=1024, description="larger request bodies are refused with 413"
     )

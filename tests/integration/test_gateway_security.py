@@ -252,3 +252,50 @@ def test_cli_keys_from_a_secret_file_are_never_logged(fake: FakeServer, tmp_path
     )  # fmt: skip
     assert bad.returncode == 2
     assert "api_keys" in bad.stderr and "sk-secret-never-printed" not in bad.stderr + bad.stdout
+
+
+def test_a_public_address_without_keys_is_refused_unless_allowed(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    """Authentication fails closed: binding a non-loopback address with no key exits 2
+    saying how to fix it; --allow-unauthenticated serves it open on purpose."""
+    args = [sys.executable, "-m", "llm_gateway", "--engine", f"127.0.0.1:{fake.port}",
+            "--host", "0.0.0.0", "--port", "0"]  # fmt: skip
+    refused = subprocess.run(args, env=gateway_env(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "refusing to serve 0.0.0.0 without an API key" in refused.stderr
+    assert "--allow-unauthenticated" in refused.stderr
+    proc, announced = start_gateway(
+        [*args[3:], "--allow-unauthenticated"], gateway_env(), tmp_path / "open.log"
+    )
+    try:
+        assert announced["host"] == "0.0.0.0"
+        got = httpx.post(f"http://127.0.0.1:{announced['port']}/v1/completions", json=completion())
+        assert got.status_code == 200
+    finally:
+        stop_process(proc)
+
+
+def test_a_rotated_keys_file_takes_effect_without_a_restart(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_text("sk-old-0123456789\n")
+    proc, announced = start_gateway(
+        ["--engine", f"127.0.0.1:{fake.port}", "--port", "0"],
+        gateway_env(LLM_GATEWAY_API_KEYS_FILE=str(keys)), tmp_path / "gateway.log",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{announced['port']}/v1/completions"
+
+    def status(key: str) -> int:
+        return httpx.post(url, json=completion(), headers={"Authorization": f"Bearer {key}"}).status_code  # fmt: skip
+
+    try:
+        assert (status("sk-old-0123456789"), status("sk-new-9876543210")) == (200, 401)
+        rotated = tmp_path / "api-keys.new"  # as a Secret volume swaps: a new file moved in
+        rotated.write_text('["sk-new-9876543210"]')
+        rotated.replace(keys)
+        wait_for(lambda: status("sk-new-9876543210") == 200, 10, "the new key to be accepted")
+        assert status("sk-old-0123456789") == 401
+    finally:
+        stop_process(proc)

@@ -214,6 +214,27 @@ def test_existing_secrets_are_referenced_not_created(chart):
         assert not [e for e in container(plain, name)["env"] if e["name"].startswith("OTEL_")]
 
 
+def test_without_keys_a_key_is_generated_unless_open_on_purpose(chart):
+    import base64
+
+    docs = objects(render(chart, {}))
+    (secret,) = find(docs, "Secret")
+    (generated,) = json.loads(base64.b64decode(secret["data"]["api-keys"]))
+    assert generated.startswith("sk-") and len(generated) == 43
+    gw = {e["name"]: e for e in container(docs, "gateway")["env"]}
+    assert (
+        gw["LLM_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
+        == secret["metadata"]["name"]
+    )
+    assert "LLM_GATEWAY_ALLOW_UNAUTHENTICATED" not in gw
+    assert "kubectl -n llm get secret" in render(chart, {})["llm-serve/templates/NOTES.txt"]
+
+    docs = objects(render(chart, {"apiKeys": {"allowUnauthenticated": True}}))
+    assert find(docs, "Secret") == []
+    gw = {e["name"]: e.get("value") for e in container(docs, "gateway")["env"]}
+    assert gw["LLM_GATEWAY_ALLOW_UNAUTHENTICATED"] == "true" and "LLM_GATEWAY_API_KEYS" not in gw
+
+
 def test_created_api_key_secret_holds_a_json_list(chart):
     import base64
 
@@ -239,7 +260,9 @@ def test_notes_show_the_openai_sdk(chart):
     notes = render(chart, {})["llm-serve/templates/NOTES.txt"]
     assert "from openai import OpenAI" in notes
     assert "demo-llm-serve-gateway" in notes
-    assert "no API keys" in notes
+    assert "<one of your API keys>" in notes
+    open_notes = render(chart, {"apiKeys": {"allowUnauthenticated": True}})
+    assert "accepts every request" in open_notes["llm-serve/templates/NOTES.txt"]
 
 
 @pytest.mark.parametrize(

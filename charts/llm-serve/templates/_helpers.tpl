@@ -45,7 +45,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "llm-serve.apiKeysEnabled" -}}
-{{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys }}true{{ end }}
+{{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys (not .Values.apiKeys.allowUnauthenticated) }}true{{ end }}
 {{- end }}
 
 {{/* OpenTelemetry's standard variables; call with (dict "ctx" $ "service" "llm-engine"). */}}
