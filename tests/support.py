@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,46 @@ def shrink(preset: str) -> dict[str, object]:
     if p.get("rope_scaling"):
         o["rope_scaling"] = {**p["rope_scaling"], "original_max_seq_len": 16}
     return o
+
+
+class DenyDeletes(ThreadingHTTPServer):
+    """A pass-through proxy to S3 that answers every delete with AccessDenied."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), DenyDeletesHandler)
+        self.upstream = upstream
+
+
+class DenyDeletesHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: DenyDeletes
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        if self.command == "DELETE" or (self.command == "POST" and "delete" in self.path):
+            error = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        host, port = self.server.upstream.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(self.command, self.path, body or None, dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
