@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from support import free_port, train_tiny
+from support import DenyDeletes, free_port, train_tiny
 
 from llm.training.engine import TrainingEngine
 
@@ -58,6 +60,16 @@ def s3_bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         yield f"s3://{bucket}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def deny_deletes(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The bucket again, reached through a proxy that refuses deletes (AWS_ENDPOINT_URL)."""
+    proxy = DenyDeletes(os.environ["AWS_ENDPOINT_URL"].removeprefix("http://"))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+    yield s3_bucket
+    proxy.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +99,14 @@ def sharded_checkpoint_that_runs_code(
     """A committed sharded checkpoint of a tiny model whose DCP `.metadata` is a pickle that,
     if unpickled, creates `marker` (what an attacker with write access to a bucket can do).
     The honest checkpoint is checked to load first."""
+    import hashlib
     import pickle
 
     from llm.checkpoint import load_checkpoint, save_checkpoint
     from llm.config import ModelConfig
     from llm.data.tokenizers import SimpleCharacterTokenizer
     from llm.models import DecoderModel
-    from llm.storage import MANIFEST, commit
+    from llm.storage import MANIFEST, commit, read_manifest
     from llm.training.sharded import DCP_DIR, METADATA, save_sharded
 
     tok = SimpleCharacterTokenizer.train("hello world")
@@ -113,7 +116,54 @@ def sharded_checkpoint_that_runs_code(
     save_sharded(str(ckpt), model, optimizer)
     save_checkpoint(str(ckpt), model, tok, weights=False)
     assert load_checkpoint(str(ckpt)).config == model.config
-    (ckpt / DCP_DIR / METADATA).write_bytes(pickle.dumps(_RunsCode(marker)))
+    payload = pickle.dumps(_RunsCode(marker))
+    (ckpt / DCP_DIR / METADATA).write_bytes(payload)
+    files = read_manifest(str(ckpt))["files"]
+    files[f"{DCP_DIR}/{METADATA}"] = {"size": len(payload),
+                                      "sha256": hashlib.sha256(payload).hexdigest()}  # fmt: skip
     (ckpt / MANIFEST).unlink()
-    commit(str(ckpt))
+    commit(str(ckpt), files)  # a manifest that vouches for the crafted file
     return ckpt, model, optimizer
+
+
+class DenyDeletes(ThreadingHTTPServer):
+    """A pass-through proxy to S3 that answers every delete with AccessDenied."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), DenyDeletesHandler)
+        self.upstream = upstream
+
+
+class DenyDeletesHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: DenyDeletes
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        if self.command == "DELETE" or (self.command == "POST" and "delete" in self.path):
+            error = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        host, port = self.server.upstream.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(self.command, self.path, body or None, dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward

@@ -5,7 +5,8 @@ Layout of one checkpoint directory (local or `s3://`):
     config.json         ModelConfig
     tokenizer files     char_tokenizer.json or the HF tokenizer files
     trainer_state.pt    optimizer, scheduler, step, RNG, data position (training only)
-    manifest.json       written last by `llm.storage.commit`: the directory's proof of life
+    manifest.json       written last by `llm.storage.commit`: the directory's proof of life,
+                        listing exactly the files this save wrote (sizes, sha256 as staged)
 
 `load_checkpoint` also takes a Hugging Face model directory (local or remote): its
 `config.json` (with a `model_type`), one or sharded safetensors, the tokenizer files and
@@ -67,13 +68,14 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
     weights: bool = True,
-) -> None:
-    """Write every file of a checkpoint, then commit it with its manifest.
+    written: dict[str, dict[str, Any]] | None = None,
+) -> dict:
+    """Stage every file of a checkpoint locally, upload it, then commit it; the manifest.
 
     `model_state` overrides `model.state_dict()` (a full state gathered from DDP/FSDP);
-    `weights=False` when the ranks already wrote them sharded (`llm.training.sharded`).
+    `weights=False` when the ranks already wrote them sharded (`llm.training.sharded`),
+    whose manifest entries they pass as `written`.
     """
-    fs, root = storage.url_to_fs(uri)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
         if weights:
@@ -84,10 +86,8 @@ def save_checkpoint(
             buf = io.BytesIO()
             torch.save(trainer_state, buf)
             (staging / TRAINER_STATE).write_bytes(buf.getvalue())
-        fs.makedirs(root, exist_ok=True)
-        for f in sorted(staging.iterdir()):
-            fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
-    storage.commit(uri, extra=meta or {})
+        files = storage.upload(staging, uri)
+    return storage.commit(uri, {**(written or {}), **files}, extra=meta or {})
 
 
 def _local_copy(uri: str, tmp: str) -> Path:

@@ -4,11 +4,13 @@ Local paths, ``file://`` and ``s3://`` URIs all go through fsspec. S3 credential
 endpoint come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``), as Kubernetes secrets provide them.
 
-Commit protocol: a checkpoint directory is written file by file, then ``manifest.json`` is
-written LAST, listing every file with its size and sha256. Rename is not atomic on S3 (and
-``fs.mv`` is broken there), so the manifest, not a rename, is what makes a directory exist:
-readers ignore any directory without a valid manifest, and deletion removes the manifest
-first so a half-deleted directory is never seen as committed.
+Commit protocol: each writer stages its files locally, hashes them there and uploads them
+(``upload``); ``commit`` then writes ``manifest.json`` LAST, listing exactly those files
+with the size and sha256 of the bytes that were staged, never whatever else lies in the
+directory. Rename is not atomic on S3 (and ``fs.mv`` is broken there), so the manifest,
+not a rename, is what makes a directory exist: readers ignore any directory without a
+valid manifest and read only the files it lists, a commit never replaces another one, and
+deletion removes the manifest first so a half-deleted directory is never seen as committed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import posixpath
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -35,7 +38,6 @@ CHECKPOINTS = "checkpoints"
 _CHUNK = 1 << 20  # hash in 1 MiB chunks so multi-GB weight files never sit in memory
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # leftovers of an interrupted write_bytes
 
 
 class CheckpointError(Exception):
@@ -145,31 +147,70 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     return out
 
 
-def commit(dir_uri: str, *, extra: dict | None = None) -> dict:
-    """Hash every file under ``dir_uri`` and write ``manifest.json`` last, making it exist.
+def upload(local_dir: str | os.PathLike, dir_uri: str) -> dict[str, dict[str, Any]]:
+    """Hash every file under the local staging dir ``local_dir`` and upload it to ``dir_uri``.
 
-    Call only after every other file of the checkpoint is fully written.
+    Returns the manifest entries (relative path -> size and sha256) of the staged bytes, so
+    that the manifest vouches for what this writer produced, not for what storage holds.
+    """
+    fs, root = url_to_fs(dir_uri)
+    local_fs = LocalFileSystem()
+    staged = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    entries: dict[str, dict[str, Any]] = {}
+    for path in staged:
+        rel = path.relative_to(local_dir).as_posix()
+        size, digest = _sha256(local_fs, str(path))
+        dest = posixpath.join(root, rel)
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        fs.put_file(str(path), dest)
+        entries[rel] = {"size": size, "sha256": digest}
+    return entries
+
+
+def prepare(dir_uri: str) -> None:
+    """Make ``dir_uri`` a fresh place for one save attempt, before anything is written there.
+
+    A committed directory is refused (a commit never replaces another). Files already there
+    are debris of an attempt that died before committing; they are removed so that no stale
+    file (say, a dead 2-rank attempt's shards) sits beside this attempt's. Only the holder of
+    the run's lease (``llm.training.lease``) may call this: nobody else writes there.
+    """
+    fs, path = url_to_fs(dir_uri)
+    if fs.exists(posixpath.join(path, MANIFEST)):
+        raise CheckpointError(f"{dir_uri}: already committed; refusing to write over it")
+    if fs.exists(path):
+        logger.warning("removing files of an uncommitted save attempt in %s", dir_uri)
+        fs.rm(path, recursive=True)
+
+
+def commit(dir_uri: str, files: dict[str, dict[str, Any]], *, extra: dict | None = None) -> dict:
+    """Write ``manifest.json`` listing exactly ``files`` (``upload``'s entries), making it exist.
+
+    Call only after every listed file is fully written. Refuses a directory that is already
+    committed, and one where a listed file is missing or has another size than was staged.
     """
     extra = dict(extra or {})
     reserved = {"version", "files", "created"} & extra.keys()
     if reserved:
         raise ValueError(f"commit extra may not override manifest keys {sorted(reserved)}")
+    if not files:
+        raise CheckpointError(f"{dir_uri}: cannot commit, no files written")
+    if MANIFEST in files:
+        raise ValueError(f"commit files may not include {MANIFEST}")
     fs, root = url_to_fs(dir_uri)
-    rels = sorted(
-        r
-        for r in list_files(fs, root)
-        if r != MANIFEST and not _TMP_RE.match(posixpath.basename(r))
-    )
-    if not rels:
-        raise CheckpointError(f"{dir_uri}: cannot commit, no files in directory")
-    files: dict[str, dict[str, Any]] = {}
-    for rel in rels:
-        size, digest = _sha256(fs, posixpath.join(root, rel))
-        files[rel] = {"size": size, "sha256": digest}
+    if fs.exists(posixpath.join(root, MANIFEST)):
+        raise CheckpointError(f"{dir_uri}: already committed; refusing to write over it")
+    present = list_files(fs, root)
+    for rel, entry in sorted(files.items()):
+        if present.get(rel) != entry["size"]:
+            raise CheckpointError(
+                f"{join(dir_uri, rel)}: staged {entry['size']} bytes, storage has "
+                f"{present.get(rel, 'no file')}; not committing"
+            )
     manifest = {
         "version": MANIFEST_VERSION,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "files": files,
+        "files": dict(sorted(files.items())),
         **extra,
     }
     write_bytes(join(dir_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -303,6 +344,37 @@ def resolve_checkpoint(uri: str, *, check_hashes: bool = False) -> str:
     return latest
 
 
+def resume_checkpoint(run_uri: str) -> str | None:
+    """The newest checkpoint of a run whose every byte matches its manifest, or None.
+
+    Any format (full, sharded, adapter) is checked the same way, hashes and all. A bad
+    newer one is warned about and skipped for the previous committed one; once a good one
+    is found the bad newer ones are deleted, since training will write those steps again
+    and a commit never replaces another. Only the run's lease holder may call this. If
+    checkpoints exist but none verifies, that is an error: starting over would silently
+    throw the run's progress away.
+    """
+    bad: list[tuple[str, str]] = []
+    for uri in reversed(list_checkpoints(run_uri)):
+        try:
+            verify(uri, check_hashes=True)
+        except CheckpointError as e:
+            logger.warning("not resuming from %s, falling back to an older checkpoint: %s", uri, e)
+            bad.append((uri, str(e)))
+            continue
+        for stale, why in bad:
+            logger.warning("deleting %s, which failed verification (%s)", stale, why)
+            _delete(stale)
+        return uri
+    if bad:
+        raise CheckpointError(
+            f"{run_uri}: no checkpoint verifies: "
+            + "; ".join(why for _, why in bad)
+            + " (move them away to start over)"
+        )
+    return None
+
+
 def _delete(uri: str) -> None:
     """Remove the manifest first, so a half-deleted dir is never seen as committed."""
     fs, path = url_to_fs(uri)
@@ -313,11 +385,14 @@ def _delete(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def retain(run_uri: str, keep_last: int) -> list[str]:
+def retain(run_uri: str, keep_last: int, *, keep: str | None = None) -> list[str]:
     """Delete all but the newest ``keep_last`` committed checkpoints; return deleted uris.
 
-    Incomplete dirs older than the newest committed one are debris of crashed saves and go
-    too; newer ones may be a save in progress and are left alone.
+    ``keep`` (the newest checkpoint known to verify byte for byte) is never deleted, so a
+    run always has one to resume from even if newer ones turn out bad. Incomplete dirs
+    older than the newest committed one are debris of crashed saves and go too; newer ones
+    may be a save in progress and are left alone. Best effort: a failed delete is logged
+    and the rest go on (an old checkpoint left behind costs space, not correctness).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the newest is never deleted), got {keep_last}")
@@ -328,10 +403,16 @@ def retain(run_uri: str, keep_last: int) -> list[str]:
     newest_step = committed[-1][0]
     doomed = {uri for _, uri in committed[:-keep_last]}
     doomed |= {uri for step, uri, reason in scanned if reason is not None and step < newest_step}
+    doomed.discard(keep)
     deleted = []
     for step, uri, _ in scanned:
-        if uri in doomed:
+        if uri not in doomed:
+            continue
+        try:
             _delete(uri)
-            logger.info("retain: deleted %s (step %d)", uri, step)
-            deleted.append(uri)
+        except Exception as e:  # any store error: keep the checkpoint, go on
+            logger.warning("retain: could not delete %s (step %d): %s", uri, step, e)
+            continue
+        logger.info("retain: deleted %s (step %d)", uri, step)
+        deleted.append(uri)
     return deleted

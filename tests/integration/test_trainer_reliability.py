@@ -200,7 +200,10 @@ def test_job_killed_while_writing_a_checkpoint_resumes_from_the_previous(
     upstream = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
     proxy = _HoldManifest(upstream, hold="partial/checkpoints/step-00000040/manifest.json")
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    # The restart is the same job (as a Kubernetes Job's retry is): it takes over the run's
+    # lease at once instead of waiting for the killed process's heartbeat to go stale.
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}",
+           "LLM_JOB_ID": "partial-job"}  # fmt: skip
     try:
         proc = subprocess.Popen(
             single(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

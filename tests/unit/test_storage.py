@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,21 @@ WEIGHTS = b"\x01\x02" * 5000
 CONFIG = b'{"dim": 8}'
 
 
+def _stage(staging: Path) -> Path:
+    """A small checkpoint's files, with a nested one, in a local staging dir."""
+    (staging / "trainer_state").mkdir(parents=True, exist_ok=True)
+    (staging / "model.safetensors").write_bytes(WEIGHTS)
+    (staging / "config.json").write_bytes(CONFIG)
+    (staging / "trainer_state" / "optim.pt").write_bytes(b"state")
+    return staging
+
+
 def _write_ckpt(uri: str, *, commit: bool = True) -> str:
-    """A small checkpoint dir with a nested file, committed unless asked otherwise."""
-    storage.write_bytes(storage.join(uri, "model.safetensors"), WEIGHTS)
-    storage.write_bytes(storage.join(uri, "config.json"), CONFIG)
-    storage.write_bytes(storage.join(uri, "trainer_state", "optim.pt"), b"state")
+    """A small checkpoint dir, staged, uploaded and committed unless asked otherwise."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = storage.upload(_stage(Path(tmp)), uri)
     if commit:
-        storage.commit(uri, extra={"step": 1})
+        storage.commit(uri, files, extra={"step": 1})
     return uri
 
 
@@ -63,13 +72,67 @@ def test_commit_then_verify(tmp_path: Path) -> None:
     assert storage.resolve_checkpoint(ckpt) == ckpt  # a checkpoint dir resolves to itself
 
 
-def test_commit_rejects_reserved_extra_and_empty_dir(tmp_path: Path) -> None:
-    ckpt = _write_ckpt(str(tmp_path / "ckpt"), commit=False)
+def test_commit_rejects_reserved_extra_and_nothing_written(tmp_path: Path) -> None:
+    files = storage.upload(_stage(tmp_path / "staging"), str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="files"):
-        storage.commit(ckpt, extra={"files": {}})
-    (tmp_path / "empty").mkdir()
+        storage.commit(str(tmp_path / "ckpt"), files, extra={"files": {}})
     with pytest.raises(CheckpointError, match=r"empty.*no files"):
-        storage.commit(str(tmp_path / "empty"))
+        storage.commit(str(tmp_path / "empty"), {})
+
+
+def test_manifest_lists_only_what_this_attempt_wrote(tmp_path: Path) -> None:
+    """A dead 2-rank attempt left dcp/ shards behind; a 1-rank retry's full checkpoint
+    must neither list them nor be mistaken for a sharded one."""
+    ckpt = str(tmp_path / "run" / "checkpoints" / "step-00000001")
+    stale = Path(ckpt) / "dcp"
+    stale.mkdir(parents=True)
+    (stale / ".metadata").write_bytes(b"dead attempt")
+    (stale / "__1_0.distcp").write_bytes(b"dead attempt")
+    files = storage.upload(_stage(tmp_path / "staging"), ckpt)
+    manifest = storage.commit(ckpt, files)
+    assert sorted(manifest["files"]) == [
+        "config.json",
+        "model.safetensors",
+        "trainer_state/optim.pt",
+    ]
+    # prepare() is what a trainer runs before writing: it clears a dead attempt's files.
+    retry = str(tmp_path / "run" / "checkpoints" / "step-00000002")
+    (Path(retry) / "dcp").mkdir(parents=True)
+    (Path(retry) / "dcp" / "__1_0.distcp").write_bytes(b"dead attempt")
+    storage.prepare(retry)
+    assert not Path(retry).exists()
+
+
+def test_hashes_are_of_the_staged_bytes_not_of_what_storage_holds(tmp_path: Path) -> None:
+    """The manifest vouches for what the writer produced: bytes changed between upload and
+    commit (same size) are caught by verify instead of being blessed by the commit."""
+    ckpt = str(tmp_path / "ckpt")
+    files = storage.upload(_stage(tmp_path / "staging"), ckpt)
+    (tmp_path / "ckpt" / "config.json").write_bytes(CONFIG.replace(b"8", b"9"))
+    storage.commit(ckpt, files)
+    with pytest.raises(CheckpointError, match=r"config\.json: sha256 .* \(corrupted\)"):
+        storage.verify(ckpt)
+    # A listed file that storage lacks, or holds at another size, is not committed at all.
+    other = str(tmp_path / "other")
+    files = storage.upload(_stage(tmp_path / "staging"), other)
+    (tmp_path / "other" / "model.safetensors").write_bytes(WEIGHTS[:10])
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: staged \d+ bytes, storage has 10"
+    ):
+        storage.commit(other, files)
+    assert not storage.exists(storage.join(other, storage.MANIFEST))
+
+
+def test_never_commits_over_a_commit(tmp_path: Path) -> None:
+    ckpt = _write_ckpt(str(tmp_path / "ckpt"))
+    before = storage.read_bytes(storage.join(ckpt, storage.MANIFEST))
+    files = storage.upload(_stage(tmp_path / "staging"), str(tmp_path / "elsewhere"))
+    with pytest.raises(CheckpointError, match=r"ckpt: already committed; refusing"):
+        storage.commit(ckpt, files)
+    with pytest.raises(CheckpointError, match=r"ckpt: already committed; refusing"):
+        storage.prepare(ckpt)
+    assert storage.read_bytes(storage.join(ckpt, storage.MANIFEST)) == before
+    storage.verify(ckpt)
 
 
 def test_uncommitted_dir_is_not_a_checkpoint(tmp_path: Path) -> None:
@@ -150,14 +213,15 @@ def test_retain_keep_last_one(run: str) -> None:
 # --- a real S3 API (moto server), through s3fs ----------------------------------------------
 
 
-def test_s3_commit_resolve_and_reject_truncated(s3_bucket: str) -> None:
+def test_s3_commit_resolve_and_reject_truncated(s3_bucket: str, tmp_path: Path) -> None:
     run = storage.join(s3_bucket, "run")
     ckpt = storage.checkpoint_dir(run, 1)
     assert ckpt == f"{s3_bucket}/run/checkpoints/step-00000001"
-    _write_ckpt(ckpt, commit=False)
-    _write_ckpt(storage.checkpoint_dir(run, 2), commit=False)  # never committed
+    staging = _stage(tmp_path / "staging")
+    files = storage.upload(staging, ckpt)
+    files_2 = storage.upload(staging, storage.checkpoint_dir(run, 2))  # not committed yet
     assert storage.latest_checkpoint(run) is None
-    manifest = storage.commit(ckpt)
+    manifest = storage.commit(ckpt, files)
     assert json.loads(storage.read_bytes(storage.join(ckpt, "manifest.json"))) == manifest
     assert storage.verify(ckpt)["files"]["model.safetensors"]["size"] == len(WEIGHTS)
     assert storage.resolve_checkpoint(run) == ckpt
@@ -171,7 +235,73 @@ def test_s3_commit_resolve_and_reject_truncated(s3_bucket: str) -> None:
         storage.resolve_checkpoint(run)
 
     # Retention works without rename: the broken step-1 is older than the newly committed step-2.
-    storage.commit(storage.checkpoint_dir(run, 2))
+    storage.commit(storage.checkpoint_dir(run, 2), files_2)
     assert storage.retain(run, keep_last=1) == [ckpt]
     assert not storage.exists(ckpt)
     assert storage.list_checkpoints(run) == [storage.checkpoint_dir(run, 2)]
+
+
+def test_s3_prepare_clears_a_dead_attempt_and_never_writes_over_a_commit(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    run = storage.join(s3_bucket, "run")
+    ckpt = storage.checkpoint_dir(run, 1)
+    storage.write_bytes(storage.join(ckpt, "dcp", "__1_0.distcp"), b"dead 2-rank attempt")
+    storage.prepare(ckpt)
+    assert not storage.exists(storage.join(ckpt, "dcp", "__1_0.distcp"))
+    files = storage.upload(_stage(tmp_path / "staging"), ckpt)
+    storage.commit(ckpt, files)
+    with pytest.raises(CheckpointError, match=r"step-00000001: already committed"):
+        storage.prepare(ckpt)
+    with pytest.raises(CheckpointError, match=r"step-00000001: already committed"):
+        storage.commit(ckpt, files)
+    assert sorted(storage.verify(ckpt)["files"]) == sorted(files)
+
+
+# --- resume: the newest checkpoint that verifies --------------------------------------------
+
+
+def test_resume_falls_back_past_a_corrupted_newest(
+    run: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """step-2's bytes rot in place (same size): resume warns, takes step-1, and deletes the
+    bad step-2 so training can commit that step again."""
+    step = [storage.checkpoint_dir(run, s) for s in (1, 2)]
+    assert storage.resume_checkpoint(run) == step[1]
+    (Path(step[1]) / "config.json").write_bytes(CONFIG.replace(b"8", b"9"))
+    assert storage.latest_checkpoint(run) == step[1]  # sizes alone cannot see it
+    with caplog.at_level(logging.WARNING, logger="llm.storage"):
+        assert storage.resume_checkpoint(run) == step[0]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "not resuming from" in warned and "step-00000002/config.json: sha256" in warned
+    assert not storage.exists(step[1])
+    assert storage.list_checkpoints(run) == [step[0]]
+
+
+def test_resume_refuses_when_no_checkpoint_verifies(run: str, tmp_path: Path) -> None:
+    for s in (1, 2):
+        (Path(storage.checkpoint_dir(run, s)) / "config.json").write_bytes(b"{}" * 5)
+    with pytest.raises(CheckpointError, match=r"no checkpoint verifies: .*step-00000002"):
+        storage.resume_checkpoint(run)
+    assert len(storage.list_checkpoints(run)) == 2  # nothing deleted
+    assert storage.resume_checkpoint(str(tmp_path / "fresh")) is None
+
+
+def test_retain_never_deletes_the_newest_verified(run: str) -> None:
+    """keep_last=1 would leave only step-2; with step-1 as the newest verified one, it stays."""
+    step = [storage.checkpoint_dir(run, s) for s in (1, 2)]
+    assert storage.retain(run, keep_last=1, keep=step[0]) == []
+    assert storage.list_checkpoints(run) == step
+
+
+def test_s3_retain_with_failing_deletes_warns_and_returns(
+    deny_deletes: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = storage.join(deny_deletes, "run")
+    for s in (1, 2, 3):
+        _write_ckpt(storage.checkpoint_dir(run, s))
+    with caplog.at_level(logging.WARNING, logger="llm.storage"):
+        assert storage.retain(run, keep_last=1) == []
+    warned = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
+    assert len(warned) == 2 and "step-00000001" in warned[0], warned
+    assert len(storage.list_checkpoints(run)) == 3

@@ -152,10 +152,11 @@ def test_fingerprints_survive_save_load_and_tell_tokenizers_apart(
 def test_load_tokenizer_from_a_checkpoint_or_run_dir(tmp_path: Path) -> None:
     tok = SimpleCharacterTokenizer.train("hello world")
     ckpt = storage.checkpoint_dir(str(tmp_path / "run"), 7)
-    Path(ckpt).mkdir(parents=True)
-    tok.save(ckpt)
-    (Path(ckpt) / "config.json").write_text("{}")
-    storage.commit(ckpt)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    tok.save(staging)
+    (staging / "config.json").write_text("{}")
+    storage.commit(ckpt, storage.upload(staging, ckpt))
     for where in (ckpt, str(tmp_path / "run")):
         assert load_tokenizer(where).fingerprint() == tok.fingerprint()
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):

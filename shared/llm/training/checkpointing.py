@@ -5,6 +5,12 @@ optimizer state for plain, DDP and FSDP2 models alike; rank 0 writes, every rank
 and the manifest goes last (llm.storage), so a job killed mid-write resumes from the
 previous checkpoint. With `sharded=True` (FSDP) every rank writes its own shards of model
 and optimizer instead (`llm.training.sharded`) and rank 0 adds the rest and the manifest.
+
+Before any rank writes, rank 0 checks it still holds the run's lease and prepares the
+step dir (`storage.prepare`: never over a commit, debris of a dead attempt removed), and
+tells every rank the outcome. After the commit rank 0 reads the checkpoint back against
+its manifest (one read of it per save): retention never deletes the newest checkpoint
+known to verify, so a bad write can never cost the run its last good one.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
 from llm import storage
 from llm.checkpoint import save_checkpoint
 from llm.data.tokenizers import BaseTokenizer
-from llm.training.distributed import barrier
+from llm.training.distributed import barrier, broadcast_object
 
 if TYPE_CHECKING:
     import torch
 
     from llm.training.engine import TrainingEngine
     from llm.training.finetune import AdapterWriter
+    from llm.training.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,10 @@ class Checkpointer:
         settings: Any,
         adapter: AdapterWriter | None = None,
         sharded: bool = False,
+        lease: RunLease | None = None,
+        verified: str | None = None,
     ) -> None:
+        """`lease`: the run's lease (rank 0); `verified`: the checkpoint resumed from."""
         self.run_dir, self.model, self.tokenizer, self.keep_last = (
             run_dir,
             model,
@@ -54,10 +64,13 @@ class Checkpointer:
             keep_last,
         )
         self.settings, self.adapter, self.sharded = settings, adapter, sharded
+        self.lease, self.verified = lease, verified
 
     def __call__(self, engine: TrainingEngine) -> None:
+        uri = storage.checkpoint_dir(self.run_dir, engine.step)
+        self._prepare(uri, engine.dist.is_main)
         if self.sharded:
-            self._save_sharded(engine)
+            self._save_sharded(uri, engine)
             return
         if self.adapter is not None:  # fine-tuning: the frozen base is not saved again
             model_sd = None
@@ -66,7 +79,6 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=_FULL)
         state = {**engine.state_dict(), "optimizer": optim_sd}  # collective: gathers RNG states
         if engine.dist.is_main:
-            uri = storage.checkpoint_dir(self.run_dir, engine.step)
             meta = {"step": engine.step, "val_loss": engine.last_val_loss,
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
             if self.adapter is not None:
@@ -74,28 +86,53 @@ class Checkpointer:
                 self.adapter.save(uri, self.model, self.tokenizer, state, meta, final)
             else:
                 save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
-            deleted = storage.retain(self.run_dir, self.keep_last)
-            log.info(
-                "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""
-            )
+            self._after_commit(uri)
         barrier()
 
-    def _save_sharded(self, engine: TrainingEngine) -> None:
+    def _prepare(self, uri: str, is_main: bool) -> None:
+        """Rank 0 checks the lease and readies the step dir; every rank learns the outcome."""
+        error = None
+        if is_main:
+            try:
+                if self.lease is not None:
+                    self.lease.check()
+                storage.prepare(uri)
+            except Exception as e:
+                error = e
+        message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 cannot save {uri}: {message}")
+
+    def _after_commit(self, uri: str) -> None:
+        """Read the new checkpoint back, then retention (best effort: never raises)."""
+        try:
+            storage.verify(uri, check_hashes=True)
+            self.verified = uri
+        except storage.CheckpointError as e:
+            log.warning("%s does not read back as written, older ones are kept: %s", uri, e)
+        try:
+            deleted = storage.retain(self.run_dir, self.keep_last, keep=self.verified)
+        except Exception as e:  # retention only frees space: training goes on
+            log.warning("retention in %s failed, old checkpoints kept: %s", self.run_dir, e)
+            deleted = []
+        log.info(
+            "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""
+        )
+
+    def _save_sharded(self, uri: str, engine: TrainingEngine) -> None:
         from llm.training.sharded import save_sharded
 
-        uri = storage.checkpoint_dir(self.run_dir, engine.step)
-        save_sharded(uri, engine.model, engine.optimizer)  # collective: every rank's shards
+        shards = save_sharded(uri, engine.model, engine.optimizer)  # collective: every rank's
         state = {**engine.state_dict(), "optimizer": None}  # collective: gathers RNG states
         if engine.dist.is_main:
             meta = {"step": engine.step, "val_loss": engine.last_val_loss, "sharded": True,
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
-            save_checkpoint(uri, self.model, self.tokenizer, state, meta, weights=False)
-            deleted = storage.retain(self.run_dir, self.keep_last)
-            log.info(
-                "sharded checkpoint %s committed%s",
-                uri,
-                f", removed {len(deleted)} old" if deleted else "",
+            save_checkpoint(
+                uri, self.model, self.tokenizer, state, meta, weights=False, written=shards
             )
+            self._after_commit(uri)
         barrier()
 
 

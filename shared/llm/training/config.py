@@ -81,6 +81,13 @@ class CheckpointConfig(_Section):
     init_from: str | None = Field(
         default=None, description="start from these weights (our checkpoint or an HF directory)"
     )
+    lease_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="another trainer on this run_dir is refused until its lease's heartbeat"
+        " (every lease_timeout_s / 4) is this old; set LLM_JOB_ID so a restarted job takes"
+        " its own lease over at once",
+    )
 
 
 class FinetuneConfig(_Section):

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,17 @@ def destroy_distributed() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (picklable); itself without a process group. Decisions
+    made once on rank 0 (which checkpoint to resume, whether a save may start) reach every
+    rank, and an error there becomes an error everywhere instead of a hang at a collective."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:

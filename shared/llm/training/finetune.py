@@ -187,7 +187,7 @@ class AdapterWriter:
                     sd.pop("lm_head.weight", None)
                 tensors = {k: v.detach().contiguous() for k, v in sd.items()}
                 save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
-            _put_tree(staging, uri)
+            files = storage.upload(staging, uri)
             if final:  # the run's adapter, where users look for it
                 _put_tree(staging / ADAPTER_DIR, storage.join(self.run_dir, ADAPTER_DIR))
-        storage.commit(uri, extra={**meta, "finetune": self.f.model_dump(mode="json")})
+        storage.commit(uri, files, extra={**meta, "finetune": self.f.model_dump(mode="json")})

@@ -30,6 +30,7 @@ from llm.training.distributed import (
     apply_ddp,
     apply_fsdp,
     barrier,
+    broadcast_object,
     compile_scope,
     init_distributed,
 )
@@ -42,6 +43,7 @@ from llm.training.finetune import (
     load_base,
     resume_adapter,
 )
+from llm.training.lease import RunLease
 from llm.training.optim import build_optimizer, build_scheduler
 from llm.training.sharded import is_sharded, load_sharded
 
@@ -100,20 +102,63 @@ def run_training(
     info: DistInfo | None = None,
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
 ) -> TrainingEngine:
-    """Train per `settings`; resumes from the run directory's newest committed checkpoint.
+    """Train per `settings`; resumes from the run directory's newest checkpoint that
+    verifies, holding the run's lease (`llm.training.lease`) throughout.
 
     `tokenizer` and `data` come from `llm.training.data.build_data(settings, rank, world)`;
     `loss_fn` replaces the next-token loss (tests inject non-finite losses with it).
     """
-    t, o, c = settings.training, settings.optimization, settings.checkpoint
+    t, c = settings.training, settings.checkpoint
     info = info or init_distributed(
         t.device, settings.distributed.backend, settings.distributed.timeout_s
     )
     preflight(settings, info.device)
+    lease, latest = _claim_run(c.run_dir, c.resume, c.lease_timeout_s, info.is_main)
+    try:
+        return _train(settings, tokenizer, data, info, loss_fn, lease, latest)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _claim_run(
+    run_dir: str, resume: bool, lease_timeout_s: float, is_main: bool
+) -> tuple[RunLease | None, str | None]:
+    """Rank 0 takes the run's lease and picks the checkpoint to resume from (hashes
+    verified, falling back past bad ones); every rank gets its answer or its error."""
+    lease, latest, error = None, None, None
+    if is_main:
+        try:
+            candidate = RunLease(run_dir, stale_after_s=lease_timeout_s)
+            candidate.acquire()
+            lease = candidate
+            latest = storage.resume_checkpoint(run_dir) if resume else None
+        except Exception as e:
+            error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    latest, message = broadcast_object((latest, message))
+    if error is not None:
+        if lease is not None:
+            lease.release()
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not start the run in {run_dir}: {message}")
+    return lease, latest
+
+
+def _train(
+    settings: TrainerSettings,
+    tokenizer: BaseTokenizer,
+    data: TrainData,
+    info: DistInfo,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    lease: RunLease | None,
+    latest: str | None,
+) -> TrainingEngine:
+    t, o, c = settings.training, settings.optimization, settings.checkpoint
     torch.manual_seed(t.seed)
     f = settings.finetune
     adapter: AdapterWriter | None = None
-    latest = storage.latest_checkpoint(c.run_dir) if c.resume else None
     if f.method != "none":
         model, n_params = build_finetune_model(f, c.init_from, tokenizer, t.block_size, info.device)
         model_cfg = model.config
@@ -181,8 +226,9 @@ def run_training(
     # Adapters are saved alone (AdapterWriter); sharding is for whole-model state.
     sharded = adapter is None and (c.format == "sharded" or (c.format == "auto" and fsdp))
     checkpointer = Checkpointer(
-        c.run_dir, model, tokenizer, c.keep_last, settings, adapter, sharded=sharded
-    )
+        c.run_dir, model, tokenizer, c.keep_last, settings, adapter, sharded=sharded,
+        lease=lease, verified=latest,
+    )  # fmt: skip
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,

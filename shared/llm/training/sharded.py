@@ -1,10 +1,11 @@
 """Sharded checkpoints through `torch.distributed.checkpoint` (DCP), for FSDP2 runs.
 
 Every rank writes only its own shards of the model and optimizer state (no rank ever
-holds the full state), under `<checkpoint>/dcp/` through fsspec, so the same code writes
-a local directory or `s3://`. The checkpoint's other files (config, tokenizer, trainer
-state) and its manifest are written by rank 0 afterwards, as for full checkpoints: a job
-killed mid-write leaves no manifest and the checkpoint is skipped.
+holds the full state) into a local staging dir of its own, hashes them there and uploads
+them under `<checkpoint>/dcp/` (a local directory or `s3://`). Rank 0 gathers every rank's
+manifest entries, adds the checkpoint's other files (config, tokenizer, trainer state)
+and commits: the manifest lists exactly the shards of this attempt. A job killed mid-write
+leaves no manifest and the checkpoint is skipped.
 
 DCP reshards on load: a checkpoint saved by N ranks resumes on M, and a single process
 (the engine, `llm.checkpoint.load_checkpoint`) reads it as full tensors.
@@ -21,13 +22,16 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import tempfile
 import warnings
 from typing import Any, BinaryIO
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -41,16 +45,28 @@ METADATA = ".metadata"
 
 
 def is_sharded(ckpt_uri: str) -> bool:
-    return storage.exists(storage.join(ckpt_uri, DCP_DIR, METADATA))
+    """Whether a committed checkpoint holds DCP shards: by its manifest, so stale files of
+    an attempt that never committed cannot make a full checkpoint look sharded."""
+    return f"{DCP_DIR}/{METADATA}" in storage.read_manifest(ckpt_uri)["files"]
 
 
-def save_sharded(ckpt_uri: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Collective: every rank writes its shards of model and optimizer state."""
+def save_sharded(
+    ckpt_uri: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, dict[str, Any]]:
+    """Collective: every rank stages, hashes and uploads its shards of model and optimizer
+    state; returns every rank's manifest entries (paths relative to the checkpoint)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_sd, "optim": optim_sd},
-        storage_writer=FsspecWriter(storage.join(ckpt_uri, DCP_DIR), sync_files=False),
-    )
+    with tempfile.TemporaryDirectory(prefix="llm-dcp-") as tmp:
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=FileSystemWriter(tmp, sync_files=False),
+        )
+        mine = storage.upload(tmp, storage.join(ckpt_uri, DCP_DIR))
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return {f"{DCP_DIR}/{rel}": entry for entries in every for rel, entry in entries.items()}
 
 
 def load_sharded(ckpt_uri: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -74,14 +90,17 @@ def load_sharded_weights(ckpt_uri: str, model: nn.Module) -> None:
     model.load_state_dict(state["model"])
 
 
-# What DCP's metadata pickles hold: its own dataclasses and enums, tensor sizes, dtypes and
-# layouts. Anything else (os.system, builtins.eval, ...) is refused before it is resolved.
+# What DCP's metadata pickles hold: its own dataclasses and enums, tensor sizes, dtypes,
+# layouts and the path it was written to. Anything else (os.system, builtins.eval, ...) is
+# refused before it is resolved.
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
 _METADATA_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # the checkpoint id FileSystemWriter records
+    ("pathlib", "PurePosixPath"),
 }
 
 
