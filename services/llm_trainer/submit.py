@@ -89,12 +89,17 @@ def trainer_env(settings: TrainerSettings) -> list[dict[str, str]]:
     return env
 
 
+_JOB_NAME_LABEL = "metadata.labels['training.kubeflow.org/job-name']"
+
+
 def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
     secret = lambda key: {"secretKeyRef": {"name": args.s3_secret, "key": key}}  # noqa: E731
     env = [
         *trainer_env(settings),
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": secret("AWS_ACCESS_KEY_ID")},
         {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": secret("AWS_SECRET_ACCESS_KEY")},
+        # The run lease's holder: a restarted pod of the same job takes its lease at once.
+        {"name": "LLM_JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": _JOB_NAME_LABEL}}},
     ]
     if args.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": args.s3_endpoint})

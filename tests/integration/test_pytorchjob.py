@@ -100,7 +100,7 @@ def worker(job: dict) -> dict:
 def trainer_settings_from(job: dict, monkeypatch) -> TrainerSettings:
     """What `llm-train` resolves inside the worker from the job's LLM_* variables."""
     for var in worker(job)["env"]:
-        if var["name"].startswith("LLM_"):
+        if var["name"].startswith("LLM_") and "value" in var:  # not the downward API's
             monkeypatch.setenv(var["name"], var["value"])
     return load_settings()
 
@@ -253,3 +253,11 @@ def test_llm_train_submit_dispatches_to_the_job_builder(capsys: pytest.CaptureFi
     assert job["kind"] == "PyTorchJob"
     env = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "LLM_CHECKPOINT__RUN_DIR", "value": "s3://b/r"} in env
+
+
+def test_the_job_name_is_the_run_lease_holder() -> None:
+    """A restarted pod of the same job takes its run lease at once (llm.training.lease)."""
+    job = yaml.safe_load((KUBEFLOW / "base" / "pytorchjob.yaml").read_text())
+    env = {e["name"]: e for e in worker(job)["env"]}
+    ref = env["LLM_JOB_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert ref == "metadata.labels['training.kubeflow.org/job-name']"
