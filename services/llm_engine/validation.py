@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import SamplingParams, max_new_tokens_for
+from llm_engine.proto import MAX_STOP_CHARS
 from llm_engine.proto.v1 import engine_pb2 as pb
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -147,6 +148,10 @@ def generation_spec(
     for i, s in enumerate(stopping.stop):
         if not s:
             raise InvalidArgument(f"stopping.stop[{i}]", "must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidArgument(
+                f"stopping.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}"
+            )
     for i, t in enumerate(stopping.stop_token_ids):
         if not 0 <= t < vocab_size:
             raise InvalidArgument(

@@ -29,7 +29,7 @@ from pydantic import (
     WrapValidator,
 )
 
-from llm_engine.proto import MAX_MESSAGE_BYTES
+from llm_engine.proto import MAX_MESSAGE_BYTES, MAX_STOP_CHARS
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_gateway.errors import OpenAIError, invalid
 
@@ -48,6 +48,7 @@ def _utf8(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8)]
 TokenId = Annotated[int, Field(ge=0, le=_I32)]
+StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 # By shape, failing at the first bad item: pydantic's smart union validates the value
 # against every member and keeps an error per item of each, which cost a 2M-token prompt
 # 226 MiB and 1.7 s of the event loop.
@@ -113,7 +114,7 @@ class _Request(BaseModel):
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

@@ -89,6 +89,9 @@ def trainer_env(settings: TrainerSettings) -> list[dict[str, str]]:
     return env
 
 
+# The image's user (Dockerfile.train), no privilege escalation, the runtime's seccomp profile.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 _JOB_NAME_LABEL = "metadata.labels['training.kubeflow.org/job-name']"
 
 
@@ -114,6 +117,7 @@ def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dic
         "env": env,
         "resources": {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": limits},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
 
 
@@ -125,6 +129,9 @@ def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, 
     if args.namespace:
         metadata["namespace"] = args.namespace
     pod_spec: dict[str, Any] = {
+        # The trainer talks to object storage, never to the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
         "containers": [worker_container(args, settings)],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": args.shm_size}}],
     }

@@ -241,6 +241,10 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
         ({"text": "x" * 300}, "input"),
         ({"text": "x", "stopping": pb.StoppingCriteria(stop=["ok", ""])}, "stopping.stop[1]"),
         (
+            {"text": "x", "stopping": pb.StoppingCriteria(stop=["ok", "s" * 1025])},
+            "stopping.stop[1]",
+        ),
+        (
             {"text": "x", "stopping": pb.StoppingCriteria(stop_token_ids=[999999])},
             "stopping.stop_token_ids[0]",
         ),

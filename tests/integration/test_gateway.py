@@ -65,6 +65,7 @@ def chat(**overrides: object) -> dict:
         ("/v1/completions", completion(best_of=2), "best_of"),
         ("/v1/completions", completion(prompt=[]), "prompt"),
         ("/v1/completions", completion(top_k=-2), "top_k"),
+        ("/v1/completions", completion(stop=["s" * 1025]), "stop"),
         ("/v1/completions", completion(min_p=1.5), "min_p"),
         ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty"),
         ("/v1/completions", {"model": MODEL}, "prompt"),

@@ -55,6 +55,7 @@ AWS_VARS = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 OTEL_VARS = {"OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_RESOURCE_ATTRIBUTES",
              "OTEL_TRACES_EXPORTER"}  # fmt: skip
 DOWNWARD_API = {"POD_NAME"}
+PLAIN_VARS = {"HOME"}  # /tmp: the root filesystem is read-only
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -126,7 +127,8 @@ def test_env_vars_are_real_settings(case, monkeypatch):
         ours = {n.removeprefix(prefix).lower() for n in names if n.startswith(prefix)}
         assert ours <= set(settings_cls.model_fields), ours - set(settings_cls.model_fields)
         assert (
-            set(names) - {prefix + f.upper() for f in ours} <= AWS_VARS | OTEL_VARS | DOWNWARD_API
+            set(names) - {prefix + f.upper() for f in ours}
+            <= AWS_VARS | OTEL_VARS | DOWNWARD_API | PLAIN_VARS
         )
         # The literal values (and a stand-in for each Secret) must parse as settings.
         for var in env:
@@ -254,6 +256,19 @@ def test_autoscaling_values(chart):
     assert find(docs, "Deployment", "-engine")[0]["spec"]["replicas"] == 3
     env = {e["name"]: e.get("value") for e in container(docs, "engine")["env"]}
     assert (env["LLM_ENGINE_MAX_MODEL_LEN"], env["LLM_ENGINE_KV_CACHE_GIB"]) == ("4096", "1.5")
+
+
+def test_root_filesystems_are_read_only_with_a_sized_tmp(chart):
+    docs = objects(render(chart, {}))
+    for name, size in (("engine", "8Gi"), ("gateway", "256Mi")):
+        (deployment,) = find(docs, "Deployment", f"-{name}")
+        pod = deployment["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+        assert tmp["emptyDir"] == {"sizeLimit": size}
+        assert {"name": "HOME", "value": "/tmp"} in c["env"]
 
 
 def test_notes_show_the_openai_sdk(chart):

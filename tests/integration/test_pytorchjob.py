@@ -255,9 +255,19 @@ def test_llm_train_submit_dispatches_to_the_job_builder(capsys: pytest.CaptureFi
     assert {"name": "LLM_CHECKPOINT__RUN_DIR", "value": "s3://b/r"} in env
 
 
-def test_the_job_name_is_the_run_lease_holder() -> None:
-    """A restarted pod of the same job takes its run lease at once (llm.training.lease)."""
-    job = yaml.safe_load((KUBEFLOW / "base" / "pytorchjob.yaml").read_text())
-    env = {e["name"]: e for e in worker(job)["env"]}
-    ref = env["LLM_JOB_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
-    assert ref == "metadata.labels['training.kubeflow.org/job-name']"
+def test_workers_run_locked_down_and_hold_the_job_name() -> None:
+    """Non-root, no privilege escalation, no service-account token; the job's name is the
+    run lease's holder, so a restarted pod takes its lease at once (llm.training.lease)."""
+    manifest = yaml.safe_load((KUBEFLOW / "base" / "pytorchjob.yaml").read_text())
+    submitted = submit.build_job(
+        submit.parse_args(SUBMIT), load_settings({"checkpoint": {"run_dir": "s3://r/x"}})
+    )
+    for job in (manifest, submitted):
+        pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        container = worker(job)
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["LLM_JOB_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+        assert ref == "metadata.labels['training.kubeflow.org/job-name']"

@@ -200,3 +200,17 @@ def test_prepare_to_object_storage_and_read_back(
     expected = np.concatenate([[*char.encode(d), char.eos_id] for d in DOCS])
     assert np.array_equal(np.asarray(shards.read(0, shards.n_tokens)), expected)
     assert len(res.index.shards) > 1 and (tmp_path / "cache").exists()
+
+
+def test_an_index_whose_shard_names_leave_the_directory_is_refused(
+    text_dir: Path, tmp_path: Path, char
+) -> None:
+    """Shard names become file paths: an index pointing at `../` is invalid, never read."""
+    out = tmp_path / "tokens"
+    _prep(text_dir, out, char)
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][0]["name"] = "../../outside"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"(?s)index\.json: invalid index .*shards\.0\.name"):
+        read_index(str(out))

@@ -2,3 +2,6 @@
 # The largest gRPC message either side of the engine API sends or accepts (gRPC's default
 # receive limit is 4 MiB, under what a gateway body of 4 MiB becomes with its framing).
 MAX_MESSAGE_BYTES = 64 << 20
+# The longest stop string either side accepts (the detokenizer holds back up to a stop
+# string's length of text, and searches each one on every token).
+MAX_STOP_CHARS = 1024

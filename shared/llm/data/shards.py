@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from llm import storage
 
@@ -55,7 +55,9 @@ class TokenizerInfo(BaseModel):
 class ShardInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    name: str
+    # What `shard_name` writes, nothing else: the name becomes local and remote paths, and
+    # an index from storage must not point outside its directory ("../../etc/...").
+    name: str = Field(pattern=r"^shard-[0-9]{5,}$")
     n_tokens: int
     n_docs: int
     sha256: str
