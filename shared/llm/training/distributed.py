@@ -101,6 +101,14 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks in place (and return it); itself when not distributed."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def apply_compile(model: nn.Module, scope: str = "blocks") -> None:
     """Compile in place. `blocks`: each transformer block alone (small graphs, one compile
     reused by every layer, the unit FSDP shards). `model`: the whole forward as one graph,
