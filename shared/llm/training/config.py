@@ -57,6 +57,11 @@ class OptimizationConfig(_Section):
         " inference graph); off: evaluation runs the same modules eagerly, which costs less"
         " than that compile unless evaluation is a large share of the run",
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="recompute block activations in backward to save memory: full = every"
+        " block, selective = every other block (half the saving, half the recompute)",
+    )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
     )

@@ -1,7 +1,7 @@
 """Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
 
 The order of `apply_*` calls is fixed here: build on the device ->
-(optional) load initial weights -> compile -> DDP/FSDP. Fine-tuning with adapters
+(optional) load initial weights -> activation checkpointing -> compile -> DDP/FSDP. Fine-tuning with adapters
 (`finetune.method` lora/qlora) replaces the first two: load the base from
 `checkpoint.init_from` -> (qlora) quantize it -> apply LoRA (`llm.training.finetune`).
 """
@@ -26,6 +26,7 @@ from llm.training import callbacks as cb
 from llm.training.checkpointing import Checkpointer
 from llm.training.distributed import (
     DistInfo,
+    apply_activation_checkpointing,
     apply_compile,
     apply_ddp,
     apply_fsdp,
@@ -150,6 +151,8 @@ def run_training(
         n_params = model.num_params()
 
     fsdp = info.enabled and settings.distributed.strategy == "fsdp"
+    if o.activation_checkpointing != "none":  # before compile and wrapping, as torchtitan
+        apply_activation_checkpointing(model, o.activation_checkpointing)
     if o.compile:
         apply_compile(model, compile_scope(o.compile_scope, model_cfg.n_layers, fsdp))
     wrapped = model
