@@ -44,6 +44,25 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def val_tokens_per_byte(
+    data: TrainData, tokenizer: Any, device: torch.device | None = None
+) -> float | None:
+    """Scored tokens per UTF-8 byte of the text they decode to, over the validation batches
+    that `evaluate` scores (None without any bytes). Exact for the character tokenizer; for
+    BPE a window cut inside a multi-byte character counts its replacement character (a few
+    bytes per window); special tokens (EOS) are scored but have no bytes. On several ranks,
+    the mean of each rank's ratio over its own batches."""
+    tokens = n_bytes = 0
+    for batch in data.val_batches():
+        for row in batch["labels"]:
+            ids = row[row != -100].tolist()
+            tokens += len(ids)
+            n_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+    if not n_bytes:
+        return None
+    return all_reduce_mean(tokens / n_bytes, device or torch.device("cpu"))
+
+
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100 (lm and sft alike)."""
     # Packed SFT rows carry per-sample positions and document ids; plain windows do not.
@@ -72,12 +91,14 @@ class TrainingEngine:
         loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
         checkpointer: Callable[[TrainingEngine], None] | None = None,
         checkpoint_interval: int = 0,
+        tokens_per_byte: float | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.cfg, self.optim_cfg, self.dist = training, optimization, dist_info
         self.local_dir, self.callbacks, self.loss_fn = local_dir, callbacks or [], loss_fn
         self.checkpointer, self.checkpoint_interval = checkpointer, checkpoint_interval
         self.max_steps = training.max_steps
+        self.tokens_per_byte = tokens_per_byte  # of the validation text, for bits per byte
         self.step = self.tokens_seen = self.bad_steps = self.skipped_steps = 0
         self.should_stop = False
         self.last_val_loss = math.nan
@@ -234,6 +255,14 @@ class TrainingEngine:
         self.model.train()
         return all_reduce_mean(total / max(n, 1), self.dist.device)
 
+    def eval_metrics(self, val_loss: float) -> dict[str, float]:
+        """val_loss (nats per token) with its perplexity and, when the validation text's
+        bytes are known, bits per byte: the measure that compares across tokenizers."""
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        if self.tokens_per_byte:
+            out["val_bits_per_byte"] = val_loss * self.tokens_per_byte / math.log(2)
+        return out
+
     def fit(self) -> list[dict[str, float]]:
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -248,7 +277,7 @@ class TrainingEngine:
                 record = {
                     "step": self.step,
                     "train_loss": metrics["loss"],
-                    "val_loss": self.last_val_loss,
+                    **self.eval_metrics(self.last_val_loss),
                 }
                 self.history.append(record)
                 for cb in self.callbacks:

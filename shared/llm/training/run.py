@@ -34,7 +34,13 @@ from llm.training.distributed import (
     compile_scope,
     init_distributed,
 )
-from llm.training.engine import Batch, TrainData, TrainingEngine, causal_lm_loss
+from llm.training.engine import (
+    Batch,
+    TrainData,
+    TrainingEngine,
+    causal_lm_loss,
+    val_tokens_per_byte,
+)
 from llm.training.finetune import (
     AdapterWriter,
     base_model_type,
@@ -168,7 +174,21 @@ def run_training(
     peak = (
         o.peak_tflops * 1e12 if o.peak_tflops > 0 else default_peak_flops(info.device, o.precision)
     )
+    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * info.world_size
+    parallel = settings.distributed.strategy if info.enabled else "single process"
+    summary = [
+        f"model: {n_params / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, dim {model_cfg.dim}"
+        + (f", {model_cfg.n_experts} experts" if model_cfg.mlp_impl == "moe" else ""),
+        f"tokens per optimizer step: {tokens_per_step:,} = batch {t.batch_size} x block"
+        f" {t.block_size} x grad accum {t.grad_accum_steps} x world size {info.world_size}",
+        f"world size {info.world_size} ({parallel}) on {info.device}, {o.precision},"
+        f" compile {o.compile}, activation checkpointing {o.activation_checkpointing}",
+        f"checkpoints: every {c.interval} steps to {c.run_dir} (keep last {c.keep_last});"
+        f" metrics: {local_dir / 'metrics.jsonl'}",
+        f"peak {peak / 1e12:.1f} TFLOP/s for MFU",
+    ]
     callbacks: list[cb.Callback] = [
+        cb.RunSummary(summary),
         cb.LRMonitor(),
         cb.Throughput(flops_per_token(model_cfg, n_params, t.block_size), peak),
         cb.JsonlMetrics(t.log_interval),
@@ -189,6 +209,7 @@ def run_training(
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
+        tokens_per_byte=val_tokens_per_byte(data, tokenizer, info.device),
     )  # fmt: skip
     if latest is not None:
         if is_sharded(latest):
@@ -196,11 +217,6 @@ def run_training(
         engine.load_state_dict(load_trainer_state(latest))
         log.info("resumed from %s at step %d", latest, engine.step)
     barrier()
-    if info.is_main:
-        log.info(
-            "model %.2fM parameters, world size %d, %s, peak %.1f TFLOP/s for MFU",
-            n_params / 1e6, info.world_size, info.device, peak / 1e12,
-        )  # fmt: skip
     engine.fit()
     return engine
 
