@@ -21,9 +21,15 @@ from llm.training.engine import TrainingEngine, causal_lm_loss
 MOE = {"preset": "tiny-moe", "dim": 32, "n_layers": 1}
 
 
-def _engine(tmp_path: Path, accum: int) -> TrainingEngine:
+# DeepSeek-V3 routing: sigmoid scores and a choice bias, balanced without an aux loss.
+DEEPSEEK = {**MOE, "router_order": "sigmoid_topk", "router_choice_bias": True,
+            "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0}  # fmt: skip
+
+
+def _engine(tmp_path: Path, accum: int, model: dict[str, Any] = MOE) -> TrainingEngine:
     """A real engine and data module; plain SGD at lr 1 so a step moves params by -grad."""
-    settings = tiny_settings(tmp_path, 1, model=MOE, training={**SMALL, "grad_accum_steps": accum})
+    training = {**SMALL, "grad_accum_steps": accum}
+    settings = tiny_settings(tmp_path, 1, model=model, training=training)
     tok, data = build_data(settings)
     torch.manual_seed(0)
     model = DecoderModel(settings.model.build(vocab_size=tok.vocab_size, max_seq_len=64))
@@ -122,3 +128,31 @@ def test_dense_models_log_no_router_metrics(tmp_path: Path) -> None:
     assert engine.moe is None
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
     assert record["event"] == "train" and "aux_loss" not in record
+
+
+def test_choice_bias_moves_toward_the_mean_load(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, accum=1, model=DEEPSEEK)
+    assert engine.bias_update_rate == 0.001  # on by default for choice-bias routing
+    bias = engine.model.layers[0].mlp.e_score_correction_bias
+    assert torch.all(bias == 0)
+    engine.train_step()
+    load = engine.model.expert_load()[0]  # the step's only forward
+    assert not torch.all(load == load.mean())
+    torch.testing.assert_close(bias, 0.001 * torch.sign(load.mean() - load))
+    assert _engine(tmp_path / "moe", accum=1).bias_update_rate == 0.0  # softmax routing: off
+
+
+@pytest.mark.slow
+def test_choice_bias_balances_the_experts(tmp_path: Path) -> None:
+    """DeepSeek-V3 routing with no aux loss: the bias update alone evens the load out."""
+    balance = {}
+    for rate in (0.01, 0.0):
+        engine = train(
+            tmp_path / str(rate), 200, model=DEEPSEEK,
+            training={**SMALL, "batch_size": 8, "eval_interval": 200, "log_interval": 50},
+            optimization={**FAST, "lr": 3e-3, "warmup_steps": 20,
+                          "router_bias_update_rate": rate},
+            checkpoint={"interval": 200},
+        )  # fmt: skip
+        balance[rate] = _val_balance(engine)
+    assert balance[0.01] < 1.3 and balance[0.0] > balance[0.01] + 0.4, balance

@@ -62,6 +62,12 @@ class OptimizationConfig(_Section):
         description="recompute block activations in backward to save memory: full = every"
         " block, selective = every other block (half the saving, half the recompute)",
     )
+    router_bias_update_rate: float | None = Field(
+        default=None,
+        ge=0,
+        description="MoE choice-bias balancing (DeepSeek-V3): bias += rate * sign(mean load -"
+        " load) per step; None = 0.001 for models with model.router_choice_bias, else off",
+    )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
     )

@@ -112,6 +112,14 @@ class TrainingEngine:
         inner = getattr(model, "module", model)
         is_moe = getattr(getattr(inner, "config", None), "mlp_impl", None) == "moe"
         self.moe: Any = inner if is_moe else None
+        choice_bias = is_moe and inner.config.router_choice_bias
+        rate = optimization.router_bias_update_rate
+        self.bias_update_rate = (0.001 if choice_bias else 0.0) if rate is None else rate
+        if self.bias_update_rate > 0 and not choice_bias:
+            raise ValueError(
+                "optimization.router_bias_update_rate needs an MoE model with"
+                " model.router_choice_bias (DeepSeek-V3 routing)"
+            )
 
     # -- state that a checkpoint carries ------------------------------------------------------
 
@@ -231,6 +239,8 @@ class TrainingEngine:
         }
         if load is not None:
             load = all_reduce_mean_(load)  # (MoE layers, E), the same on every rank
+            if finite and self.bias_update_rate > 0:
+                self.moe.update_choice_bias(load, self.bias_update_rate)
             metrics["aux_loss"] = all_reduce_mean(aux.item(), self.dist.device)
             metrics["expert_load_max"] = (load.amax(-1) / load.mean(-1)).max().item()
         return metrics
