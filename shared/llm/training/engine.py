@@ -58,9 +58,9 @@ def val_tokens_per_byte(
             ids = row[row != -100].tolist()
             tokens += len(ids)
             n_bytes += len(tokenizer.decode(ids).encode("utf-8"))
-    if not n_bytes:
-        return None
-    return all_reduce_mean(tokens / n_bytes, device or torch.device("cpu"))
+    # Every rank takes part in the reduction, even one without bytes (it would hang others).
+    ratio = all_reduce_mean(tokens / n_bytes if n_bytes else 0.0, device or torch.device("cpu"))
+    return ratio or None
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
