@@ -105,7 +105,8 @@ def train(settings: TrainerSettings) -> int:
         destroy_distributed()
     if info.is_main:
         summary = {"event": "train_done", "run_dir": settings.checkpoint.run_dir, "step": engine.step,
-                   "val_loss": engine.last_val_loss, "skipped_steps": engine.skipped_steps}  # fmt: skip
+                   **engine.eval_metrics(engine.last_val_loss),
+                   "skipped_steps": engine.skipped_steps}  # fmt: skip
         print(json.dumps(summary), flush=True)
     return 0
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from llm import storage
 from llm.data.corpus import default_corpus
@@ -33,6 +37,17 @@ def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["event"] == "train_done" and summary["step"] == 30
     assert summary["val_loss"] < 4.0  # ln(vocab) is ~4.5 before training
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+    # The character tokenizer on mostly ASCII text: about one token per byte.
+    bpb = summary["val_loss"] / math.log(2)
+    assert 0.9 * bpb < summary["val_bits_per_byte"] <= 1.01 * bpb
+    # One screen at the start (stderr: stdout's last line stays the JSON summary), then ETA.
+    assert "run summary" in proc.stderr
+    assert "tokens per optimizer step: 128 = batch 4 x block 32 x grad accum 1 x world size 1" in (
+        proc.stderr
+    )
+    assert f"checkpoints: every 500 steps to {out}" in proc.stderr
+    assert re.search(r"step 6: [\d.]+ s/step, ETA \dm\d\ds for the remaining 24 steps", proc.stderr)
     assert storage.latest_checkpoint(str(out)).endswith("step-00000030")
 
 

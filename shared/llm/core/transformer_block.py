@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class TransformerBlock(nn.Module):
@@ -44,6 +45,9 @@ class TransformerBlock(nn.Module):
         self.mlp_output_norm = mlp_output_norm
         self.resid_dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        # Set from outside (llm.training.distributed.apply_activation_checkpointing): when
+        # training, keep only the block's input and recompute the rest in backward.
+        self.activation_checkpointing = False
         if not pre_norm and (input_layernorm is None or post_attention_layernorm is None):
             raise ValueError("a post-norm block needs both norms")
 
@@ -58,6 +62,21 @@ class TransformerBlock(nn.Module):
         kv_len: int = 0,
     ) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); the other arguments go to attention."""
+        args = (x, cos, sin, input_pos, mask, cache_rows, kv_len)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache_rows: torch.Tensor | None,
+        kv_len: int,
+    ) -> torch.Tensor:
         if not self.pre_norm:
             h = self.self_attn(x, cos, sin, input_pos, mask, cache_rows, kv_len)
             x = self.input_layernorm(x + self.resid_dropout(h))

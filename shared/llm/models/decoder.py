@@ -298,6 +298,26 @@ class DecoderModel(nn.Module):
             "z": torch.stack([s.z for s in stats]).mean(),
         }
 
+    def expert_load(self) -> torch.Tensor | None:
+        """(MoE layers, E): the share of the last forward's tokens each layer routed to each
+        expert (a row sums to top_k); None for a dense model. What load balancing evens out."""
+        loads = [
+            layer.mlp.router_stats.load
+            for layer in self.layers
+            if isinstance(layer.mlp, MoE) and layer.mlp.router_stats is not None
+        ]
+        return torch.stack(loads).detach() if loads else None
+
+    @torch.no_grad()
+    def update_choice_bias(self, load: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing, once per optimizer step: each MoE
+        layer's choice bias moves `rate` toward the mean load, `bias += rate * sign(mean -
+        load)`, so overloaded experts get chosen less. `load`: `expert_load()`'s rows."""
+        moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        for moe, row in zip(moes, load, strict=True):
+            if moe.e_score_correction_bias is not None:
+                moe.e_score_correction_bias += rate * torch.sign(row.mean() - row)
+
     def aux_loss(self) -> torch.Tensor:
         """`router_aux_loss_coef * load_balance + router_z_loss_coef * z` of the last
         forward, ready to add to the language-modelling loss (0 for dense models)."""

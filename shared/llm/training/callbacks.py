@@ -86,12 +86,45 @@ class ConsoleLogger(Callback):
 
     def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if engine.dist.is_main:
-            msg = f"step {engine.step} val_loss {metrics['val_loss']:.4f}"
+            msg = f"step {engine.step} val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}"
+            if "val_bits_per_byte" in metrics:
+                msg += f" bpb {metrics['val_bits_per_byte']:.3f}"
             self.bar.write(msg) if self.bar is not None else log.info(msg)
 
     def on_train_end(self, engine: TrainingEngine) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RunSummary(Callback):
+    """One screen at the start (size, tokens per step, parallelism, where checkpoints go),
+    then, `eta_after` steps in, the measured time per step and the time left."""
+
+    def __init__(self, lines: list[str], eta_after: int = 5) -> None:
+        self.lines, self.eta_after = lines, eta_after
+        self.t0: float | None = None
+        self.step0 = 0
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if engine.dist.is_main:
+            steps = f"steps {engine.step} -> {engine.max_steps}"
+            log.info("run summary\n  %s", "\n  ".join([*self.lines, steps]))
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        if self.t0 is None:  # the clock starts after the first step (compile, warm-up)
+            self.t0, self.step0 = time.perf_counter(), engine.step
+        elif engine.step == self.step0 + self.eta_after and engine.dist.is_main:
+            per_step = (time.perf_counter() - self.t0) / self.eta_after
+            left = engine.max_steps - engine.step
+            log.info(
+                "step %d: %.3f s/step, ETA %s for the remaining %d steps",
+                engine.step, per_step, _duration(per_step * left), left,
+            )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class Throughput(Callback):
@@ -138,7 +171,9 @@ class TensorBoard(Callback):
 
     def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("val/loss", metrics["val_loss"], engine.step)
+            for k in ("val_loss", "val_ppl", "val_bits_per_byte"):
+                if k in metrics and math.isfinite(metrics[k]):
+                    self.writer.add_scalar(f"val/{k.removeprefix('val_')}", metrics[k], engine.step)
             self.writer.flush()
 
     def on_train_end(self, engine: TrainingEngine) -> None:

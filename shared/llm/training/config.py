@@ -57,6 +57,17 @@ class OptimizationConfig(_Section):
         " inference graph); off: evaluation runs the same modules eagerly, which costs less"
         " than that compile unless evaluation is a large share of the run",
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="recompute block activations in backward to save memory: full = every"
+        " block, selective = every other block (half the saving, half the recompute)",
+    )
+    router_bias_update_rate: float | None = Field(
+        default=None,
+        ge=0,
+        description="MoE choice-bias balancing (DeepSeek-V3): bias += rate * sign(mean load -"
+        " load) per step; None = 0.001 for models with model.router_choice_bias, else off",
+    )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"
     )

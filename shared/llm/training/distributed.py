@@ -1,6 +1,7 @@
 """Process-group set-up and the `apply_*` wrappers, applied from outside the model.
 
-Order (torchtitan): `apply_compile` (per block or whole) -> `apply_ddp` or `apply_fsdp`.
+Order (torchtitan): `apply_activation_checkpointing` -> `apply_compile` (per block or
+whole) -> `apply_ddp` or `apply_fsdp`.
 The environment comes from `torchrun` (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT)
 or from a Kubeflow PyTorchJob, which injects the same variables (and PET_* for torchrun).
 """
@@ -111,6 +112,28 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks in place (and return it); itself when not distributed."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute blocks' activations in backward instead of keeping them (non-reentrant
+    `torch.utils.checkpoint`, so it composes with compile and FSDP2/DDP applied after).
+
+    full: every block keeps only its input (least memory, about one more forward per
+    step); selective: every other block (0, 2, ...), torchtitan's layer-wise selective
+    option: about half the saving for half the recompute. Gradients are unchanged.
+    """
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation_checkpointing={mode!r}: use none, full or selective")
+    for i, block in enumerate(model.layers):
+        block.activation_checkpointing = mode == "full" or (mode == "selective" and i % 2 == 0)
 
 
 def apply_compile(model: nn.Module, scope: str = "blocks") -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from llm.training.callbacks import Callback
 from llm.training.config import OptimizationConfig, TrainingConfig
-from llm.training.distributed import DistInfo, all_reduce_mean
+from llm.training.distributed import DistInfo, all_reduce_mean, all_reduce_mean_
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,25 @@ class TrainData(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def val_tokens_per_byte(
+    data: TrainData, tokenizer: Any, device: torch.device | None = None
+) -> float | None:
+    """Scored tokens per UTF-8 byte of the text they decode to, over the validation batches
+    that `evaluate` scores (None without any bytes). Exact for the character tokenizer; for
+    BPE a window cut inside a multi-byte character counts its replacement character (a few
+    bytes per window); special tokens (EOS) are scored but have no bytes. On several ranks,
+    the mean of each rank's ratio over its own batches."""
+    tokens = n_bytes = 0
+    for batch in data.val_batches():
+        for row in batch["labels"]:
+            ids = row[row != -100].tolist()
+            tokens += len(ids)
+            n_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+    # Every rank takes part in the reduction, even one without bytes (it would hang others).
+    ratio = all_reduce_mean(tokens / n_bytes if n_bytes else 0.0, device or torch.device("cpu"))
+    return ratio or None
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -72,12 +91,14 @@ class TrainingEngine:
         loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
         checkpointer: Callable[[TrainingEngine], None] | None = None,
         checkpoint_interval: int = 0,
+        tokens_per_byte: float | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.cfg, self.optim_cfg, self.dist = training, optimization, dist_info
         self.local_dir, self.callbacks, self.loss_fn = local_dir, callbacks or [], loss_fn
         self.checkpointer, self.checkpoint_interval = checkpointer, checkpoint_interval
         self.max_steps = training.max_steps
+        self.tokens_per_byte = tokens_per_byte  # of the validation text, for bits per byte
         self.step = self.tokens_seen = self.bad_steps = self.skipped_steps = 0
         self.should_stop = False
         self.last_val_loss = math.nan
@@ -87,6 +108,18 @@ class TrainingEngine:
         if use_scaler and dist_info.device.type != "cuda":
             raise ValueError("optimization.precision=fp16 needs a GPU (use bf16 on the CPU)")
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        # The DecoderModel under DDP (`.module`); FSDP2 and compile keep it as it is.
+        inner = getattr(model, "module", model)
+        is_moe = getattr(getattr(inner, "config", None), "mlp_impl", None) == "moe"
+        self.moe: Any = inner if is_moe else None
+        choice_bias = is_moe and inner.config.router_choice_bias
+        rate = optimization.router_bias_update_rate
+        self.bias_update_rate = (0.001 if choice_bias else 0.0) if rate is None else rate
+        if self.bias_update_rate > 0 and not choice_bias:
+            raise ValueError(
+                "optimization.router_bias_update_rate needs an MoE model with"
+                " model.router_choice_bias (DeepSeek-V3 routing)"
+            )
 
     # -- state that a checkpoint carries ------------------------------------------------------
 
@@ -123,31 +156,57 @@ class TrainingEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
-    def _forward_backward(self, batch: Batch, sync: bool) -> torch.Tensor:
+    def _forward_backward(
+        self, batch: Batch, sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Backward of one micro-batch's (LM loss + MoE auxiliary loss) / grad_accum_steps.
+
+        Returns the detached LM and auxiliary parts (each already divided) and the expert
+        load of this forward (None for dense models).
+        """
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         no_sync = getattr(self.model, "no_sync", None)
         ctx = contextlib.nullcontext() if sync or no_sync is None else no_sync()
+        accum, load = self.cfg.grad_accum_steps, None
         with ctx:
             with self._autocast():
-                loss = self.loss_fn(self.model, batch) / self.cfg.grad_accum_steps
+                lm = self.loss_fn(self.model, batch) / accum
+                aux = torch.zeros_like(lm)
+                if self.moe is not None:
+                    aux = self.moe.aux_loss() / accum
+                    # Read before backward: activation checkpointing's recompute replaces it.
+                    load = self.moe.expert_load()
+                loss = lm + aux
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.tokens_seen += batch["input_ids"].numel() * self.dist.world_size
-        return loss.detach()
+        return lm.detach(), aux.detach(), load
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        The loss trained on is the LM loss plus, for MoE models, `aux_loss()`: the router's
+        load-balancing and z losses with the config's coefficients, added to the mean LM
+        loss as transformers' Mixtral/Qwen-MoE/gpt-oss do (`loss + router_aux_loss_coef *
+        aux_loss`). Metrics report them apart: `loss` (LM), `aux_loss` (the weighted term
+        added) and `expert_load_max` (the worst MoE layer's busiest expert over the mean
+        load: 1.0 is perfectly balanced, E/top_k is every token on the same experts).
+        """
         self.model.train()
         accum = self.cfg.grad_accum_steps
-        loss = sum(
-            self._forward_backward(self.data.next_batch(), sync=i == accum - 1)
-            for i in range(accum)
-        )
+        loss = aux = torch.zeros((), device=self.dist.device)
+        load = None
+        for i in range(accum):
+            lm_i, aux_i, load_i = self._forward_backward(self.data.next_batch(), i == accum - 1)
+            loss, aux = loss + lm_i, aux + aux_i
+            if load_i is not None:
+                load = load_i / accum if load is None else load + load_i / accum
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
         # Gradients are already averaged over ranks, so every rank sees the same norm and
         # takes the same skip decision without another collective.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss + aux))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips by itself on inf/nan gradients
             self.scaler.update()
@@ -171,16 +230,26 @@ class TrainingEngine:
                 )
         self.scheduler.step()
         self.step += 1
-        return {
+        metrics = {
             "step": self.step,
             "loss": all_reduce_mean(loss.item(), self.dist.device),
             "grad_norm": grad_norm.item(),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": self.tokens_seen,
         }
+        if load is not None:
+            load = all_reduce_mean_(load)  # (MoE layers, E), the same on every rank
+            if finite and self.bias_update_rate > 0:
+                self.moe.update_choice_bias(load, self.bias_update_rate)
+            metrics["aux_loss"] = all_reduce_mean(aux.item(), self.dist.device)
+            metrics["expert_load_max"] = (load.amax(-1) / load.mean(-1)).max().item()
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean `loss_fn` over the validation batches: the pure LM loss. MoE auxiliary losses
+        are a training regulariser, left out so val_loss compares across models and
+        coefficients (and val_ppl = exp(val_loss) is a true perplexity)."""
         self.model.eval()
         total, n = 0.0, 0
         # A compiled model would compile again for eval mode without gradients (a new graph:
@@ -196,6 +265,14 @@ class TrainingEngine:
         self.model.train()
         return all_reduce_mean(total / max(n, 1), self.dist.device)
 
+    def eval_metrics(self, val_loss: float) -> dict[str, float]:
+        """val_loss (nats per token) with its perplexity and, when the validation text's
+        bytes are known, bits per byte: the measure that compares across tokenizers."""
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        if self.tokens_per_byte:
+            out["val_bits_per_byte"] = val_loss * self.tokens_per_byte / math.log(2)
+        return out
+
     def fit(self) -> list[dict[str, float]]:
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -210,7 +287,7 @@ class TrainingEngine:
                 record = {
                     "step": self.step,
                     "train_loss": metrics["loss"],
-                    "val_loss": self.last_val_loss,
+                    **self.eval_metrics(self.last_val_loss),
                 }
                 self.history.append(record)
                 for cb in self.callbacks:

@@ -1,7 +1,7 @@
 """Assemble a training run from settings: data, model, wrappers, optimizer, resume, callbacks.
 
 The order of `apply_*` calls is fixed here: build on the device ->
-(optional) load initial weights -> compile -> DDP/FSDP. Fine-tuning with adapters
+(optional) load initial weights -> activation checkpointing -> compile -> DDP/FSDP. Fine-tuning with adapters
 (`finetune.method` lora/qlora) replaces the first two: load the base from
 `checkpoint.init_from` -> (qlora) quantize it -> apply LoRA (`llm.training.finetune`).
 """
@@ -26,6 +26,7 @@ from llm.training import callbacks as cb
 from llm.training.checkpointing import Checkpointer
 from llm.training.distributed import (
     DistInfo,
+    apply_activation_checkpointing,
     apply_compile,
     apply_ddp,
     apply_fsdp,
@@ -34,7 +35,13 @@ from llm.training.distributed import (
     compile_scope,
     init_distributed,
 )
-from llm.training.engine import Batch, TrainData, TrainingEngine, causal_lm_loss
+from llm.training.engine import (
+    Batch,
+    TrainData,
+    TrainingEngine,
+    causal_lm_loss,
+    val_tokens_per_byte,
+)
 from llm.training.finetune import (
     AdapterWriter,
     base_model_type,
@@ -195,6 +202,8 @@ def _train(
         n_params = model.num_params()
 
     fsdp = info.enabled and settings.distributed.strategy == "fsdp"
+    if o.activation_checkpointing != "none":  # before compile and wrapping, as torchtitan
+        apply_activation_checkpointing(model, o.activation_checkpointing)
     if o.compile:
         apply_compile(model, compile_scope(o.compile_scope, model_cfg.n_layers, fsdp))
     wrapped = model
@@ -210,7 +219,21 @@ def _train(
     peak = (
         o.peak_tflops * 1e12 if o.peak_tflops > 0 else default_peak_flops(info.device, o.precision)
     )
+    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * info.world_size
+    parallel = settings.distributed.strategy if info.enabled else "single process"
+    summary = [
+        f"model: {n_params / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, dim {model_cfg.dim}"
+        + (f", {model_cfg.n_experts} experts" if model_cfg.mlp_impl == "moe" else ""),
+        f"tokens per optimizer step: {tokens_per_step:,} = batch {t.batch_size} x block"
+        f" {t.block_size} x grad accum {t.grad_accum_steps} x world size {info.world_size}",
+        f"world size {info.world_size} ({parallel}) on {info.device}, {o.precision},"
+        f" compile {o.compile}, activation checkpointing {o.activation_checkpointing}",
+        f"checkpoints: every {c.interval} steps to {c.run_dir} (keep last {c.keep_last});"
+        f" metrics: {local_dir / 'metrics.jsonl'}",
+        f"peak {peak / 1e12:.1f} TFLOP/s for MFU",
+    ]
     callbacks: list[cb.Callback] = [
+        cb.RunSummary(summary),
         cb.LRMonitor(),
         cb.Throughput(flops_per_token(model_cfg, n_params, t.block_size), peak),
         cb.JsonlMetrics(t.log_interval),
@@ -232,6 +255,7 @@ def _train(
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
+        tokens_per_byte=val_tokens_per_byte(data, tokenizer, info.device),
     )  # fmt: skip
     if latest is not None:
         if is_sharded(latest):
@@ -239,11 +263,6 @@ def _train(
         engine.load_state_dict(load_trainer_state(latest))
         log.info("resumed from %s at step %d", latest, engine.step)
     barrier()
-    if info.is_main:
-        log.info(
-            "model %.2fM parameters, world size %d, %s, peak %.1f TFLOP/s for MFU",
-            n_params / 1e6, info.world_size, info.device, peak / 1e12,
-        )  # fmt: skip
     engine.fit()
     return engine
 
