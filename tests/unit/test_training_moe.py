@@ -156,3 +156,38 @@ def test_choice_bias_balances_the_experts(tmp_path: Path) -> None:
         )  # fmt: skip
         balance[rate] = _val_balance(engine)
     assert balance[0.01] < 1.3 and balance[0.0] > balance[0.01] + 0.4, balance
+
+
+def test_lora_fine_tunes_leave_the_router_bias_alone(tmp_path: Path) -> None:
+    """An adapter is saved without the base's buffers: a LoRA run must not move the choice
+    bias (the served base + adapter would route differently from the trained model)."""
+    from support import shrink, train_tiny
+
+    from llm.checkpoint import load_checkpoint
+    from llm.settings import load_settings
+    from llm.training.run import run_training
+
+    base_dir = tmp_path / "base"
+    v3 = {**shrink("deepseek-v2-lite"), "preset": "deepseek-v2-lite", "shared_expert_hidden_dim": 48,
+          "router_order": "sigmoid_topk", "router_choice_bias": True,
+          "router_group_score": "top2_sum", "router_n_groups": 2, "router_topk_groups": 1}  # fmt: skip
+    v3.pop("vocab_size"), v3.pop("max_seq_len")
+    train_tiny(base_dir, 4, model=v3, checkpoint={"interval": 4})  # a deepseek_v3 base
+
+    def lora(run: str, **optimization: float) -> TrainingEngine:
+        raw = tiny_settings(tmp_path / run, 4).model_dump(exclude={"model"})
+        raw["finetune"] = {"method": "lora"}
+        raw["checkpoint"]["init_from"] = str(base_dir)
+        raw["optimization"].update(optimization)
+        settings = load_settings(raw)
+        tok, data = build_data(settings)
+        return run_training(settings, tok, data, CPU)
+
+    engine = lora("lora")
+    assert engine.bias_update_rate == 0.0
+    moved = [b for n, b in engine.model.named_buffers() if n.endswith("e_score_correction_bias")]
+    saved = load_checkpoint(str(base_dir)).model.named_buffers()
+    want = [b for n, b in saved if n.endswith("e_score_correction_bias")]
+    assert want and all(torch.equal(a, b) for a, b in zip(moved, want, strict=True))
+    with pytest.raises(ValueError, match="router_bias_update_rate with finetune.method=lora"):
+        lora("lora2", router_bias_update_rate=0.01)

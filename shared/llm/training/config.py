@@ -66,7 +66,8 @@ class OptimizationConfig(_Section):
         default=None,
         ge=0,
         description="MoE choice-bias balancing (DeepSeek-V3): bias += rate * sign(mean load -"
-        " load) per step; None = 0.001 for models with model.router_choice_bias, else off",
+        " load) per step; None = 0.001 for models with model.router_choice_bias (off for"
+        " LoRA/QLoRA, whose adapter is saved without the base's bias), else off",
     )
     peak_tflops: float = Field(
         default=0.0, ge=0, description="hardware peak for MFU; 0 = a measured default per device"

@@ -252,6 +252,15 @@ def _train(
         c.run_dir, model, tokenizer, c.keep_last, settings, adapter, sharded=sharded,
         lease=lease, verified=latest,
     )  # fmt: skip
+    if adapter is not None and o.router_bias_update_rate is None:
+        # An adapter is saved alone: a base's router bias moved in training would be lost.
+        o = o.model_copy(update={"router_bias_update_rate": 0.0})
+    elif adapter is not None and o.router_bias_update_rate:
+        raise ValueError(
+            "optimization.router_bias_update_rate with finetune.method="
+            f"{settings.finetune.method}: the adapter is saved without the base's router bias"
+            " it would move; set it to 0 or fine-tune fully"
+        )
     engine = TrainingEngine(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
