@@ -189,5 +189,5 @@ def test_lora_fine_tunes_leave_the_router_bias_alone(tmp_path: Path) -> None:
     saved = load_checkpoint(str(base_dir)).model.named_buffers()
     want = [b for n, b in saved if n.endswith("e_score_correction_bias")]
     assert want and all(torch.equal(a, b) for a, b in zip(moved, want, strict=True))
-    with pytest.raises(ValueError, match="router_bias_update_rate with finetune.method=lora"):
+    with pytest.raises(ValueError, match=r"router_bias_update_rate with finetune\.method=lora"):
         lora("lora2", router_bias_update_rate=0.01)
