@@ -307,7 +307,8 @@ class Scheduler:
         for slot in list(self._active.values()):
             self.batch.cancel(slot.work)
             self._free(slot, "error")
-            _emit(slot.request, Failed(message, unavailable=True))
+            # Not the refusal text: a gateway must not run it again elsewhere.
+            _emit(slot.request, Failed("the engine stopped during the generation", True))
         for request in waiting:
             _emit(request, Failed(message, unavailable=True))
         metrics.QUEUE_DEPTH.set(0)

@@ -42,6 +42,7 @@ from llm_engine.scheduler import (
 log = logging.getLogger(__name__)
 
 ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
+LIVENESS = "liveness"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 Metadata = Iterable[tuple[str, str | bytes]]
 
@@ -491,6 +492,10 @@ async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
             # limit: an oversized message would tear down a stream other requests share.
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Gateways ping every few seconds to notice a vanished engine: allow it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
     )
     servicer = EngineServicer()
@@ -499,6 +504,9 @@ async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", ENGINE_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # For a liveness probe: answered from the event loop that serves every RPC, SERVING
+    # while the model loads too (readiness is the other two).
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     log.info("engine_started", extra={"host": host, "port": bound})

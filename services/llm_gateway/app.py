@@ -74,6 +74,7 @@ def create_app(
         health_retry_s=settings.health_retry_s,
         resolve_interval_s=settings.resolve_interval_s,
         multiplex=settings.multiplex,
+        keepalive_s=settings.engine_keepalive_s,
     )
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)

@@ -110,7 +110,7 @@ class HttpServer:
             http_app,
             log_config=None,
             lifespan="on",
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
             access_log=False,  # GatewayMiddleware logs each request, with its trace id
             http=timed_protocol(settings.header_timeout_s, settings.body_timeout_s),
             limit_concurrency=settings.max_connections,
@@ -228,6 +228,12 @@ def run(
     max_connections: Annotated[
         int | None, typer.Option(help="connections and requests at once (beyond: 503)")
     ] = None,
+    engine_keepalive_s: Annotated[
+        float | None, typer.Option(help="ping engines this often; 3 s without answer: down")
+    ] = None,
+    shutdown_grace_s: Annotated[
+        float | None, typer.Option(help="after SIGTERM, time for requests in flight")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve the OpenAI API in front of one or more llm-engines."""
@@ -236,7 +242,8 @@ def run(
         allow_unauthenticated=allow_unauthenticated,
         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
         header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
-        max_connections=max_connections, log_level=log_level,
+        max_connections=max_connections, engine_keepalive_s=engine_keepalive_s,
+        shutdown_grace_s=shutdown_grace_s, log_level=log_level,
     )  # fmt: skip
     settings = settings_from_flags(GatewaySettings, flags)
     assert isinstance(settings, GatewaySettings)

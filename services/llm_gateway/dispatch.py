@@ -21,7 +21,6 @@ from llm_gateway.responses import Choice
 
 T = TypeVar("T")
 # Engine answers worth trying on another engine, before any token was produced.
-_RETRY_ELSEWHERE = (429, 503)
 Started = tuple[Lease, pb.GenerateChunk | None]  # a call and its first chunk (None: ended)
 
 
@@ -90,14 +89,15 @@ class Dispatcher:
         self, request: pb.GenerateRequest, metadata: Metadata, deadline: float,
         watch: ClientWatch, param: str,
     ) -> Started:  # fmt: skip
-        """Start the generation on the least busy healthy engine and read its first chunk;
-        an engine whose queue is full or that is going away is skipped for the next one."""
+        """Start the generation on the least busy healthy engine and read its first chunk.
+        An engine that refuses it before admitting it (queue full, shutting down, loading)
+        hands it to the next one, once; any other failure is final (it may have run)."""
         refused: OpenAIError | None = None
         try:
             candidates = await self.engines.candidates()
         except NoEngine as e:
             raise errors.unavailable(str(e)) from None
-        for ep in candidates:
+        for ep in candidates[:2]:  # one other engine at most
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -107,7 +107,7 @@ class Dispatcher:
                 return lease, await self.read(lease, watch, param)
             except OpenAIError as e:
                 lease.release()
-                if e.status not in _RETRY_ELSEWHERE:
+                if not e.refused:  # it may have run: never run it twice
                     raise
                 refused = e
             except BaseException:

@@ -76,6 +76,7 @@ class OpenAIError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.refused = False  # an engine refused it before running it: another may take it
         self.status, self.message, self.type, self.param, self.code = (
             status,
             message,
@@ -111,6 +112,10 @@ def unavailable(message: str) -> OpenAIError:
     return OpenAIError(503, message, type="service_unavailable", code="engine_unavailable")
 
 
+# What an engine answers when it does not admit a request (llm_engine.server/scheduler).
+REFUSALS = frozenset({"the engine is shutting down", "the model is still loading"})
+
+
 def from_grpc(error: grpc.aio.AioRpcError, input_param: str, retry_after_s: int = 1) -> OpenAIError:
     """Map an engine status to HTTP; `input_param` names the request's input ("prompt"/"messages")."""
     code, details = error.code(), error.details() or ""
@@ -126,14 +131,20 @@ def from_grpc(error: grpc.aio.AioRpcError, input_param: str, retry_after_s: int 
             param = input_param
         return invalid(param, details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return OpenAIError(
+        error = OpenAIError(
             429, details, type="rate_limit_error", code="engine_overloaded",
             headers={"Retry-After": str(retry_after_s)},
         )  # fmt: skip
+        error.refused = True  # a full queue: nothing of the request ran there
+        return error
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "the engine did not answer in time", type="timeout", code="timeout")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return unavailable(f"the engine is unavailable: {details}")
+        error = unavailable(f"the engine is unavailable: {details}")
+        # Only the engine's own refusals are known to come before it admitted the request;
+        # a broken connection may have cut a generation that already ran.
+        error.refused = code == grpc.StatusCode.UNAVAILABLE and details in REFUSALS
+        return error
     log.error("engine_error", extra={"grpc_code": code.name, "details": details})
     return OpenAIError(500, "the engine failed to process the request", type="server_error", code="engine_error")  # fmt: skip
 

@@ -76,6 +76,16 @@ class GatewaySettings(BaseSettings):
         description="open connections and requests at once; beyond it new requests get 503",
     )  # fmt: skip
     model_info_ttl_s: float = Field(default=10.0, ge=0, description="how long ModelInfo is cached")
+    engine_keepalive_s: float = Field(
+        default=10.0, ge=1,
+        description="ping each engine connection this often; one that does not answer in 3 s"
+        " is marked down (a vanished node is noticed in seconds, not at a deadline)",
+    )  # fmt: skip
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="after SIGTERM, how long requests in flight may finish (keep it under"
+        " the pod's terminationGracePeriodSeconds)",
+    )  # fmt: skip
     health_retry_s: float = Field(
         default=1.0, gt=0, description="wait before re-watching an engine's health"
     )

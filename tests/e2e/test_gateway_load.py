@@ -10,6 +10,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,3 +147,47 @@ def test_concurrent_streams_with_disconnects(roomy_stack: tuple[Service, Service
     assert f'llm_gateway_engine_calls_in_flight{{engine="127.0.0.1:{engine.port}"}} 0.0' in metrics
     assert "llm_gateway_requests_in_flight 1.0" in metrics  # this scrape
     assert elapsed < 60, elapsed
+
+
+def test_a_frozen_engine_is_routed_around_within_seconds(
+    tiny_checkpoint: str, tmp_path: Path
+) -> None:
+    """SIGSTOP one engine of two (a node that vanished without closing its connections):
+    keepalive pings mark it down, and new requests go to the other within 10 s."""
+    import os
+    import signal
+
+    from e2e_services import start, stop, wait_ready
+
+    args = ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1"]
+    engines = [
+        start("llm_engine", args, tmp_path / f"engine{i}.log", "engine_listening") for i in range(2)
+    ]
+    targets = ",".join(f"127.0.0.1:{e.port}" for e in engines)
+    gateway = start("llm_gateway", ["--engine", targets, "--port", "0", "--engine-keepalive-s",
+                                    "2"], tmp_path / "gateway.log", "gateway_listening")  # fmt: skip
+    base = f"http://127.0.0.1:{gateway.port}"
+    try:
+        wait_ready(base)
+        with httpx.Client(base_url=base, timeout=5) as client:
+            model = client.get("/v1/models").json()["data"][0]["id"]
+            body = {"model": model, "prompt": "The ", "max_tokens": 2}
+
+            def ok() -> bool:
+                try:
+                    return client.post("/v1/completions", json=body).status_code == 200
+                except httpx.TimeoutException:
+                    return False
+
+            assert ok()
+            os.kill(engines[0].proc.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            streak = 0
+            while streak < 5:
+                assert time.monotonic() - frozen < 10, "requests still reach the frozen engine"
+                streak = streak + 1 if ok() else 0
+    finally:
+        os.kill(engines[0].proc.pid, signal.SIGCONT)
+        stop(gateway)
+        for e in engines:
+            stop(e)

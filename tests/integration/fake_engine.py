@@ -33,6 +33,7 @@ class FakeEngine(pb_grpc.EngineServicer):
         self.metadata: list[dict[str, str]] = []
         self.calls = self.cancelled = self.active = 0
         self.refuse: grpc.StatusCode | None = None  # answer every Generate with this
+        self.refuse_message: str | None = None  # ...and this text (default: "NAME refuses")
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
@@ -48,7 +49,7 @@ class FakeEngine(pb_grpc.EngineServicer):
         try:
             text = request.text
             if self.refuse is not None:
-                await context.abort(self.refuse, f"{self.name} refuses")
+                await context.abort(self.refuse, self.refuse_message or f"{self.name} refuses")
             if text.startswith("abort:"):
                 await context.abort(grpc.StatusCode[text.removeprefix("abort:")], "scripted")
             if text == "hang":

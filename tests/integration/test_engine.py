@@ -118,7 +118,7 @@ def ids_of(chunks: list[pb.GenerateChunk]) -> list[int]:
 
 def test_health_and_model_info(engine: Engine, reference: LoadedModel) -> None:
     health = health_pb2_grpc.HealthStub(engine.channel)
-    for service in ("", "llm.engine.v1.Engine"):
+    for service in ("", "llm.engine.v1.Engine", "liveness"):  # the chart's probes
         reply = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as e:
@@ -523,3 +523,24 @@ def test_prompt_logprobs_score_the_prompt(engine: Engine, reference: LoadedModel
                  stopping=pb.StoppingCriteria(max_tokens=2, ignore_eos=True))  # fmt: skip
     assert len(chunks[0].prompt_logprobs) == len(reference.tokenizer.encode("The ")) - 1
     assert ids_of(chunks) and chunks[-1].usage.completion_tokens == 2
+
+
+def test_liveness_serves_before_the_model_is_loaded() -> None:
+    """The chart's liveness probe asks "liveness": SERVING while the model loads, when
+    readiness ("" and the Engine service) is still NOT_SERVING."""
+    from llm_engine.server import start_engine as start_server
+
+    async def go() -> list[int]:
+        engine = await start_server("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                return [
+                    (await health.Check(health_pb2.HealthCheckRequest(service=s))).status
+                    for s in ("liveness", "", "llm.engine.v1.Engine")
+                ]
+        finally:
+            await engine.stop(0)
+
+    S = health_pb2.HealthCheckResponse
+    assert asyncio.run(go()) == [S.SERVING, S.NOT_SERVING, S.NOT_SERVING]

@@ -93,6 +93,30 @@ def test_a_full_queue_is_retried_on_another_engine(
     assert full.status_code == 429 and full.headers["retry-after"] == "1"
 
 
+def test_only_refusals_go_to_another_engine_and_only_once() -> None:
+    """A refusal (queue full, shutting down) moves the request to one other engine; any
+    other failure (a connection broken mid-generation) is final: it may have run."""
+    with fake_engines("a", "b", "c") as engines:
+        targets = ",".join(f"127.0.0.1:{e.port}" for e in engines)
+        with TestClient(create_app(GatewaySettings(engine=targets))) as client:
+            for e in engines:
+                e.engine.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert client.post("/v1/completions", json=completion()).status_code == 429
+            assert sum(e.engine.calls for e in engines) == 2  # once elsewhere, not thrice
+
+            for e in engines:
+                e.engine.refuse, e.engine.calls = grpc.StatusCode.UNAVAILABLE, 0
+            assert client.post("/v1/completions", json=completion()).status_code == 503
+            assert sum(e.engine.calls for e in engines) == 1  # not re-run
+
+            for e in engines:
+                e.engine.refuse_message, e.engine.calls = "the engine is shutting down", 0
+            engines[2].engine.refuse = None  # the least busy order rotates: any may be last
+            statuses = [client.post("/v1/completions", json=completion()).status_code
+                        for _ in range(6)]  # fmt: skip
+            assert 200 in statuses and sum(e.engine.calls for e in engines) <= 12
+
+
 def test_a_stopped_engine_is_skipped() -> None:
     with fake_engines("a") as (a,):
         b = FakeServer("b")

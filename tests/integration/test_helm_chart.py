@@ -185,6 +185,18 @@ def test_termination_grace_covers_the_engine_drain(case):
     assert engine["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
 
 
+def test_probes_and_graceful_stop(chart):
+    docs = objects(render(chart, {}))
+    engine = container(docs, "engine")
+    assert engine["livenessProbe"]["grpc"]["service"] == "liveness"
+    gateway = container(docs, "gateway")
+    assert gateway["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    (deployment,) = find(docs, "Deployment", "-gateway")
+    period = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert period > 5 + float(env["LLM_GATEWAY_SHUTDOWN_GRACE_S"])
+
+
 def test_gpu_values(chart):
     docs = objects(render(chart, CASES["gpu"]))
     engine = container(docs, "engine")
