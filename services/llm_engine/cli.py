@@ -38,7 +38,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 async def serve(settings: EngineSettings) -> int:
     """Run the engine until SIGTERM/SIGINT; return the process exit code."""
     try:
-        engine = await start_engine(settings.host, settings.port)
+        security = settings.server_options()
+    except OSError as e:  # a TLS file that cannot be read
+        log.error("tls_files_unreadable", extra={"error": str(e)})
+        return 2
+    try:
+        engine = await start_engine(settings.host, settings.port, **security)
     except RuntimeError as e:  # grpc raises RuntimeError when the port cannot be bound
         log.error(
             "bind_failed", extra={"host": settings.host, "port": settings.port, "error": str(e)}

@@ -38,6 +38,7 @@ from llm_engine.scheduler import (
     QueueFull,
     Scheduler,
 )
+from llm_engine.security import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -482,10 +483,19 @@ class RunningEngine:
         log.info("engine_stopped")
 
 
-async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
-    """Bind and start the server (health NOT_SERVING, no model yet); port 0 picks a free one."""
+async def start_engine(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str | None = None,
+    tls: grpc.ServerCredentials | None = None,
+) -> RunningEngine:
+    """Bind and start the server (health NOT_SERVING, no model yet); port 0 picks a free one.
+    With `token`, every Engine RPC must carry it (`llm_engine.security`); with `tls`, the
+    port speaks TLS only."""
     # so_reuseport=0: a second engine on a taken port must fail, not silently share it.
     server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)] if token else None,
         options=[
             ("grpc.so_reuseport", 0),
             # Above anything a gateway forwards, which checks its messages against the same
@@ -496,7 +506,7 @@ async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 1000),
             ("grpc.http2.max_ping_strikes", 0),
-        ]
+        ],
     )
     servicer = EngineServicer()
     pb_grpc.add_EngineServicer_to_server(servicer, server)
@@ -507,7 +517,11 @@ async def start_engine(host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
     # For a liveness probe: answered from the event loop that serves every RPC, SERVING
     # while the model loads too (readiness is the other two).
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     await server.start()
-    log.info("engine_started", extra={"host": host, "port": bound})
+    log.info(
+        "engine_started",
+        extra={"host": host, "port": bound, "tls": tls is not None, "token": token is not None},
+    )
     return RunningEngine(server, bound, servicer, health_servicer)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +47,16 @@ class EngineSettings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="port of the Prometheus /metrics; 0: off"
     )
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="every Engine RPC must carry it (metadata 'authorization: Bearer TOKEN');"
+        " health stays open",
+    )
+    tls_cert: Path | None = Field(default=None, description="server certificate (PEM): TLS on")
+    tls_key: Path | None = Field(default=None, description="its private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        default=None, description="CA of accepted client certificates: mutual TLS"
+    )
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0: torch's default")
@@ -55,6 +66,24 @@ class EngineSettings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES.get(self.dtype)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> EngineSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+    def server_options(self) -> dict[str, Any]:
+        """The keyword arguments of `start_engine` these settings give (token, TLS)."""
+        from llm_engine.security import server_credentials
+
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = server_credentials(self.tls_cert, self.tls_key, self.tls_client_ca)
+        token = self.auth_token.get_secret_value() if self.auth_token else None
+        return {"token": token or None, "tls": tls}
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of `RunningEngine.load` these settings give."""

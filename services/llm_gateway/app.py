@@ -75,6 +75,7 @@ def create_app(
         resolve_interval_s=settings.resolve_interval_s,
         multiplex=settings.multiplex,
         keepalive_s=settings.engine_keepalive_s,
+        **settings.engine_security(),
     )
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_engine.security import bearer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,21 @@ Metadata = Sequence[tuple[str, str]]
 
 class NoEngine(Exception):
     """No engine is healthy (or none is configured)."""
+
+
+class _TokenStub:
+    """An EngineStub whose every call carries the engine token in its metadata."""
+
+    def __init__(self, stub: pb_grpc.EngineStub, auth: Metadata) -> None:
+        self._stub, self._auth = stub, tuple(auth)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        def call(*args: Any, metadata: Metadata | None = None, **kwargs: Any) -> Any:
+            return method(*args, metadata=(*(metadata or ()), *self._auth), **kwargs)
+
+        return call
 
 
 @dataclass(eq=False)
@@ -104,9 +120,12 @@ class EnginePool:
         resolve_interval_s: float = 10.0,
         multiplex: bool = True,
         keepalive_s: float = 10.0,
+        token: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.targets = list(targets)
         self.multiplex, self.keepalive_s = multiplex, keepalive_s
+        self.auth, self.tls = (bearer(token) if token else ()), tls
         for t in self.targets:
             _dns_name(t)  # raises on a malformed dns: target now, not at the first request
         self.timeout_s, self.model_info_ttl_s = timeout_s, model_info_ttl_s
@@ -164,8 +183,14 @@ class EnginePool:
         keepalive = [("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
                      ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                      ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)]  # fmt: skip
-        channel = grpc.aio.insecure_channel(address, options=[*_CHANNEL_OPTIONS, *keepalive])
-        ep = Endpoint(address, channel, pb_grpc.EngineStub(channel))
+        options = [*_CHANNEL_OPTIONS, *keepalive]
+        channel = (
+            grpc.aio.secure_channel(address, self.tls, options=options)
+            if self.tls
+            else grpc.aio.insecure_channel(address, options=options)
+        )
+        stub = pb_grpc.EngineStub(channel)
+        ep = Endpoint(address, channel, _TokenStub(stub, self.auth) if self.auth else stub)
         if self.multiplex:
             ep.mux = Multiplexer(ep.stub, address)
         ep.watcher = asyncio.create_task(self._watch(ep))

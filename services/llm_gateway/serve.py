@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sys
 from typing import Annotated
 
 import torch
 import typer
+from pydantic import SecretStr
 
 from llm_engine.jsonlog import setup_logging
 from llm_engine.server import start_engine
@@ -32,8 +34,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettings) -> int:
-    engine = await start_engine("127.0.0.1", 0)
-    gateway_settings = gateway_settings.model_copy(update={"engine": [f"127.0.0.1:{engine.port}"]})
+    # The engine listens on loopback only, and only this process knows its token.
+    token = secrets.token_urlsafe(32)
+    engine = await start_engine("127.0.0.1", 0, token=token)
+    gateway_settings = gateway_settings.model_copy(
+        update={"engine": [f"127.0.0.1:{engine.port}"], "engine_token": SecretStr(token)}
+    )
     try:
         http = HttpServer(create_app(gateway_settings), gateway_settings)
     except OSError as e:

@@ -76,6 +76,16 @@ class GatewaySettings(BaseSettings):
         description="open connections and requests at once; beyond it new requests get 503",
     )  # fmt: skip
     model_info_ttl_s: float = Field(default=10.0, ge=0, description="how long ModelInfo is cached")
+    engine_token: SecretStr | None = Field(
+        default=None, description="the engines' token (their LLM_ENGINE_AUTH_TOKEN)"
+    )
+    engine_tls_ca: Path | None = Field(
+        default=None, description="CA of the engines' certificates (PEM): TLS to engines"
+    )
+    engine_tls_cert: Path | None = Field(
+        default=None, description="this gateway's client certificate (PEM), for mutual TLS"
+    )
+    engine_tls_key: Path | None = Field(default=None, description="its private key (PEM)")
     engine_keepalive_s: float = Field(
         default=10.0, ge=1,
         description="ping each engine connection this often; one that does not answer in 3 s"
@@ -115,6 +125,16 @@ class GatewaySettings(BaseSettings):
     @property
     def bind_host(self) -> str:
         return self.host or LOOPBACK
+
+    def engine_security(self) -> dict[str, Any]:
+        """The `EnginePool` keyword arguments for the engines' token and TLS."""
+        from llm_engine.security import channel_credentials
+
+        tls = None
+        if self.engine_tls_ca is not None:
+            tls = channel_credentials(self.engine_tls_ca, self.engine_tls_cert, self.engine_tls_key)
+        token = self.engine_token.get_secret_value() if self.engine_token else None
+        return {"token": token or None, "tls": tls}
 
     def load_api_keys(self) -> list[str]:
         """Keys from the environment/flags and from `api_keys_file`, without duplicates."""

@@ -72,8 +72,9 @@ def wait_serving(channel: grpc.Channel, timeout: float = 60) -> None:
 
 @contextlib.contextmanager
 def start_engine(
-    checkpoint: str, log: Path, *flags: str, env: dict | None = None
-) -> Iterator[Engine]:
+    checkpoint: str, log: Path, *flags: str, env: dict | None = None,
+    tls: grpc.ChannelCredentials | None = None,
+) -> Iterator[Engine]:  # fmt: skip
     metrics_port = free_port()
     cmd = [sys.executable, "-m", "llm_engine", "--checkpoint", checkpoint, "--port", "0",
            "--max-queue", str(MAX_QUEUE), "--slots", str(SLOTS), "--threads", "1",
@@ -84,7 +85,8 @@ def start_engine(
         )
     try:
         port = read_announcement(proc.stdout, "engine_listening", timeout=60)["port"]
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        channel = grpc.secure_channel(address, tls) if tls else grpc.insecure_channel(address)
         wait_serving(channel)
         yield Engine(proc, port, log, pb_grpc.EngineStub(channel), channel, metrics_port)
         channel.close()

@@ -45,9 +45,40 @@ def test_adapter_equals_merged_model(tiny_checkpoint: str, tmp_path: Path) -> No
     assert served == merged == unmerged
     assert served != base
 
-    # The same adapter on the base as a Hugging Face directory (`llm-convert to-hf`).
+
+def test_an_adapter_on_a_hugging_face_base_directory(tmp_path: Path) -> None:
+    """The base as `llm-convert to-hf` writes it serves the adapter as our checkpoint does."""
+    from llm.checkpoint import save_checkpoint
+    from llm.config import ModelConfig
+    from llm.data.bpe import train_bpe
+    from llm.data.corpus import default_corpus
+    from llm.data.tokenizers import HFTokenizer
+    from llm.models.decoder import DecoderModel
+
+    train_bpe(default_corpus()[:40], tmp_path / "tok", vocab_size=600)
+    tok = HFTokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama", vocab_size=tok.vocab_size, dim=48, n_layers=2,
+                                     n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
+                                     init_std=0.2)  # fmt: skip
+    model = DecoderModel(config)
+    save_checkpoint(str(tmp_path / "base"), model, tok)
+    apply_lora(model, ["all-linear"], r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.3)
+    save_adapter(model, tmp_path / "adapter")
     hf_dir = tmp_path / "base-hf"
-    assert CliRunner().invoke(convert_app, ["to-hf", tiny_checkpoint, str(hf_dir)]).exit_code == 0
-    with start_engine(str(hf_dir), tmp_path / "hf.log",
-                      "--adapter", str(tmp_path / "adapter")) as engine:  # fmt: skip
-        assert [ids_of(list(engine.stub.Generate(r, timeout=60))) for r in requests] == merged
+    result = CliRunner().invoke(convert_app, ["to-hf", str(tmp_path / "base"), str(hf_dir)])
+    assert result.exit_code == 0, result.output
+    stopping = pb.StoppingCriteria(max_tokens=16, ignore_eos=True)
+    requests = [pb.GenerateRequest(text=p, sampling=GREEDY, stopping=stopping) for p in PROMPTS]
+    served = []
+    for base in (tmp_path / "base", hf_dir):
+        with start_engine(str(base), tmp_path / f"{base.name}.log",
+                          "--adapter", str(tmp_path / "adapter")) as engine:  # fmt: skip
+            served.append([ids_of(list(engine.stub.Generate(r, timeout=60))) for r in requests])
+    merged = unload_lora(model).eval()
+    want = [generate(merged, tok.encode(p), max_new_tokens=16, sampling=SamplingParams(0),
+                     stop_token_ids=()) for p in PROMPTS]  # fmt: skip
+    assert served[0] == served[1] == want

@@ -165,13 +165,20 @@ def test_only_the_gateway_reaches_the_engine(case):
     (engine,) = find(docs, "Deployment", "-engine")
     (gateway,) = find(docs, "Deployment", "-gateway")
     assert policy["spec"]["podSelector"]["matchLabels"] == engine["spec"]["selector"]["matchLabels"]
-    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    (grpc_rule,) = policy["spec"]["ingress"]  # /metrics: only listed scrapers (none here)
     assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": gateway["spec"]["selector"]["matchLabels"]}}
     ]
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-    # Anyone may scrape /metrics, and only that port.
-    assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    scraped = objects(
+        render(helm.Chart.load(CHART), {"networkPolicy": {"metricsScrapers": [monitoring]}})
+    )
+    (policy,) = find(scraped, "NetworkPolicy")
+    assert policy["spec"]["ingress"][1] == {
+        "from": [monitoring],
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+    }
     env = {e["name"]: e.get("value") for e in container(docs, "engine")["env"]}
     ports = {p["name"]: p["containerPort"] for p in container(docs, "engine")["ports"]}
     assert ports["metrics"] == int(env["LLM_ENGINE_METRICS_PORT"]) > 0
@@ -197,6 +204,26 @@ def test_probes_and_graceful_stop(chart):
     assert period > 5 + float(env["LLM_GATEWAY_SHUTDOWN_GRACE_S"])
 
 
+def test_the_engine_token_is_on_by_default_and_shared_with_the_gateway(chart):
+    import base64
+
+    docs = objects(render(chart, {}))
+    secrets = {d["metadata"]["name"]: d for d in find(docs, "Secret")}
+    token = secrets["demo-llm-serve-engine-token"]["data"]["engine-token"]
+    assert len(base64.b64decode(token)) == 48
+    refs = {
+        name: {e["name"]: e for e in container(docs, name)["env"]}[var]["valueFrom"]
+        for name, var in (("engine", "LLM_ENGINE_AUTH_TOKEN"),
+                          ("gateway", "LLM_GATEWAY_ENGINE_TOKEN"))
+    }  # fmt: skip
+    assert refs["engine"] == refs["gateway"]
+    assert refs["engine"]["secretKeyRef"]["name"] == "demo-llm-serve-engine-token"
+    (policy,) = find(docs, "NetworkPolicy")
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])  # nothing open to all
+    off = objects(render(chart, {"engineAuth": {"enabled": False}}))
+    assert "LLM_ENGINE_AUTH_TOKEN" not in {e["name"] for e in container(off, "engine")["env"]}
+
+
 def test_gpu_values(chart):
     docs = objects(render(chart, CASES["gpu"]))
     engine = container(docs, "engine")
@@ -210,7 +237,7 @@ def test_gpu_values(chart):
 
 def test_existing_secrets_are_referenced_not_created(chart):
     docs = objects(render(chart, CASES["existing-secret"]))
-    assert find(docs, "Secret") == []
+    assert [s["metadata"]["name"] for s in find(docs, "Secret")] == ["demo-llm-serve-engine-token"]
     gw = {e["name"]: e for e in container(docs, "gateway")["env"]}
     ref = gw["LLM_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "team-keys", "key": "keys.json"}
@@ -232,7 +259,7 @@ def test_without_keys_a_key_is_generated_unless_open_on_purpose(chart):
     import base64
 
     docs = objects(render(chart, {}))
-    (secret,) = find(docs, "Secret")
+    (secret,) = find(docs, "Secret", "-api-keys")
     (generated,) = json.loads(base64.b64decode(secret["data"]["api-keys"]))
     assert generated.startswith("sk-") and len(generated) == 43
     gw = {e["name"]: e for e in container(docs, "gateway")["env"]}
@@ -244,7 +271,7 @@ def test_without_keys_a_key_is_generated_unless_open_on_purpose(chart):
     assert "kubectl -n llm get secret" in render(chart, {})["llm-serve/templates/NOTES.txt"]
 
     docs = objects(render(chart, {"apiKeys": {"allowUnauthenticated": True}}))
-    assert find(docs, "Secret") == []
+    assert find(docs, "Secret", "-api-keys") == []
     gw = {e["name"]: e.get("value") for e in container(docs, "gateway")["env"]}
     assert gw["LLM_GATEWAY_ALLOW_UNAUTHENTICATED"] == "true" and "LLM_GATEWAY_API_KEYS" not in gw
 
@@ -253,7 +280,7 @@ def test_created_api_key_secret_holds_a_json_list(chart):
     import base64
 
     docs = objects(render(chart, CASES["autoscaling"]))
-    (secret,) = find(docs, "Secret")
+    (secret,) = find(docs, "Secret", "-api-keys")
     (key,) = secret["data"]
     assert json.loads(base64.b64decode(secret["data"][key])) == ["sk-test-0123456789"]
 

@@ -62,3 +62,7 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ printf "service.namespace=%s,service.instance.id=$(POD_NAME)" .ctx.Release.Namespace | quote }}
 {{- end }}
 {{- end }}
+
+{{- define "llm-serve.engineTokenSecret" -}}
+{{- .Values.engineAuth.existingSecret | default (printf "%s-engine-token" (include "llm-serve.fullname" .)) }}
+{{- end }}
