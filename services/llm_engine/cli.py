@@ -3,14 +3,15 @@
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
                [--adapter runs/sft/adapter [--no-merge-adapter]]
                [--slots 8] [--max-model-len N] [--kv-cache-gib G] [--prefill-chunk 512] [--compile] [--max-queue 64]
-               [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0]
+               [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0] [--no-engine-process]
 
 Prints one JSON line on stdout once the port is bound,
 `{"event": "engine_listening", "host": ..., "port": N}` (with `--port 0` the port the OS
 picked); everything else is JSON logs on stderr. Health turns SERVING once the model is
 loaded. SIGTERM/SIGINT drain: health turns NOT_SERVING, new calls are refused, running
 ones get `shutdown_grace_s` to finish. Exit code 1 when the checkpoint cannot be loaded.
-Every setting is also `LLM_ENGINE_<NAME>`; OpenTelemetry reads the standard `OTEL_*`.
+The model and the scheduler run in a child process (`llm_engine.core`; the engine exits
+with code 1 if it dies), or in this one with `--no-engine-process`. Every setting is also `LLM_ENGINE_<NAME>`; OpenTelemetry reads the standard `OTEL_*`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ async def serve(settings: EngineSettings) -> int:
         log.error("model_load_failed", extra={"checkpoint": settings.checkpoint, "error": str(e)})
         code = 1
     elif not stop.is_set():
-        await stopped
+        died = asyncio.create_task(engine.died.wait())
+        await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        if engine.died.is_set():  # the engine-core process is gone: a supervisor restarts us
+            code = 1
     stopped.cancel()
     await engine.stop(settings.shutdown_grace_s)
     return code
@@ -117,6 +122,13 @@ def run(
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
+    engine_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--engine-process/--no-engine-process",
+            help="run the model and scheduler in their own process (default) or in this one",
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve a checkpoint over the llm.engine.v1 gRPC API."""
@@ -124,6 +136,7 @@ def run(
         checkpoint=checkpoint, adapter=adapter, merge_adapter=merge_adapter, host=host, port=port, model_name=model_name, max_queue=max_queue,
         slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device, dtype=dtype, threads=threads, log_level=log_level,
+        engine_process=engine_process,
     )  # fmt: skip
     try:
         settings = EngineSettings(**{k: v for k, v in flags.items() if v is not None})
@@ -132,7 +145,7 @@ def run(
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
     setup_tracing("llm-engine")
-    if settings.threads:
+    if settings.threads and not settings.engine_process:  # else the engine core's
         torch.set_num_threads(settings.threads)
     sys.exit(asyncio.run(serve(settings)))
 

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
@@ -75,10 +76,14 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by an engine core in another process (`llm_engine.core`): tells it of the cancel.
+    _on_cancel: Callable[[], None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Thread-safe; the scheduler stops the request before its next token."""
         self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -123,6 +128,12 @@ class Scheduler:
         self._active: dict[int, _Slot] = {}  # id(work request) -> slot
         self._cond = threading.Condition()
         self._stopping = False
+        # Where the metrics go (`llm_engine.metrics`; in an engine-core process a recorder
+        # that ships them to the server process) and hooks that process sets: a request
+        # took a slot; one loop iteration ended (its events are out: send them as one).
+        self.metrics: Any = metrics
+        self.on_admit: Callable[[GenerationRequest], None] | None = None
+        self.on_iteration: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
 
     # -- called from other threads --------------------------------------------------------
@@ -143,7 +154,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(request)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self.metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -173,7 +184,7 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._take_admissible()
-                metrics.QUEUE_DEPTH.set(len(self._waiting))
+                self.metrics.QUEUE_DEPTH.set(len(self._waiting))
             for slot in [s for s in self._active.values() if s.request.cancelled]:
                 self.batch.cancel(slot.work)
                 self._free(slot, "cancelled")
@@ -181,8 +192,12 @@ class Scheduler:
                 self._admit(request)
             if self._active:
                 self._step()
-            metrics.ACTIVE_SLOTS.set(self.batch.active)
+            self.metrics.ACTIVE_SLOTS.set(self.batch.active)
+            if self.on_iteration is not None:
+                self.on_iteration()
         self._fail_all("the engine is shutting down")
+        if self.on_iteration is not None:
+            self.on_iteration()
         log.info("scheduler_stopped")
 
     def _take_admissible(self) -> list[GenerationRequest]:
@@ -219,7 +234,9 @@ class Scheduler:
             skip_special_tokens=spec.skip_special_tokens,
         )
         self._active[id(work)] = _Slot(request, work, decoder, time.monotonic())
-        metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
+        self.metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
+        if self.on_admit is not None:
+            self.on_admit(request)
         log.debug("request_admitted", extra={"request_id": request.request_id, "slot": work.slot})
 
     def _step(self) -> None:
@@ -240,10 +257,10 @@ class Scheduler:
         )
         decoded = sum(1 for e in events if e.request.generated > 1)
         if prefilled:
-            metrics.PREFILL_TOKENS.inc(prefilled)
+            self.metrics.PREFILL_TOKENS.inc(prefilled)
         if decoded:
-            metrics.DECODE_TOKENS.inc(decoded)
-        metrics.STEP_SECONDS.observe(elapsed)
+            self.metrics.DECODE_TOKENS.inc(decoded)
+        self.metrics.STEP_SECONDS.observe(elapsed)
         for event in events:
             self._on_token(self._active[id(event.request)], event)
 
@@ -251,9 +268,9 @@ class Scheduler:
         now = time.monotonic()
         if slot.first_token_at is None:
             slot.first_token_at = now
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - slot.request.submitted_at)
+            self.metrics.TIME_TO_FIRST_TOKEN.observe(now - slot.request.submitted_at)
         else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - (slot.last_token_at or now))
+            self.metrics.INTER_TOKEN_LATENCY.observe(now - (slot.last_token_at or now))
         slot.last_token_at = now
         if event.prompt_logprobs is not None:
             _emit(slot.request, PromptLogprobs(event.prompt_logprobs))
@@ -288,7 +305,7 @@ class Scheduler:
     def _free(self, slot: _Slot, reason: str) -> None:
         del self._active[id(slot.work)]
         request, now = slot.request, time.monotonic()
-        metrics.REQUESTS.labels(reason).inc()
+        self.metrics.REQUESTS.labels(reason).inc()
         log.info(
             "request_finished" if reason not in ("cancelled", "error") else f"request_{reason}",
             extra={
@@ -311,8 +328,8 @@ class Scheduler:
             _emit(slot.request, Failed("the engine stopped during the generation", True))
         for request in waiting:
             _emit(request, Failed(message, unavailable=True))
-        metrics.QUEUE_DEPTH.set(0)
-        metrics.ACTIVE_SLOTS.set(self.batch.active)
+        self.metrics.QUEUE_DEPTH.set(0)
+        self.metrics.ACTIVE_SLOTS.set(self.batch.active)
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,10 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span
 
 from llm import storage
-from llm.checkpoint import LoadedModel, load_checkpoint
+from llm.checkpoint import LoadedModel
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
 from llm_engine import tracing, validation
+from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
 from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -52,12 +54,18 @@ Metadata = Iterable[tuple[str, str | bytes]]
 class EngineState:
     """Everything that exists once the model is loaded."""
 
-    loaded: LoadedModel
-    scheduler: Scheduler
+    model: ModelFacts  # the tokenizer and facts; the weights are in the engine core
+    scheduler: Scheduler | EngineCore
     model_id: str
-    dtype: str
     created: int
-    context_length: int  # what a prompt plus its new tokens may take (--max-model-len)
+
+    @property
+    def dtype(self) -> str:
+        return self.model.dtype
+
+    @property
+    def context_length(self) -> int:  # what a prompt plus its new tokens may take
+        return self.model.context_length
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -80,12 +88,12 @@ class EngineServicer(pb_grpc.EngineServicer):
         the event loop: a long prompt does not stall the streams this server relays."""
         if self.draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
-        config = state.loaded.config
+        config = state.model.config
         try:
             spec = await asyncio.to_thread(
                 validation.generation_spec,
                 request,
-                state.loaded.tokenizer,
+                state.model.tokenizer,
                 vocab_size=config.vocab_size,
                 context_length=state.context_length,
             )
@@ -126,7 +134,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             job, span = await self._start(state, request, context.invocation_metadata(), sink)
         except _Refused as e:
             await context.abort(e.code, e.message)
-        decode = state.loaded.tokenizer.decode
+        decode = state.model.tokenizer.decode
         done = False
         held: list[Event] = []
         try:
@@ -207,7 +215,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             events.put_nowait((0, None))  # half-closed: end once the running ones end
 
         reader = asyncio.create_task(read())
-        decode = state.loaded.tokenizer.decode
+        decode = state.model.tokenizer.decode
         closed = False
         try:
             while True:
@@ -249,7 +257,7 @@ class EngineServicer(pb_grpc.EngineServicer):
     ) -> pb.TokenizeResponse:
         state = await self._ready(context)
         try:
-            ids = validation.tokenize(request, state.loaded.tokenizer)
+            ids = validation.tokenize(request, state.model.tokenizer)
         except validation.InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)
@@ -258,17 +266,17 @@ class EngineServicer(pb_grpc.EngineServicer):
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:
         state = await self._ready(context)
-        loaded = state.loaded
+        model = state.model
         return pb.ModelInfoResponse(
             model_id=state.model_id,
             context_length=state.context_length,
-            vocab_size=loaded.config.vocab_size,
+            vocab_size=model.config.vocab_size,
             slots=state.scheduler.n_slots,
             dtype=state.dtype,
-            has_chat_template=loaded.tokenizer.has_chat_template,
-            n_params=loaded.model.num_params(),
+            has_chat_template=model.tokenizer.has_chat_template,
+            n_params=model.n_params,
             created=state.created,
-            generation_defaults=pb.GenerationDefaults(**loaded.generation_defaults),
+            generation_defaults=pb.GenerationDefaults(**model.generation_defaults),
         )
 
 
@@ -413,6 +421,10 @@ class RunningEngine:
     port: int
     servicer: EngineServicer
     health: health.aio.HealthServicer
+    # Set when the engine-core process died: the engine cannot serve any more (exit 1).
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    _core: EngineCore | None = None
+    _pending: set[asyncio.Future] = field(default_factory=set)
 
     async def load(
         self,
@@ -429,34 +441,37 @@ class RunningEngine:
         merge_adapter: bool = True,
         max_model_len: int | None = None,
         kv_cache_gib: float | None = None,
+        engine_process: bool = True,
+        threads: int = 0,
     ) -> EngineState:
-        """Load the checkpoint (and a LoRA adapter on it) off the event loop, size the KV
-        cache (`kv_cache_context`), start the scheduler, go SERVING."""
+        """Load the checkpoint (and a LoRA adapter on it), size the KV cache
+        (`kv_cache_context`), start the scheduler, go SERVING. With `engine_process` all
+        of that happens in a child process (`llm_engine.core`), which gets `threads`
+        torch threads; this process keeps only the tokenizer."""
         started = time.monotonic()
-        loaded = await asyncio.to_thread(load_checkpoint, checkpoint, device=device, dtype=dtype)
-        if adapter is not None:
-            await asyncio.to_thread(_apply_adapter, loaded, adapter, merge_adapter)
-        budget = int(kv_cache_gib * 2**30) if kv_cache_gib else int(0.9 * free_memory(device))
-        context = kv_cache_context(loaded.model, n_slots, max_model_len, budget)
-        scheduler = await asyncio.to_thread(
-            Scheduler, loaded.model, loaded.tokenizer, max_queue=max_queue, n_slots=n_slots,
-            prefill_chunk=prefill_chunk, compile=compile, max_seq_len=context,
+        options = CoreOptions(
+            checkpoint, device=device, dtype=dtype, adapter=adapter, merge_adapter=merge_adapter,
+            max_queue=max_queue, n_slots=n_slots, prefill_chunk=prefill_chunk, compile=compile,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, threads=threads,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         )  # fmt: skip
-        cache = loaded.model.cache_bytes()
-        log.info(
-            "kv_cache",
-            extra={"bytes": cache, "mib": round(cache / 2**20, 1), "slots": n_slots,
-                   "context_length": context, "budget_mib": round(budget / 2**20, 1)},
-        )  # fmt: skip
+        scheduler: Scheduler | EngineCore
+        if engine_process:
+            loop = asyncio.get_running_loop()
+            self._core = scheduler = EngineCore(
+                options, on_death=lambda reason: loop.call_soon_threadsafe(self._core_died)
+            )
+            facts = await asyncio.to_thread(scheduler.load)
+        else:
+            scheduler, facts = await asyncio.to_thread(build, options)
+        # The model's thread (here or the core's reader) shares the GIL with the event
+        # loop: a thread that wants the GIL waits up to the switch interval for the other.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         scheduler.start()
         state = EngineState(
-            loaded=loaded,
-            scheduler=scheduler,
-            model_id=model_name or loaded.name,
-            dtype=str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            model=facts, scheduler=scheduler, model_id=model_name or facts.name,
             created=int(time.time()),
-            context_length=context,
-        )
+        )  # fmt: skip
         self.servicer.state = state
         for service in ("", ENGINE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -464,22 +479,34 @@ class RunningEngine:
             "model_loaded",
             extra={
                 "model_id": state.model_id,
-                "checkpoint": loaded.uri,
-                "n_params": loaded.model.num_params(),
+                "checkpoint": facts.uri,
+                "n_params": facts.n_params,
                 "device": device,
                 "dtype": state.dtype,
+                "engine_process": engine_process,
                 "load_s": round(time.monotonic() - started, 3),
             },
         )
         return state
 
+    def _core_died(self) -> None:
+        """On the event loop: the engine core is gone; refuse everything, go NOT_SERVING."""
+        self.servicer.draining = True
+        for service in ("", ENGINE_SERVICE):  # HealthServicer.set only notifies watchers
+            self._pending.add(asyncio.ensure_future(
+                self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            ))  # fmt: skip
+        self.died.set()
+
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop taking requests, let running streams finish for `grace` s, stop the thread."""
+        """Stop taking requests, let running streams finish for `grace` s, stop the core."""
         await self.health.enter_graceful_shutdown()
         self.servicer.draining = True
         await self.server.stop(grace)
         if self.servicer.state is not None:
             await asyncio.to_thread(self.servicer.state.scheduler.stop)
+        elif self._core is not None:  # still loading: no model to wait for
+            await asyncio.to_thread(self._core.stop, 0)
         log.info("engine_stopped")
 
 

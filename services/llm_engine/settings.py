@@ -60,6 +60,10 @@ class EngineSettings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0: torch's default")
+    engine_process: bool = Field(
+        default=True,
+        description="run the model and scheduler in their own process (no GIL shared with gRPC)",
+    )
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(default=5.0, ge=0)
 
@@ -92,4 +96,5 @@ class EngineSettings(BaseSettings):
             adapter=self.adapter, merge_adapter=self.merge_adapter, max_queue=self.max_queue,
             n_slots=self.slots, prefill_chunk=self.prefill_chunk, compile=self.compile,
             max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
+            engine_process=self.engine_process, threads=self.threads,
         )  # fmt: skip

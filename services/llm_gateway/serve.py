@@ -61,6 +61,10 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
             )
             failed = True
             http.stop()
+            return
+        await engine.died.wait()  # the engine-core process died: exit 1 (to be restarted)
+        failed = True
+        http.stop()
 
     loading = asyncio.create_task(load())
     try:
