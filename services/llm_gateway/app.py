@@ -131,9 +131,13 @@ def create_app(
             {"status": "ready" if ready else "no engine is serving"}, 200 if ready else 503
         )
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if not settings.metrics_port:  # else on a port of its own (llm_gateway.cli)
+
+        @app.get("/metrics", response_class=PlainTextResponse)
+        async def prometheus() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.metrics = metrics
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:

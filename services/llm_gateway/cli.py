@@ -22,6 +22,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
+import prometheus_client
 import typer
 import uvicorn
 from fastapi import FastAPI
@@ -49,6 +50,16 @@ def bind(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def serve_metrics(http_app: FastAPI, settings: GatewaySettings) -> None:
+    """Prometheus /metrics on `settings.metrics_port`, apart from the public API port."""
+    if settings.metrics_port:
+        registry = http_app.state.metrics.registry
+        prometheus_client.start_http_server(
+            settings.metrics_port, addr=settings.bind_host, registry=registry
+        )
+        log.info("metrics_listening", extra={"port": settings.metrics_port})
 
 
 def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[HttpToolsProtocol]:
@@ -234,6 +245,9 @@ def run(
     shutdown_grace_s: Annotated[
         float | None, typer.Option(help="after SIGTERM, time for requests in flight")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (0: on the API port)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
 ) -> None:
     """Serve the OpenAI API in front of one or more llm-engines."""
@@ -243,7 +257,7 @@ def run(
         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
         header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, engine_keepalive_s=engine_keepalive_s,
-        shutdown_grace_s=shutdown_grace_s, log_level=log_level,
+        shutdown_grace_s=shutdown_grace_s, metrics_port=metrics_port, log_level=log_level,
     )  # fmt: skip
     settings = settings_from_flags(GatewaySettings, flags)
     assert isinstance(settings, GatewaySettings)
@@ -252,7 +266,9 @@ def run(
     setup_tracing()
     load_keys(settings)
     try:
-        server = HttpServer(create_app(settings), settings)
+        http_app = create_app(settings)
+        server = HttpServer(http_app, settings)
+        serve_metrics(http_app, settings)
     except OSError as e:
         log.error(
             "bind_failed",

@@ -25,7 +25,7 @@ from llm_engine.jsonlog import setup_logging
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
 from llm_gateway.app import create_app
-from llm_gateway.cli import HttpServer, load_keys, run_loop, settings_from_flags
+from llm_gateway.cli import HttpServer, load_keys, run_loop, serve_metrics, settings_from_flags
 from llm_gateway.settings import GatewaySettings
 from llm_gateway.telemetry import add_trace_ids_to_logs, setup_tracing
 
@@ -41,7 +41,9 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
         update={"engine": [f"127.0.0.1:{engine.port}"], "engine_token": SecretStr(token)}
     )
     try:
-        http = HttpServer(create_app(gateway_settings), gateway_settings)
+        http_app = create_app(gateway_settings)
+        http = HttpServer(http_app, gateway_settings)
+        serve_metrics(http_app, gateway_settings)
     except OSError as e:
         log.error("bind_failed", extra={"port": gateway_settings.port, "error": str(e)})
         await engine.stop(0)

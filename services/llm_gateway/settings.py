@@ -76,6 +76,11 @@ class GatewaySettings(BaseSettings):
         description="open connections and requests at once; beyond it new requests get 503",
     )  # fmt: skip
     model_info_ttl_s: float = Field(default=10.0, ge=0, description="how long ModelInfo is cached")
+    metrics_port: int = Field(
+        default=9091, ge=0, le=65535,
+        description="Prometheus /metrics on this port of its own, off the public API port"
+        " (0: on the API port, for local use)",
+    )  # fmt: skip
     engine_token: SecretStr | None = Field(
         default=None, description="the engines' token (their LLM_ENGINE_AUTH_TOKEN)"
     )

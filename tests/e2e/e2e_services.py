@@ -19,6 +19,9 @@ from llm_engine.jsonlog import read_announcement
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}
+# Gateways here serve /metrics on the API port: several run at once, and a fixed metrics
+# port would collide (test_gateway_security covers the separate port).
+ENV["LLM_GATEWAY_METRICS_PORT"] = "0"
 
 
 @dataclass

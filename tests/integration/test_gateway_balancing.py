@@ -24,7 +24,7 @@ def completion(prompt: str = "hi", **overrides: object) -> dict:
 def two() -> Iterator[tuple[FakeServer, FakeServer, TestClient]]:
     with fake_engines("a", "b") as (a, b):
         targets = f"127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        with TestClient(create_app(GatewaySettings(engine=targets))) as client:
+        with TestClient(create_app(GatewaySettings(engine=targets, metrics_port=0))) as client:
             yield a, b, client
 
 
@@ -98,7 +98,7 @@ def test_only_refusals_go_to_another_engine_and_only_once() -> None:
     other failure (a connection broken mid-generation) is final: it may have run."""
     with fake_engines("a", "b", "c") as engines:
         targets = ",".join(f"127.0.0.1:{e.port}" for e in engines)
-        with TestClient(create_app(GatewaySettings(engine=targets))) as client:
+        with TestClient(create_app(GatewaySettings(engine=targets, metrics_port=0))) as client:
             for e in engines:
                 e.engine.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
             assert client.post("/v1/completions", json=completion()).status_code == 429
@@ -121,7 +121,7 @@ def test_a_stopped_engine_is_skipped() -> None:
     with fake_engines("a") as (a,):
         b = FakeServer("b")
         targets = f"127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        with TestClient(create_app(GatewaySettings(engine=targets))) as client:
+        with TestClient(create_app(GatewaySettings(engine=targets, metrics_port=0))) as client:
             assert client.post("/v1/completions", json=completion()).status_code == 200
             b.stop()
             wait_for(
@@ -140,7 +140,9 @@ def test_a_dns_name_expands_to_its_addresses() -> None:
     with fake_engines("a") as (a,):
         # localhost may resolve to 127.0.0.1 and ::1: the engine listens on the first only,
         # so ::1 fails health and is skipped.
-        settings = GatewaySettings(engine=f"dns:///localhost:{a.port}", resolve_interval_s=0.2)
+        settings = GatewaySettings(
+            engine=f"dns:///localhost:{a.port}", resolve_interval_s=0.2, metrics_port=0
+        )
         with TestClient(create_app(settings)) as client:
             for _ in range(3):
                 assert client.post("/v1/completions", json=completion()).status_code == 200

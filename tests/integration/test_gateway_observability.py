@@ -126,7 +126,9 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics(fake: FakeServer) -> None:
-    with TestClient(create_app(GatewaySettings(engine=f"127.0.0.1:{fake.port}"))) as client:
+    with TestClient(
+        create_app(GatewaySettings(engine=f"127.0.0.1:{fake.port}", metrics_port=0))
+    ) as client:
         for _ in range(3):
             assert client.post("/v1/chat/completions", json=chat()).status_code == 200
         assert client.post("/v1/chat/completions", json=chat(stream=True)).status_code == 200
@@ -152,7 +154,9 @@ def test_metrics(fake: FakeServer) -> None:
 def test_readyz_follows_the_engine_health() -> None:
     fake = FakeServer("r")
     try:
-        with TestClient(create_app(GatewaySettings(engine=f"127.0.0.1:{fake.port}"))) as client:
+        with TestClient(
+            create_app(GatewaySettings(engine=f"127.0.0.1:{fake.port}", metrics_port=0))
+        ) as client:
             assert client.get("/readyz").status_code == 200
             fake.set_health(NOT_SERVING)
             wait_for(lambda: client.get("/readyz").status_code == 503, what="not ready")

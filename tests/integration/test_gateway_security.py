@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fake_engine import MODEL, FakeEngine, FakeServer, PerCallFakeEngine, serve_gateway, wait_for
 from fastapi.testclient import TestClient
-from support import stop_process
+from support import free_port, stop_process
 
 from llm_engine.jsonlog import read_announcement
 from llm_gateway.app import create_app
@@ -81,7 +81,7 @@ def test_keys_come_from_env_lists_and_a_file(
 
 
 def test_bearer_keys_are_checked_before_the_body_is_read(fake: FakeServer) -> None:
-    app = create_app(settings(fake, api_keys=["sk-one", "sk-two"]))
+    app = create_app(settings(fake, api_keys=["sk-one", "sk-two"], metrics_port=0))
     with TestClient(app) as c:
         for path in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes need no key
             assert c.get(path).status_code == 200, path
@@ -189,8 +189,10 @@ def test_client_disconnect_cancels_the_engine_call(
 
 
 def gateway_env(**env: str) -> dict[str, str]:
-    """This environment without any LLM_GATEWAY_* setting, plus `env`."""
-    return {k: v for k, v in ENV.items() if not k.startswith("LLM_GATEWAY_")} | env
+    """This environment without any LLM_GATEWAY_* setting (but a free metrics port), plus
+    `env`."""
+    clean = {k: v for k, v in ENV.items() if not k.startswith("LLM_GATEWAY_")}
+    return clean | {"LLM_GATEWAY_METRICS_PORT": str(free_port())} | env
 
 
 def start_gateway(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, dict]:
@@ -297,5 +299,24 @@ def test_a_rotated_keys_file_takes_effect_without_a_restart(
         rotated.replace(keys)
         wait_for(lambda: status("sk-new-9876543210") == 200, 10, "the new key to be accepted")
         assert status("sk-old-0123456789") == 401
+    finally:
+        stop_process(proc)
+
+
+def test_metrics_are_served_on_their_own_port(fake: FakeServer, tmp_path: Path) -> None:
+    """Prometheus /metrics is not on the public API port (where API keys would not guard
+    it): on the metrics port it is, with the gateway's series."""
+    metrics_port = free_port()
+    env = gateway_env(LLM_GATEWAY_METRICS_PORT=str(metrics_port))
+    proc, announced = start_gateway(
+        ["--engine", f"127.0.0.1:{fake.port}", "--port", "0"], env, tmp_path / "gateway.log"
+    )
+    try:
+        api = f"http://127.0.0.1:{announced['port']}"
+        assert httpx.post(f"{api}/v1/completions", json=completion()).status_code == 200
+        assert httpx.get(f"{api}/metrics").status_code == 404
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert scraped.status_code == 200
+        assert 'llm_gateway_requests_total{method="POST",route="/v1/completions"' in scraped.text
     finally:
         stop_process(proc)

@@ -192,6 +192,16 @@ def test_termination_grace_covers_the_engine_drain(case):
     assert engine["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
 
 
+def test_gateway_metrics_are_off_the_public_port(chart):
+    docs = objects(render(chart, {}))
+    gateway = container(docs, "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert ports["metrics"] == int(env["LLM_GATEWAY_METRICS_PORT"]) != ports["http"]
+    (service,) = find(docs, "Service", "-gateway")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
 def test_probes_and_graceful_stop(chart):
     docs = objects(render(chart, {}))
     engine = container(docs, "engine")
