@@ -1,6 +1,10 @@
 """An elastic job changes size and resumes: real torchrun workers (gloo, CPU) train with
 `training.global_batch_size` set at 2 ranks, resume at 1 rank, then at 2 again, and train on
-exactly the samples, in the same order, that one uninterrupted process trains on."""
+exactly the samples, in the same order, that one uninterrupted process trains on.
+
+Under FSDP the first leg writes a sharded checkpoint (torch.distributed.checkpoint), which
+the 1-rank leg loads into an unsharded model (DCP reshards on load) and saves in full form,
+which the last leg's 2 ranks shard again."""
 
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ N = 3  # optimizer steps per leg: 2 ranks to N, 1 rank to 2N, 2 ranks to 3N
 GLOBAL = 8  # sequences per optimizer step; micro-batch 2: 2 accum steps at 2 ranks, 4 at 1
 
 
-def torchrun(corpus: Path, run_dir: Path, ranks: int, max_steps: int, resumes: bool) -> None:
+def torchrun(
+    corpus: Path, run_dir: Path, ranks: int, max_steps: int, resumes: bool, strategy: str
+) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
         f"--master-port={free_port()}", "-m", "llm_trainer",
@@ -33,7 +39,7 @@ def torchrun(corpus: Path, run_dir: Path, ranks: int, max_steps: int, resumes: b
         "--optimization.schedule", "constant", "--optimization.warmup-steps", "0",
         "--optimization.lr", "3e-3", "--optimization.peak-tflops", "1",
         "--checkpoint.interval", str(N), "--checkpoint.run-dir", str(run_dir),
-        "--distributed.timeout-s", "60",
+        "--distributed.timeout-s", "60", "--distributed.strategy", strategy,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,7 +50,10 @@ def records(run_dir: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
-def test_a_job_that_changes_size_resumes_on_the_same_samples_and_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_job_that_changes_size_resumes_on_the_same_samples_and_losses(
+    tmp_path: Path, strategy: str
+) -> None:
     """2 ranks -> 1 rank -> 2 ranks against one uninterrupted process, same global batch.
 
     Sample ids (gathered from every rank each step by `training.sample_log`) must match
@@ -61,9 +70,9 @@ def test_a_job_that_changes_size_resumes_on_the_same_samples_and_losses(tmp_path
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(default_corpus()[:15]))
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    torchrun(corpus, straight, 1, 3 * N, resumes=False)
+    torchrun(corpus, straight, 1, 3 * N, resumes=False, strategy=strategy)
     for ranks, max_steps in ((2, N), (1, 2 * N), (2, 3 * N)):
-        torchrun(corpus, elastic, ranks, max_steps, resumes=max_steps > N)
+        torchrun(corpus, elastic, ranks, max_steps, resumes=max_steps > N, strategy=strategy)
 
     starts = [r for r in records(elastic, "metrics.jsonl") if r["event"] == "start"]
     assert [(r["step"], r["world_size"]) for r in starts] == [(0, 2), (N, 1), (2 * N, 2)]
