@@ -72,17 +72,21 @@ class _DataBase(BaseModel):
             dataset_path=self.dataset_path or self.source,
             task="sft" if training.task == "sft" else "pretrain",
             seq_len=training.block_size,
-            global_batch_size=training.batch_size * world_size,
+            global_batch_size=training.sequences_per_step(world_size),
+            micro_batch_size=training.batch_size,
             seed=training.seed,
             max_val_batches=training.eval_batches,
         )
 
 
 # The data library's `DataConfig`, less what the training section already sets (task,
-# seq_len = training.block_size, global batch = training.batch_size x ranks, seed,
-# validation batches = training.eval_batches), so `--data.sampling shuffled` etc. follow
+# seq_len = training.block_size, global batch = training.global_batch_size or batch_size x
+# grad_accum_steps x ranks, micro-batch = training.batch_size, seed, validation batches =
+# training.eval_batches), so `--data.sampling shuffled` etc. follow
 # DataConfig as it grows; `dataset_path` becomes optional next to `source`.
-_OWNED_BY_TRAINING = {"task", "seq_len", "global_batch_size", "seed", "max_val_batches"}
+_OWNED_BY_TRAINING = {
+    "task", "seq_len", "global_batch_size", "micro_batch_size", "seed", "max_val_batches"
+}  # fmt: skip
 DataSection = create_model(
     "DataSection",
     __base__=_DataBase,

@@ -168,6 +168,15 @@ def test_deploy_kubeflow_jobs_are_valid(overlay, monkeypatch, crd_schema):
     check_job(job, crd_schema)
     settings = trainer_settings_from(job, monkeypatch)
     assert settings.checkpoint.run_dir.startswith("s3://")
+    names = [e["name"] for e in worker(job)["env"]]
+    assert len(names) == len(set(names)), names
+    # Every worker count the elastic policy allows divides the global batch (else the
+    # resized job would exit at start), and the global batch stays the same.
+    policy, t = job["spec"]["elasticPolicy"], settings.training
+    per_worker = 8 if overlay.endswith("gpu") else int(job["spec"]["nprocPerNode"])
+    for workers in range(policy["minReplicas"], policy["maxReplicas"] + 1):
+        world = workers * per_worker
+        assert t.sequences_per_step(world) == t.global_batch_size, world
     if overlay.endswith("gpu"):
         assert settings.distributed.backend == "nccl"
         assert worker(job)["resources"]["limits"]["nvidia.com/gpu"] == 8

@@ -158,3 +158,51 @@ def test_batches_read_like_the_dicts_the_training_engine_takes(shards: str, tok)
     masked = TextDataModule(_cfg(shards, document_masking=True), tok).next_batch()
     assert sorted(masked) == ["document_ids", "input_ids", "labels", "position_ids"]
     assert len(list(dm.val_batches())) == 1
+
+
+def test_micro_batches_split_each_global_batch_whatever_the_world_size(shards: str, tok) -> None:
+    """Global batch `step` is the same rows at 1, 2 or 4 ranks and any micro-batch size: each
+    rank serves its slice in micro-batches, and a position saved at one world size resumes at
+    another (elastic restarts) with the next global batch."""
+    whole = TextDataModule(_cfg(shards, sampling="shuffled"), tok)
+    ref = [whole.train_ids(s) for s in range(STEPS)]
+
+    def served(world: int, micro: int, steps: range, state: dict | None = None) -> list:
+        cfg = _cfg(shards, sampling="shuffled", micro_batch_size=micro)
+        dms = [TextDataModule(cfg, tok, rank=r, world_size=world) for r in range(world)]
+        for dm in dms:
+            dm.consumed = []
+            if state is not None:
+                dm.load_state_dict(state)
+        out = []
+        for _ in steps:
+            rows = [dm.next_batch().input_ids for dm in dms for _ in range(dm.micro_batches)]
+            assert all(r.shape == (micro, 32) for r in rows)
+            out.append(torch.cat(rows))
+        return out, dms[0].state_dict(), [i for dm in dms for i in dm.consumed]
+
+    a, state, ids_a = served(2, 2, range(CUT))  # 2 ranks x 2 micro-batches of 2
+    assert state["step"] == CUT and state["micro"] == 0
+    b, state, ids_b = served(1, 4, range(CUT, 2 * CUT), state)  # 1 rank x 2 micro of 4
+    c, _, ids_c = served(4, 1, range(2 * CUT, STEPS), state)  # 4 ranks x 2 micro of 1
+    for step, rows in enumerate(a + b + c):
+        assert torch.equal(rows, whole.train_batch(step).input_ids), step
+    assert sorted(ids_a + ids_b + ids_c) == sorted(np.concatenate(ref).tolist())
+    assert whole.batch_size == 8 and whole.micro_batches == 1  # unset: one batch per step
+
+
+def test_a_position_inside_a_global_batch_resumes_only_with_the_same_split(
+    shards: str, tok
+) -> None:
+    dm = TextDataModule(_cfg(shards, micro_batch_size=2), tok, rank=0, world_size=2)
+    dm.next_batch()
+    state = dm.state_dict()
+    assert (state["step"], state["micro"]) == (0, 1)
+    same = TextDataModule(_cfg(shards, micro_batch_size=2), tok, rank=1, world_size=2)
+    same.load_state_dict(state)
+    assert torch.equal(same.next_batch().input_ids, same.train_batch(0, 1).input_ids)
+    other = TextDataModule(_cfg(shards, micro_batch_size=2), tok)
+    with pytest.raises(ValueError, match="saved inside global batch 0"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="not divisible by micro_batch_size 3"):
+        TextDataModule(_cfg(shards, micro_batch_size=3), tok, rank=0, world_size=2)

@@ -81,3 +81,31 @@ def test_invalid_values_exit_2_naming_the_field(
         monkeypatch.setenv(k, v)
     assert main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_global_batch_size_derives_the_accumulation_per_world_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_TRAINING__GLOBAL_BATCH_SIZE", "24")
+    s = load_settings({"training": {"batch_size": 2}})
+    t = s.training
+    assert [t.accum_steps(w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert t.for_world(3).grad_accum_steps == 4
+    for world in (1, 2, 3, 4):  # the data library sees the same global batch at every size
+        cfg = s.data_config(world)
+        assert (cfg.global_batch_size, cfg.micro_batch_size) == (24, 2)
+    with pytest.raises(ValueError, match=r"training.global_batch_size=24 is not divisible by"
+                       r" training.batch_size=2 x world size 5 = 10"):  # fmt: skip
+        t.accum_steps(5)
+    # Unset: today's product, with the accumulation as configured.
+    monkeypatch.delenv("LLM_TRAINING__GLOBAL_BATCH_SIZE")
+    s = load_settings({"training": {"batch_size": 2, "grad_accum_steps": 3}})
+    assert s.training.accum_steps(4) == 3 and s.data_config(4).global_batch_size == 24
+    assert s.data_config(4).micro_batch_size == 2
+
+
+def test_global_batch_size_and_grad_accum_steps_exclude_each_other(capsys) -> None:
+    argv = ["--training.global-batch-size", "8", "--training.grad-accum-steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "training.grad_accum_steps and training.global_batch_size are both set" in err

@@ -2,9 +2,12 @@
 
 Rank-aware and exactly resumable: global batch `step` is a pure function of the config and
 `step` (see `llm.data.sampling`); rank `r` of `N` gets rows `[r*B, (r+1)*B)` of it, with
-`B = global_batch_size / N`. `state_dict()` is the step counter plus what must not change
-for the counter to mean the same batches; `load_state_dict` refuses a state that would
-not resume exactly, and accepts a different world size (elastic restarts).
+`B = global_batch_size / N`, served in `B / micro_batch_size` consecutive micro-batches
+(gradient accumulation). The data order thus depends on the global batch and the seed
+only: every global batch is the same set of rows whichever ranks exist. `state_dict()` is
+the position (global batch, micro-batch) plus what must not change for it to mean the same
+batches; `load_state_dict` refuses a state that would not resume exactly, and accepts a
+different world size or micro-batch size (elastic restarts) at a global-batch boundary.
 
     dm = TextDataModule(DataConfig(dataset_path="data/tok", seq_len=256), tokenizer, rank, world)
     for step, batch in zip(range(max_steps), dm):    # Batch: input_ids, labels, ...
@@ -18,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm.data.batch import IGNORE_INDEX, Batch
@@ -48,6 +52,13 @@ class DataConfig(BaseModel):
     )
     seq_len: int = Field(default=256, gt=1, description="tokens per row (inputs)")
     global_batch_size: int = Field(default=16, gt=0, description="rows per step, all ranks")
+    micro_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="rows per next_batch() on each rank: a rank's share of a global batch"
+        " (global_batch_size / world_size) comes in share / micro_batch_size micro-batches;"
+        " None: the whole share at once",
+    )
     seed: int = 1337
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
     sampling: Literal["random", "shuffled"] = Field(
@@ -93,9 +104,21 @@ class TextDataModule:
                 f"global_batch_size {config.global_batch_size} is not divisible by"
                 f" world_size {world_size}"
             )
+        share = config.global_batch_size // world_size
+        micro = config.micro_batch_size or share
+        if share % micro:
+            raise ValueError(
+                f"global_batch_size {config.global_batch_size} / world_size {world_size} ="
+                f" {share} rows per rank, not divisible by micro_batch_size {micro}"
+            )
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.batch_size = config.global_batch_size // world_size
-        self.step = 0
+        self.batch_size = micro  # rows per next_batch()
+        self.micro_batches = share // micro  # next_batch() calls per global batch
+        self.step = 0  # the global batch being served
+        self.micro = 0  # the next micro-batch of it
+        # Debugging aid: a list here collects the sample ids next_batch() serves (pretrain:
+        # window starts in the token stream; sft: packed row indices); None: not recorded.
+        self.consumed: list[int] | None = None
         self.report: SFTReport | None = None
         c = config
         if tokenizer is None and c.tokenizer_path is not None:
@@ -120,25 +143,43 @@ class TextDataModule:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def train_batch(self, step: int) -> Batch:
-        """This rank's part of global batch `step` (pure: no state is read or changed)."""
+    def train_ids(self, step: int) -> np.ndarray:
+        """Sample ids of global batch `step`, all ranks (pretrain: window starts; sft: rows)."""
         G, d = self.config.global_batch_size, self._data
-        if isinstance(d, PretrainData):
-            return d.batch(rank_slice(d.train_starts(step, G), self.rank, self.world_size))
-        return d.batch(d.train, rank_slice(d.train_rows(step, G), self.rank, self.world_size))
+        return d.train_starts(step, G) if isinstance(d, PretrainData) else d.train_rows(step, G)
+
+    def train_batch(self, step: int, micro: int | None = None) -> Batch:
+        """This rank's part of global batch `step`: all of it, or micro-batch `micro` of it
+        (pure: no state is read or changed)."""
+        return self._batch(self._rank_ids(step, micro))
+
+    def _rank_ids(self, step: int, micro: int | None) -> np.ndarray:
+        ids = rank_slice(self.train_ids(step), self.rank, self.world_size)
+        if micro is None:
+            return ids
+        return ids[micro * self.batch_size : (micro + 1) * self.batch_size]
+
+    def _batch(self, ids: np.ndarray) -> Batch:
+        d = self._data
+        return d.batch(ids) if isinstance(d, PretrainData) else d.batch(d.train, ids)
 
     def next_batch(self) -> Batch:
-        batch = self.train_batch(self.step)
-        self.step += 1
-        return batch
+        ids = self._rank_ids(self.step, self.micro)
+        if self.consumed is not None:
+            self.consumed.extend(int(i) for i in ids)
+        self.micro += 1
+        if self.micro == self.micro_batches:
+            self.step, self.micro = self.step + 1, 0
+        return self._batch(ids)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
     def val_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
-        """The same validation batches on every call (deterministic split and order)."""
-        G, d = self.config.global_batch_size, self._data
+        """The same validation batches on every call (deterministic split and order); each
+        rank's part of a validation batch is one micro-batch."""
+        G, d = self.batch_size * self.world_size, self._data
         cap = max_batches if max_batches is not None else self.config.max_val_batches
         for k in range(min(d.n_val_batches(G), cap or d.n_val_batches(G))):
             if isinstance(d, PretrainData):
@@ -168,7 +209,8 @@ class TextDataModule:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "step": self.step, **self._identity()}
+        split = {"micro": self.micro, "world_size": self.world_size, "micro_size": self.batch_size}
+        return {"version": STATE_VERSION, "step": self.step, **split, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -178,7 +220,18 @@ class TextDataModule:
         if diff:
             details = ", ".join(f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in diff)
             raise ValueError(f"cannot resume the data position exactly; changed: {details}")
-        self.step = int(state["step"])
+        micro = int(state.get("micro", 0))  # absent: saved before micro-batches were served
+        if micro and (state["world_size"], state["micro_size"]) != (
+            self.world_size,
+            self.batch_size,
+        ):
+            raise ValueError(
+                f"cannot resume the data position exactly: it was saved inside global batch"
+                f" {state['step']} (micro-batch {micro} of {state['micro_size']} rows on each of"
+                f" {state['world_size']} ranks), now {self.batch_size} rows on each of"
+                f" {self.world_size} ranks"
+            )
+        self.step, self.micro = int(state["step"]), micro
 
 
 def _sft_data(c: DataConfig, tokenizer: BaseTokenizer) -> tuple[SFTData, SFTReport]:

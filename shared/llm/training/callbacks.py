@@ -223,6 +223,32 @@ class EarlyStopping(Callback):
                 engine.should_stop = True
 
 
+class SampleLog(Callback):
+    """Debugging aid (`training.sample_log`): which samples each optimizer step trained on.
+
+    Rank 0 appends `{"step", "world_size", "ids"}` per step to `samples.jsonl`: the ids of
+    the rows every rank's micro-batches held, gathered in rank order (pretraining: window
+    starts in the token stream; sft: packed row indices), so a run resumed at another world
+    size can be checked to train on the same global batches. One all_gather per step.
+    """
+
+    def on_train_start(self, engine: TrainingEngine) -> None:
+        if not hasattr(engine.data, "consumed"):
+            raise ValueError("training.sample_log: this data module does not record sample ids")
+        engine.data.consumed = []
+
+    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+        from llm.training.distributed import all_gather_object
+
+        ids, engine.data.consumed = engine.data.consumed, []
+        gathered = all_gather_object(ids)
+        if engine.dist.is_main:
+            record = {"step": engine.step, "world_size": engine.dist.world_size,
+                      "ids": [i for rank_ids in gathered for i in rank_ids]}  # fmt: skip
+            with open(engine.local_dir / "samples.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 class RunFiles(Callback):
     """Mirror metrics.jsonl, loss.png and TensorBoard events to a remote run directory.
 

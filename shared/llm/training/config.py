@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -15,7 +15,17 @@ class TrainingConfig(_Section):
     task: Literal["lm", "sft"] = "lm"
     max_steps: int = Field(default=1000, gt=0, description="optimizer steps")
     batch_size: int = Field(default=16, gt=0, description="sequences per micro-batch per rank")
-    grad_accum_steps: int = Field(default=1, gt=0)
+    grad_accum_steps: int = Field(
+        default=1, gt=0, description="micro-batches per optimizer step (see global_batch_size)"
+    )
+    global_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="sequences per optimizer step, all ranks together; when set,"
+        " grad_accum_steps is derived as global_batch_size / (batch_size x world size), so the"
+        " data order and the optimization stay the same whatever number of workers runs"
+        " (elastic jobs resume at another size); None: batch_size x grad_accum_steps x world size",
+    )
     block_size: int = Field(default=128, gt=1, description="tokens per sequence")
     eval_interval: int = Field(default=200, gt=0)
     eval_batches: int = Field(default=20, gt=0)
@@ -29,6 +39,43 @@ class TrainingConfig(_Section):
         default=5, gt=0, description="consecutive non-finite losses tolerated (each skipped)"
     )
     progress: bool = Field(default=True, description="progress bar on an interactive console")
+    sample_log: bool = Field(
+        default=False,
+        description="debugging aid: rank 0 appends each optimizer step's global sample ids"
+        " (gathered from every rank) to samples.jsonl in the run directory; one collective"
+        " per step",
+    )
+
+    @model_validator(mode="after")
+    def _one_batch_knob(self) -> TrainingConfig:
+        if self.global_batch_size is not None and "grad_accum_steps" in self.model_fields_set:
+            raise ValueError(
+                "training.grad_accum_steps and training.global_batch_size are both set: with"
+                " global_batch_size the accumulation is derived per world size; unset one"
+            )
+        return self
+
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` ranks (ValueError naming the
+        fields when training.global_batch_size cannot be divided that way)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per = self.batch_size * world_size
+        if self.global_batch_size % per:
+            raise ValueError(
+                f"training.global_batch_size={self.global_batch_size} is not divisible by"
+                f" training.batch_size={self.batch_size} x world size {world_size} = {per}:"
+                " choose a global batch that every allowed worker count divides"
+            )
+        return self.global_batch_size // per
+
+    def for_world(self, world_size: int) -> TrainingConfig:
+        """This config with grad_accum_steps resolved for `world_size` ranks."""
+        return self.model_copy(update={"grad_accum_steps": self.accum_steps(world_size)})
+
+    def sequences_per_step(self, world_size: int) -> int:
+        """The global batch: sequences per optimizer step, all ranks."""
+        return self.batch_size * self.accum_steps(world_size) * world_size
 
 
 class OptimizationConfig(_Section):

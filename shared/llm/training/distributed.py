@@ -105,6 +105,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """Average a host scalar over ranks (for logging: metrics agree on every rank)."""
     if not dist.is_initialized():

@@ -163,6 +163,7 @@ def _train(
     latest: str | None,
 ) -> TrainingEngine:
     t, o, c = settings.training, settings.optimization, settings.checkpoint
+    t = t.for_world(info.world_size)  # grad_accum_steps derived from global_batch_size
     torch.manual_seed(t.seed)
     f = settings.finetune
     adapter: AdapterWriter | None = None
@@ -243,6 +244,8 @@ def _train(
     ]
     if t.early_stopping_patience > 0:
         callbacks.append(cb.EarlyStopping(t.early_stopping_patience))
+    if t.sample_log:
+        callbacks.append(cb.SampleLog())
     if not storage.is_local(c.run_dir):
         callbacks.insert(0, cb.RunFiles(c.run_dir))
 
