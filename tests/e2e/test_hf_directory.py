@@ -179,3 +179,57 @@ def test_lm_eval_scores_the_server_as_it_scores_transformers(
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         got, want = server["tiny_ppl"][metric], reference["tiny_ppl"][metric]
         assert math.isfinite(want) and got == pytest.approx(want, rel=1e-4), metric
+
+
+FAMILIES = {
+    "qwen2": lambda v, t: transformers.Qwen2Config(
+        vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.3, tie_word_embeddings=False, eos_token_id=t,
+    ),
+    "mistral": lambda v, t: transformers.MistralConfig(
+        vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        sliding_window=16, initializer_range=0.3, eos_token_id=t,
+    ),
+    "gemma2": lambda v, t: transformers.Gemma2Config(
+        vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+        max_position_embeddings=512, initializer_range=0.3, eos_token_id=t,
+    ),
+    "phi3": lambda v, t: transformers.Phi3Config(
+        vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.3, eos_token_id=t, pad_token_id=0,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llm_generate_chats_as_transformers_does(hf_dir: Path, tmp_path: Path, family: str) -> None:
+    """More families through a CLI: `llm-generate --chat` on a random directory of each
+    (sliding windows included: the prompt is longer than the window) prints transformers'
+    greedy answer."""
+    from typer.testing import CliRunner
+
+    from llm_engine.generate import app as generate_app
+
+    out = tmp_path / family
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    torch.manual_seed(0)
+    config = FAMILIES[family](len(tok), tok.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    user = [{"role": "user", "content": MESSAGES[1]["content"]}]
+    text = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.shape[1] > 16  # past the sliding window
+    new = model.generate(ids, do_sample=False, max_new_tokens=12, top_k=None, top_p=None)
+    new = new[0, ids.shape[1] :].tolist()
+    want = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+    assert len(want) > 3  # a real answer, not an immediate stop
+    result = CliRunner().invoke(generate_app, [MESSAGES[1]["content"], "--checkpoint", str(out),
+                                               "--chat", "--max-tokens", "12", "--temperature", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == want + "\n"
