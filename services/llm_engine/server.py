@@ -58,6 +58,7 @@ class EngineState:
     scheduler: Scheduler | EngineCore
     model_id: str
     created: int
+    max_token_bytes: int = 0  # the most UTF-8 bytes one token decodes to
 
     @property
     def dtype(self) -> str:
@@ -277,6 +278,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             n_params=model.n_params,
             created=state.created,
             generation_defaults=pb.GenerationDefaults(**model.generation_defaults),
+            max_token_bytes=state.max_token_bytes,
         )
 
 
@@ -471,6 +473,9 @@ class RunningEngine:
         state = EngineState(
             model=facts, scheduler=scheduler, model_id=model_name or facts.name,
             created=int(time.time()),
+            max_token_bytes=await asyncio.to_thread(
+                validation.max_token_bytes, facts.tokenizer, facts.config.vocab_size
+            ),
         )  # fmt: skip
         self.servicer.state = state
         for service in ("", ENGINE_SERVICE):

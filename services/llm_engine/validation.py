@@ -201,3 +201,16 @@ def tokenize(request: pb.TokenizeRequest, tokenizer: BaseTokenizer) -> list[int]
     if kind == "chat":
         return encode_chat(tokenizer, request.chat, "chat", request.add_generation_prompt)
     raise InvalidArgument("input", "one of text or chat is required")
+
+
+def max_token_bytes(tokenizer: BaseTokenizer, vocab_size: int) -> int:
+    """The most UTF-8 bytes any one token decodes to (a token of partial UTF-8 decodes to
+    U+FFFD, 3 bytes): a caller can bound a text's token count from below without
+    tokenizing it. Once per model load (about a second for a 150k vocabulary)."""
+    longest = 1
+    for i in range(vocab_size):
+        try:
+            longest = max(longest, len(tokenizer.decode([i]).encode()))
+        except (ValueError, KeyError, IndexError):  # ids the tokenizer does not know
+            continue
+    return longest

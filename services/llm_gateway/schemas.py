@@ -186,9 +186,32 @@ class _Request(BaseModel):
         if not self.skip_special_tokens:
             request.skip_special_tokens = False
 
+    def _texts(self) -> tuple[str, list[str]]:
+        """The request's input texts and the parameter that names them."""
+        raise NotImplementedError
+
+    def _check_text_length(self, context_length: int, max_token_bytes: int) -> None:
+        """A text of B bytes is at least B / max_token_bytes tokens: one far over the context
+        (twice the bound, for normalizers that shrink text) is refused here, before n
+        copies of it are built and each tokenized by an engine."""
+        if not (context_length and max_token_bytes):
+            return
+        param, texts = self._texts()
+        limit = 2 * max_token_bytes * context_length
+        for text in texts:
+            size = len(text.encode())
+            if size > limit:
+                raise invalid(
+                    param,
+                    f"the input is {size} bytes, at least {size // max_token_bytes} tokens; "
+                    f"the model's context length is {context_length}",
+                    code="context_length_exceeded",
+                )
+
     def _calls(
-        self, request_id: str, prompts: list[Any], build: Build, context_length: int
-    ) -> list[EngineCall]:
+        self, request_id: str, prompts: list[Any], build: Build, context_length: int,
+        max_token_bytes: int = 0,
+    ) -> list[EngineCall]:  # fmt: skip
         """`n` calls per prompt; `build(prompt, request_id, k)` makes one engine request.
         A lone call keeps the request's id; several are told apart by their index.
 
@@ -210,6 +233,7 @@ class _Request(BaseModel):
                     f"{context_length}, and at least one new token must fit",
                     code="context_length_exceeded",
                 )
+        self._check_text_length(context_length, max_token_bytes)
         calls = []
         for p, prompt in enumerate(prompts):
             for k in range(n):
@@ -245,6 +269,9 @@ class CompletionRequest(_Request):
             if unsupported:
                 raise invalid(name, f"{name} is not supported", code="unsupported_value")
 
+    def _texts(self) -> tuple[str, list[str]]:
+        return "prompt", [p for p in self.prompts() if isinstance(p, str)]
+
     def prompts(self) -> list[Prompt]:
         """The prompts, one per choice group: a string, token ids, or a list of either."""
         prompt: Any = self.prompt
@@ -275,7 +302,9 @@ class CompletionRequest(_Request):
             self._fill(request, self.max_tokens, rid, k, defaults)
             return request
 
-        return self._calls(request_id, list(self.prompts()), build, info.context_length)
+        return self._calls(
+            request_id, list(self.prompts()), build, info.context_length, info.max_token_bytes
+        )
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -331,6 +360,9 @@ class ChatCompletionRequest(_Request):
                 code="unsupported_value",
             )
 
+    def _texts(self) -> tuple[str, list[str]]:
+        return "messages", ["".join(m.text() for m in self.messages)]
+
     def engine_calls(
         self, request_id: str, info: pb.ModelInfoResponse | None = None
     ) -> list[EngineCall]:
@@ -347,7 +379,7 @@ class ChatCompletionRequest(_Request):
             self._fill(request, self._max_tokens(), rid, k, defaults)
             return request
 
-        return self._calls(request_id, [None], build, info.context_length)
+        return self._calls(request_id, [None], build, info.context_length, info.max_token_bytes)
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

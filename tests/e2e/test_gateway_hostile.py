@@ -274,7 +274,7 @@ def _rss(pid: int) -> int:
 
 
 def test_a_request_near_the_body_limit_breaks_nothing(keyed_stack: tuple[Service, Service]) -> None:
-    """Bodies just under the 4 MiB limit (a text prompt; a token array with n=16) are refused
+    """Bodies just under the 4 MiB limit (a text prompt, messages, a token array; n=16) are refused
     with a 400 naming the prompt while two streams run on the same engine stream: both
     finish whole, and the big token array costs the gateway little memory (it is checked
     against the context before any engine request is built)."""
@@ -303,13 +303,17 @@ def test_a_request_near_the_body_limit_breaks_nothing(keyed_stack: tuple[Service
             running = [pool.submit(stream, i) for i in range(2)]
             while sum(started) < 2 and not any(f.done() for f in running):
                 pass
-            text = {"model": model, "prompt": "ab " * ((4 * MB - 4096) // 3), "max_tokens": 4}
+            before = _rss(gateway.proc.pid)
+            big = "ab " * ((4 * MB - 4096) // 3)
+            text = {"model": model, "prompt": big, "max_tokens": 4, "n": 16}
             body = json.dumps(text).encode()
             assert 4 * MB - 8192 < len(body) < 4 * MB
             refused = client.post(COMPLETIONS, content=body, headers=JSON)
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+            messages = {"model": model, "messages": [{"role": "user", "content": big}], "n": 16}
+            refused = client.post(CHAT, content=json.dumps(messages).encode(), headers=JSON)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
 
-            before = _rss(gateway.proc.pid)
             ids = {"model": model, "prompt": [7] * ((4 * MB - 4096) // 2), "n": 16}
             body = json.dumps(ids, separators=(",", ":")).encode()
             assert 4 * MB - 8192 < len(body) < 4 * MB
