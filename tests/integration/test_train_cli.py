@@ -93,3 +93,33 @@ def test_sft_task_on_chat_jsonl(tmp_path: Path) -> None:
     assert summary["step"] == 20 and summary["val_loss"] < 3.0  # ln(vocab) ~3.4 untrained
     proc = run_train("--training.task", "sft", "--checkpoint.run-dir", str(tmp_path / "r2"))
     assert proc.returncode == 2 and "training.task=sft needs data.source" in proc.stderr
+
+
+def test_muon_run_learns_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(default_corpus()[:20]))
+    out = tmp_path / "run"
+    args = (
+        "--data.source", str(corpus), "--model.preset", "tiny", "--training.batch-size", "8",
+        "--training.block-size", "32", "--training.eval-interval", "10",
+        "--training.eval-batches", "4", "--checkpoint.run-dir", str(out),
+        "--checkpoint.interval", "30", "--optimization.optimizer", "muon",
+        "--optimization.muon-lr", "0.02", "--optimization.lr", "3e-3",
+        "--optimization.warmup-steps", "5",
+    )  # fmt: skip
+    first = run_train(*args, "--training.max-steps", "30")
+    assert first.returncode == 0, first.stderr
+    evals = [
+        json.loads(line)["val_loss"]
+        for line in (out / "metrics.jsonl").open()
+        if json.loads(line)["event"] == "eval"
+    ]
+    # ln(vocab) is ~4.5 before training; every evaluation (steps 10, 20, 30) is lower.
+    assert len(evals) == 3 and evals[0] > evals[1] > evals[2] and evals[2] < 3.3, evals
+    second = run_train(*args, "--training.max-steps", "45")
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"resumed from \S+step-00000030 at step 30", second.stderr), second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["event"] == "train_done" and summary["step"] == 45
+    assert summary["val_loss"] < evals[-1]  # it went on learning from where it stopped
+    assert storage.latest_checkpoint(str(out)).endswith("step-00000045")

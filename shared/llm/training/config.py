@@ -79,8 +79,27 @@ class TrainingConfig(_Section):
 
 
 class OptimizationConfig(_Section):
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0)
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = Field(
+        default="adamw",
+        description="adamw; adamw8bit (bitsandbytes); muon: Muon for the attention and MLP"
+        " matrices of the blocks, AdamW (lr, weight_decay, betas) for embeddings, LM head,"
+        " norms and biases",
+    )
+    lr: float = Field(default=1e-3, gt=0, description="peak lr (of AdamW's parameters)")
+    muon_lr: float = Field(
+        default=0.02,
+        gt=0,
+        description="optimizer=muon: peak lr of the Muon matrices (scaled by"
+        " sqrt(max(1, rows/cols)) as torch's Muon does; the schedule applies to it too)",
+    )
+    muon_momentum: float = Field(
+        default=0.95, ge=0, lt=1, description="optimizer=muon: Muon's (Nesterov) momentum"
+    )
+    muon_weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        description="optimizer=muon: decoupled weight decay of the Muon matrices (times the lr)",
+    )
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)

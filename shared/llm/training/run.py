@@ -92,6 +92,12 @@ def preflight(settings: TrainerSettings, device: torch.device) -> None:
         raise ValueError(
             f"optimization.precision=fp16 needs a GPU (device is {device}); use bf16 on the CPU"
         )
+    if o.optimizer == "muon" and settings.distributed.strategy == "fsdp":
+        # Newton-Schulz needs each whole matrix; FSDP holds only a shard of it per rank.
+        raise ValueError(
+            "optimization.optimizer=muon: not with distributed.strategy=fsdp (Muon needs"
+            " whole matrices); use ddp or optimizer adamw"
+        )
     if o.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -213,7 +219,10 @@ def _train(
     elif info.enabled:
         wrapped = apply_ddp(model, info)
 
-    optimizer = build_optimizer(wrapped, o.lr, o.weight_decay, (o.beta1, o.beta2), o.optimizer)
+    optimizer = build_optimizer(
+        wrapped, o.lr, o.weight_decay, (o.beta1, o.beta2), o.optimizer,
+        o.muon_lr, o.muon_momentum, o.muon_weight_decay,
+    )  # fmt: skip
     scheduler = build_scheduler(optimizer, o.warmup_steps, t.max_steps, o.schedule, o.min_lr_ratio)
 
     local_dir = _local_run_dir(c.run_dir)
