@@ -116,7 +116,8 @@ def main() -> int:
              "--host", "127.0.0.1", "--port", str(port)],
             env=env,
         )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+        # /readyz: an engine behind the gateway serves (its model loaded), not only /healthz.
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=300)
 
         from openai import OpenAI
 
