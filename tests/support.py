@@ -126,33 +126,32 @@ def sharded_checkpoint_that_runs_code(
     return ckpt, model, optimizer
 
 
-class DenyDeletes(ThreadingHTTPServer):
-    """A pass-through proxy to S3 that answers every delete with AccessDenied."""
+class S3Proxy(ThreadingHTTPServer):
+    """A pass-through proxy to an S3 server on 127.0.0.1; `intercept` may answer a request
+    itself (subclasses fail or hold chosen requests)."""
 
     def __init__(self, upstream: str) -> None:
-        super().__init__(("127.0.0.1", 0), DenyDeletesHandler)
+        super().__init__(("127.0.0.1", 0), _S3ProxyHandler)
         self.upstream = upstream
 
+    def intercept(self, handler: BaseHTTPRequestHandler) -> bool:
+        """True when `handler` was dealt with here: not forwarded."""
+        return False
 
-class DenyDeletesHandler(BaseHTTPRequestHandler):
+
+class _S3ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: DenyDeletes
+    server: S3Proxy
 
     def log_message(self, *args: object) -> None:
         pass
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        if self.command == "DELETE" or (self.command == "POST" and "delete" in self.path):
-            error = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
-            self.send_response(403)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(error)))
-            self.end_headers()
-            self.wfile.write(error)
+        if self.server.intercept(self):
             return
         host, port = self.server.upstream.rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request(self.command, self.path, body or None, dict(self.headers))
         resp = conn.getresponse()
         data = resp.read()
@@ -160,10 +159,28 @@ class DenyDeletesHandler(BaseHTTPRequestHandler):
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        # A HEAD answer has no body but the object's length.
+        self.send_header("Content-Length", resp.getheader("Content-Length") or str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
         conn.close()
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+class DenyDeletes(S3Proxy):
+    """Answers every delete with AccessDenied."""
+
+    def intercept(self, handler: BaseHTTPRequestHandler) -> bool:
+        if not (
+            handler.command == "DELETE" or (handler.command == "POST" and "delete" in handler.path)
+        ):
+            return False
+        error = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+        handler.send_response(403)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(error)))
+        handler.end_headers()
+        handler.wfile.write(error)
+        return True

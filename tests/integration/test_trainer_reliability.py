@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -18,12 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
-from support import free_port
+from support import S3Proxy, free_port
 
 from llm import storage
 from llm.checkpoint import load_checkpoint
@@ -144,49 +143,22 @@ def test_killed_worker_restarts_and_resumes_exactly(
     assert_same_weights(final_weights(run), final_weights(reference))
 
 
-class _HoldManifest(ThreadingHTTPServer):
-    """A pass-through proxy to S3 that holds the upload of one checkpoint's manifest."""
+class _HoldManifest(S3Proxy):
+    """Holds the upload of one checkpoint's manifest: the client never gets an answer (its
+    process is gone by the time the proxy lets go)."""
 
     def __init__(self, upstream: str, hold: str) -> None:
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        self.upstream, self.hold = upstream, hold
+        super().__init__(upstream)
+        self.hold = hold
         self.holding, self.release = threading.Event(), threading.Event()
 
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _HoldManifest
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        if (
-            self.command == "PUT"
-            and self.server.hold in self.path
-            and not self.server.release.is_set()
-        ):
-            self.server.holding.set()
-            self.server.release.wait(120)
-            self.close_connection = True
-            return  # the client never gets an answer: its process is gone by now
-        host, port = self.server.upstream.rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request(self.command, self.path, body or None, dict(self.headers))
-        resp = conn.getresponse()
-        data = resp.read()
-        self.send_response(resp.status)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", resp.getheader("Content-Length") or str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+    def intercept(self, handler: BaseHTTPRequestHandler) -> bool:
+        if handler.command != "PUT" or self.hold not in handler.path or self.release.is_set():
+            return False
+        self.holding.set()
+        self.release.wait(120)
+        handler.close_connection = True
+        return True
 
 
 def test_job_killed_while_writing_a_checkpoint_resumes_from_the_previous(
