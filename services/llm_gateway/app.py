@@ -97,7 +97,7 @@ def create_app(
         GatewayMiddleware,
         metrics=metrics,
         tracer=trace.get_tracer("llm_gateway", tracer_provider=tracer_provider),
-        api_keys=ApiKeys([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file),
+        api_keys=ApiKeys(settings.load_api_keys, settings.api_keys_file),
         max_body_bytes=settings.max_body_bytes,
     )
 

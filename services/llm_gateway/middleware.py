@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from opentelemetry import propagate, trace
@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_gateway.errors import OpenAIError
-from llm_gateway.settings import parse_keys
 from llm_gateway.telemetry import REQUEST_SPAN, Metrics
 
 log = logging.getLogger("llm_gateway.access")
@@ -62,21 +61,21 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class ApiKeys:
-    """The accepted keys (as SHA-256 digests): the settings' own plus those of the keys file,
-    read again when the file changes, so a rotated Secret takes effect within `check_s`
-    without a restart. A file that cannot be read or parsed meanwhile (a Secret volume
-    mid-swap) keeps the keys already loaded, with a warning."""
+    """The accepted keys (as SHA-256 digests), from `load` (the settings' keys plus those of
+    `file`), loaded again when the file changes, so a rotated Secret takes effect within
+    `check_s` without a restart. A file that cannot be read or parsed meanwhile (a Secret
+    volume mid-swap) keeps the keys already loaded, with a warning."""
 
-    def __init__(self, keys: Sequence[str], file: Path | None = None, check_s: float = 2.0) -> None:
-        self.keys, self.file, self.check_s = list(keys), file, check_s
-        self._stamp: tuple[int, int, int] | None = None
+    def __init__(
+        self, load: Callable[[], list[str]], file: Path | None = None, check_s: float = 2.0
+    ) -> None:
+        self.load, self.file, self.check_s = load, file, check_s
         self._checked = 0.0
-        self._digests = self._load(parse_keys(file.read_text()) if file else [])
+        self._digests = self._hashed()
         self._stamp = self._file_stamp()
 
-    def _load(self, file_keys: list[str]) -> list[bytes]:
-        keys = dict.fromkeys(k for k in [*self.keys, *file_keys] if k)
-        return [hashlib.sha256(k.encode()).digest() for k in keys]
+    def _hashed(self) -> list[bytes]:
+        return [hashlib.sha256(k.encode()).digest() for k in self.load()]
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -92,7 +91,7 @@ class ApiKeys:
             stamp = self._file_stamp()
             if stamp is not None and stamp != self._stamp:
                 try:
-                    self._digests = self._load(parse_keys(self.file.read_text()))
+                    self._digests = self._hashed()
                 except (OSError, ValueError) as e:
                     log.warning("api_keys_reload_failed", extra={"error": str(e)})
                 else:
