@@ -10,11 +10,13 @@ first scores val loss <= 1.88, with both runs evaluated every 100 iterations on 
 validation windows (`--eval-batches` of them; the time to evaluate counts).
 
 - ours: `llm-train`'s path in-process (settings -> `build_data` -> `run_training`), our
-  default architecture at those sizes, `torch.compile` (whole model: 4 layers; evaluation
-  eager) unless `--no-compile`, and per route `--optimizer`: adamw (fused) or muon (Muon on
-  the blocks' matrices at `--muon-lr`, AdamW on the rest); `--ours-iters` sets its schedule's
-  length. bf16 autocast only when asked (`--precision bf16`). The compile starts from an
-  empty inductor cache, as on a new machine (`--warm-cache` keeps torch's cache).
+  default architecture at those sizes, one run per `--routes` entry: the optimizer, adamw
+  (fused) or muon (Muon on the blocks' matrices at `--muon-lr`, AdamW on the rest), eager or
+  `+compile` (`torch.compile` of the whole model, 4 layers; evaluation eager). Whether
+  compiling pays is measured, not assumed: at this size a cold compile costs more than it
+  saves over a few hundred steps. `--ours-iters` sets the schedule's length. bf16 autocast
+  only when asked (`--precision bf16`). A compile starts from an empty inductor cache, as
+  on a new machine (`--warm-cache` keeps torch's cache).
 - reference: `transformers.GPT2LMHeadModel` of the same sizes, trained by a plain AdamW
   loop (same schedule) for 2000 iterations on the very same batches (the data module's
   batch `k` is a pure function of `k`), scored on the same validation windows.
@@ -23,7 +25,7 @@ Target (issue 18): ours reaches 1.88 in <= 0.35x the reference's time for its 20
 iterations (its training alone: its periodic evaluations are left out of that time).
 
 Usage: PYTHONPATH=shared .venv/bin/python benchmarks/train_shakespeare.py --data tinyshakespeare.txt
-       [--optimizer adamw muon] [--no-compile] [--ours-iters 2000] [--iters 2000]
+       [--routes adamw adamw+compile muon] [--ours-iters 800] [--iters 2000]
        [--eval-batches 50] [--warm-cache]
 """
 
@@ -58,7 +60,7 @@ class Route(NamedTuple):
     final_val: float
 
 
-def settings_for(data: Path, run_dir: str, args: argparse.Namespace, optimizer: str):
+def settings_for(data: Path, run_dir: str, args: argparse.Namespace, optimizer: str, compile: bool):
     from llm.settings import load_settings
 
     return load_settings({
@@ -68,23 +70,24 @@ def settings_for(data: Path, run_dir: str, args: argparse.Namespace, optimizer: 
         "training": {"max_steps": args.ours_iters, "batch_size": BATCH, "block_size": BLOCK,
                      "eval_interval": EVAL_EVERY, "eval_batches": args.eval_batches,
                      "log_interval": 500, "progress": False, "device": "cpu"},
-        "optimization": {"optimizer": optimizer, "lr": LR, "min_lr_ratio": MIN_LR / LR,
+        "optimization": {"optimizer": optimizer, "lr": args.lr, "min_lr_ratio": MIN_LR / LR,
                          "warmup_steps": WARMUP, "beta2": 0.99, "weight_decay": 0.1,
                          "muon_lr": args.muon_lr, "grad_clip": 1.0,
-                         "precision": args.precision, "compile": not args.no_compile,
+                         "precision": args.precision, "compile": compile,
                          "peak_tflops": 1.0},
         "checkpoint": {"run_dir": run_dir, "interval": args.ours_iters, "resume": False},
     })  # fmt: skip
 
 
-def run_ours(text: Path, args: argparse.Namespace, optimizer: str) -> tuple[Route, object]:
+def run_ours(text: Path, args: argparse.Namespace, route: str) -> tuple[Route, object]:
     from llm.training.data import build_data
     from llm.training.distributed import DistInfo
     from llm.training.run import run_training
 
+    optimizer, _, compiled = route.partition("+")
     with tempfile.TemporaryDirectory() as run_dir:
         start_wall, start = time.time(), time.perf_counter()  # start-up counts
-        settings = settings_for(text, run_dir, args, optimizer)
+        settings = settings_for(text, run_dir, args, optimizer, compiled == "compile")
         tok, data = build_data(settings)
         info = DistInfo(0, 0, 1, torch.device("cpu"))
         engine = run_training(settings, tok, data, info)
@@ -95,7 +98,7 @@ def run_ours(text: Path, args: argparse.Namespace, optimizer: str) -> tuple[Rout
             if '"eval"' in line
         ]
     hit = next((e for e in evals if e["val_loss"] <= TARGET), None)
-    name = f"ours {optimizer}" + ("" if args.no_compile else " compiled")
+    name = f"ours {optimizer}" + (" compiled" if compiled else "")
     return Route(
         name, seconds, hit["time"] - start_wall if hit else None, hit["step"] if hit else None,
         engine.last_val_loss,
@@ -161,13 +164,14 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True,
                    help="tinyshakespeare.txt, nanoGPT's shakespeare_char input (1.1 MB)")  # fmt: skip
     p.add_argument("--iters", type=int, default=2000, help="the reference's iterations")
-    p.add_argument("--ours-iters", type=int, default=2000, help="our schedule's length")
-    p.add_argument("--optimizer", nargs="+", choices=["adamw", "muon"], default=["adamw"],
-                   help="our routes, one run each (with one reference run)")  # fmt: skip
+    p.add_argument("--ours-iters", type=int, default=800, help="our schedule's length")
+    p.add_argument("--routes", nargs="+", default=["adamw", "adamw+compile"],
+                   choices=["adamw", "adamw+compile", "muon", "muon+compile"],
+                   help="our runs, one each (with one reference run)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=LR, help="our peak lr (AdamW's parameters)")
     p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--eval-batches", type=int, default=50, help="validation batches per eval")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warm-cache", action="store_true", help="keep torch's inductor cache")
     args = p.parse_args()
@@ -181,8 +185,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     routes, data = [], None
-    for optimizer in args.optimizer:
-        route, data = run_ours(args.data, args, optimizer)
+    for name in args.routes:
+        route, data = run_ours(args.data, args, name)
         routes.append(route)
     ref, ref_train_s = run_reference(args.iters, data, data.tokenizer.vocab_size)
     cache = "warm" if args.warm_cache else "cold"

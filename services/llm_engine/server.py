@@ -257,8 +257,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         state = await self._ready(context)
-        try:
-            ids = validation.tokenize(request, state.model.tokenizer)
+        try:  # off the event loop: a long text does not stall the streams this server relays
+            ids = await asyncio.to_thread(validation.tokenize, request, state.model.tokenizer)
         except validation.InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)

@@ -147,6 +147,31 @@ def create_app(
     async def get_model(model_id: str) -> dict[str, Any]:
         return model_card(await check_model(model_id, trace_metadata()))
 
+    async def encode_once(
+        body: CompletionRequest | ChatCompletionRequest,
+        metadata: Metadata,
+        deadline: float,
+        param: str,
+    ) -> list[list[int] | None] | None:
+        """With several choices per prompt, an engine tokenizes each text prompt once (off
+        its event loop) and the choices share the ids: n copies of a long text are never
+        built, sent, or tokenized n times."""
+        inputs = body.shared_inputs()
+        if not any(inputs):
+            return None
+
+        async def encode(request: pb.TokenizeRequest | None) -> list[int] | None:
+            if request is None:
+                return None
+            try:
+                return await engines.tokenize(request, metadata, deadline - time.monotonic())
+            except NoEngine as e:
+                raise errors.unavailable(str(e)) from None
+            except grpc.aio.AioRpcError as e:
+                raise errors.from_grpc(e, param, settings.retry_after_s) from None
+
+        return list(await asyncio.gather(*(encode(r) for r in inputs)))
+
     async def run(
         request: Request, body: CompletionRequest | ChatCompletionRequest, fmt: ResponseFormat
     ) -> Any:
@@ -157,10 +182,12 @@ def create_app(
         info = await check_model(body.model, metadata)
         g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", info.model_id, int(time.time()))
         request.state.request_id = g.id
-        calls = body.engine_calls(g.id, info)
+        body.check_size(info)  # before anything is tokenized or built
+        param = fmt.input_param
+        encoded = await encode_once(body, metadata, deadline, param)
+        calls = body.engine_calls(g.id, info, encoded)
         g.choices = [Choice.of(call) for call in calls]
         requests = [c.request for c in calls]
-        param = fmt.input_param
         echo = isinstance(body, CompletionRequest) and body.echo
         watch = ClientWatch(request)
         try:

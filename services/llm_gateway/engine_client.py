@@ -274,6 +274,15 @@ class EnginePool:
             self._info = (time.monotonic(), info)
             return info
 
+    async def tokenize(
+        self, request: pb.TokenizeRequest, metadata: Metadata, timeout_s: float
+    ) -> list[int]:
+        """Token ids of a text or conversation, from the least busy healthy engine (every
+        engine behind one gateway has the same tokenizer)."""
+        ep = (await self.candidates())[0]
+        answer = await ep.stub.Tokenize(request, timeout=timeout_s, metadata=metadata)
+        return list(answer.token_ids)
+
     def lease(
         self, ep: Endpoint, request: pb.GenerateRequest, metadata: Metadata, timeout_s: float
     ) -> Lease:

@@ -14,7 +14,6 @@ JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -86,7 +85,6 @@ MaxTokens = Annotated[int | None, Field(ge=1, le=_I32)]
 MAX_N = 16
 MAX_CHOICES = 256  # prompts x n, without streaming
 Prompt = str | list[int]
-Build = Callable[[Any, str, int], pb.GenerateRequest]  # (prompt, request id, k) -> request
 
 
 @dataclass(frozen=True)
@@ -208,38 +206,72 @@ class _Request(BaseModel):
                     code="context_length_exceeded",
                 )
 
-    def _calls(
-        self, request_id: str, prompts: list[Any], build: Build, context_length: int,
-        max_token_bytes: int = 0,
-    ) -> list[EngineCall]:  # fmt: skip
-        """`n` calls per prompt; `build(prompt, request_id, k)` makes one engine request.
-        A lone call keeps the request's id; several are told apart by their index.
+    def _inputs(self) -> list[Any]:
+        """The prompts, one per group of `n` choices (chat: one conversation, None)."""
+        raise NotImplementedError
 
-        The cheap checks come before anything is built: the number of choices, and token-id
-        prompts against the model's context (a long one is refused before n copies of it
-        exist); a message larger than the engine accepts is refused here, so it never
-        reaches the stream that other requests share."""
-        n = self.n or 1
+    def _tokenize_request(self, prompt: Any) -> pb.TokenizeRequest | None:
+        """What an engine tokenizes `prompt` from; None: it is token ids already."""
+        raise NotImplementedError
+
+    def check_size(self, info: pb.ModelInfoResponse) -> None:
+        """The cheap checks, before anything is built or tokenized: the number of choices,
+        token-id prompts against the model's context, and texts far over it."""
+        n, prompts, context_length = self.n or 1, self._inputs(), info.context_length
         limit = MAX_N if self.stream else MAX_CHOICES
         if len(prompts) * n > limit:
             param = "n" if len(prompts) == 1 else "prompt"
             how = "a stream carries" if self.stream else "a request has"
             raise invalid(param, f"{how} at most {limit} choices (prompts x n)")
         for prompt in prompts:
-            if context_length and isinstance(prompt, list) and len(prompt) >= context_length:
-                raise invalid(
-                    "prompt",
-                    f"the prompt has {len(prompt)} tokens; the model's context length is "
-                    f"{context_length}, and at least one new token must fit",
-                    code="context_length_exceeded",
-                )
-        self._check_text_length(context_length, max_token_bytes)
+            if isinstance(prompt, list):
+                self._check_context(len(prompt), context_length)
+        self._check_text_length(context_length, info.max_token_bytes)
+
+    def _check_context(self, n_tokens: int, context_length: int) -> None:
+        if context_length and n_tokens >= context_length:
+            param, _ = self._texts()
+            raise invalid(
+                param,
+                f"the prompt has {n_tokens} tokens; the model's context length is "
+                f"{context_length}, and at least one new token must fit",
+                code="context_length_exceeded",
+            )
+
+    def shared_inputs(self) -> list[pb.TokenizeRequest | None]:
+        """With `n` > 1, what an engine tokenizes once per prompt, so that the prompt's
+        choices carry its token ids instead of each carrying (and an engine tokenizing) the
+        text again; empty with one choice per prompt."""
+        if (self.n or 1) == 1:
+            return []
+        return [self._tokenize_request(p) for p in self._inputs()]
+
+    def engine_calls(
+        self, request_id: str, info: pb.ModelInfoResponse | None = None,
+        encoded: list[list[int] | None] | None = None,
+    ) -> list[EngineCall]:  # fmt: skip
+        """`n` calls per prompt. A lone call keeps the request's id; several are told apart
+        by their index. `encoded`: a prompt's token ids as an engine tokenized them (the
+        `shared_inputs`), which its choices send in place of the text.
+
+        A message larger than the engine accepts is refused here, so it never reaches the
+        stream that other requests share."""
+        info = info or pb.ModelInfoResponse()
+        self.check_size(info)
+        n, prompts = self.n or 1, self._inputs()
+        encoded = encoded or [None] * len(prompts)
+        for ids in encoded:
+            if ids is not None:
+                if not ids:
+                    raise invalid(self._texts()[0], "the input encodes to no tokens")
+                self._check_context(len(ids), info.context_length)
         calls = []
-        for p, prompt in enumerate(prompts):
+        for p, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
             for k in range(n):
                 i = p * n + k
                 rid = request_id if len(prompts) * n == 1 else f"{request_id}-{i}"
-                request = build(prompt, rid, k)
+                request = self._build(prompt, ids)
+                self._fill(request, self._max_tokens(), rid, k, info.generation_defaults)
                 if request.ByteSize() > MAX_MESSAGE_BYTES - (64 << 10):  # room for framing
                     raise OpenAIError(
                         413, f"the request is larger than an engine accepts ({MAX_MESSAGE_BYTES} "
@@ -247,6 +279,10 @@ class _Request(BaseModel):
                     )  # fmt: skip
                 calls.append(EngineCall(i, p, prompt, request))
         return calls
+
+    def _build(self, prompt: Any, ids: list[int] | None) -> pb.GenerateRequest:
+        """One choice's engine request for `prompt` (as `ids`, when given), before `_fill`."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Request):
@@ -281,30 +317,25 @@ class CompletionRequest(_Request):
             raise invalid("prompt", "must not be empty")
         return list(prompt)
 
-    def engine_calls(
-        self, request_id: str, info: pb.ModelInfoResponse | None = None
-    ) -> list[EngineCall]:
-        info = info or pb.ModelInfoResponse()
-        defaults = info.generation_defaults
+    def _inputs(self) -> list[Any]:
+        return self.prompts()
 
-        def build(prompt: Prompt, rid: str, k: int) -> pb.GenerateRequest:
-            request = pb.GenerateRequest()
-            if isinstance(prompt, str):
-                request.text = prompt
-            else:
-                request.token_ids.ids.extend(prompt)
-            if self.logprobs is not None:
-                request.logprobs = True
-                request.top_logprobs = self.logprobs
-            # Echo needs the prompt's token strings: to score them, or to show token ids.
-            if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
-                request.prompt_logprobs = self.logprobs or 0
-            self._fill(request, self.max_tokens, rid, k, defaults)
-            return request
+    def _tokenize_request(self, prompt: Any) -> pb.TokenizeRequest | None:
+        return pb.TokenizeRequest(text=prompt) if isinstance(prompt, str) else None
 
-        return self._calls(
-            request_id, list(self.prompts()), build, info.context_length, info.max_token_bytes
-        )
+    def _build(self, prompt: Any, ids: list[int] | None) -> pb.GenerateRequest:
+        request = pb.GenerateRequest()
+        if ids is None and isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt if ids is None else ids)
+        if self.logprobs is not None:
+            request.logprobs = True
+            request.top_logprobs = self.logprobs
+        # Echo needs the prompt's token strings: to score them, or to show token ids.
+        if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
+            request.prompt_logprobs = self.logprobs or 0
+        return request
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -363,23 +394,26 @@ class ChatCompletionRequest(_Request):
     def _texts(self) -> tuple[str, list[str]]:
         return "messages", ["".join(m.text() for m in self.messages)]
 
-    def engine_calls(
-        self, request_id: str, info: pb.ModelInfoResponse | None = None
-    ) -> list[EngineCall]:
-        info = info or pb.ModelInfoResponse()
-        defaults = info.generation_defaults
+    def _inputs(self) -> list[Any]:
+        return [None]  # the conversation is the one prompt
 
-        def build(_: None, rid: str, k: int) -> pb.GenerateRequest:
-            request = pb.GenerateRequest(logprobs=self.logprobs)
-            if self.logprobs:
-                request.top_logprobs = self.top_logprobs or 0
-            request.chat.messages.extend(
-                pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
-            )
-            self._fill(request, self._max_tokens(), rid, k, defaults)
-            return request
+    def _chat(self) -> pb.ChatMessages:
+        return pb.ChatMessages(
+            messages=[pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        )
 
-        return self._calls(request_id, [None], build, info.context_length, info.max_token_bytes)
+    def _tokenize_request(self, prompt: Any) -> pb.TokenizeRequest | None:
+        return pb.TokenizeRequest(chat=self._chat(), add_generation_prompt=True)
+
+    def _build(self, prompt: Any, ids: list[int] | None) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(logprobs=self.logprobs)
+        if self.logprobs:
+            request.top_logprobs = self.top_logprobs or 0
+        if ids is None:
+            request.chat.CopyFrom(self._chat())
+        else:
+            request.token_ids.ids.extend(ids)
+        return request
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -1,7 +1,8 @@
 """A fake engine for gateway tests: a real grpc.aio server on 127.0.0.1 (own thread and
 event loop) implementing the Engine servicer and the standard health service.
 
-Generate answers by the prompt text: `tokens:N` streams N chunks 10 ms apart, `hang`
+Generate answers by the prompt text (token ids read as the text they spell, as Tokenize
+makes them: one id per character): `tokens:N` streams N chunks 10 ms apart, `hang`
 never answers, `abort:CODE` fails with that status; anything else streams "ok". It
 records every call's metadata, and counts calls, cancellations and calls in progress.
 """
@@ -40,6 +41,11 @@ class FakeEngine(pb_grpc.EngineServicer):
     ) -> pb.ModelInfoResponse:
         return pb.ModelInfoResponse(model_id=MODEL, context_length=64, created=1700000000)
 
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(token_ids=[*map(ord, request.text)])
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
@@ -47,7 +53,10 @@ class FakeEngine(pb_grpc.EngineServicer):
         self.calls += 1
         self.active += 1
         try:
-            text = request.text
+            if request.WhichOneof("input") == "token_ids":
+                text = "".join(map(chr, request.token_ids.ids))
+            else:
+                text = request.text
             if self.refuse is not None:
                 await context.abort(self.refuse, self.refuse_message or f"{self.name} refuses")
             if text.startswith("abort:"):
@@ -96,6 +105,7 @@ class PerCallFakeEngine(FakeEngine):
             {
                 "Generate": stream(self.Generate, pb.GenerateRequest, pb.GenerateChunk),
                 "ModelInfo": unary(self.ModelInfo, pb.ModelInfoRequest, pb.ModelInfoResponse),
+                "Tokenize": unary(self.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
             },
         )
 

@@ -21,12 +21,14 @@ MODEL = "stub-model"
 class ScriptedEngine(pb_grpc.EngineServicer):
     """Answers Generate according to the prompt text, and remembers the requests.
 
-    Tokens are characters (id = code point). "say:X" generates X, anything else "ok", as one
-    token ("nap:X" after 50 ms); logprobs and prompt logprobs are made up but shaped as the engine's."""
+    Tokens are characters (id = code point); a conversation tokenizes to its contents and an
+    end-of-turn token (0), and token ids are read as the text they spell. "say:X" generates
+    X, anything else "ok", as one token ("nap:X" after 50 ms); logprobs and prompt logprobs are made up but shaped as the engine's."""
 
     def __init__(self) -> None:
         self.last: pb.GenerateRequest | None = None
         self.requests: list[pb.GenerateRequest] = []
+        self.tokenized: list[pb.TokenizeRequest] = []
         self.active = self.peak = 0  # Generate calls running now, and at most so far
         self._lock = threading.Lock()
 
@@ -34,6 +36,16 @@ class ScriptedEngine(pb_grpc.EngineServicer):
         self, request: pb.ModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.ModelInfoResponse:
         return pb.ModelInfoResponse(model_id=MODEL, context_length=64, created=1700000000)
+
+    def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.ServicerContext
+    ) -> pb.TokenizeResponse:
+        with self._lock:
+            self.tokenized.append(request)
+        if request.WhichOneof("input") == "chat":
+            text = "".join(m.content for m in request.chat.messages)
+            return pb.TokenizeResponse(token_ids=[*map(ord, text), 0])
+        return pb.TokenizeResponse(token_ids=[*map(ord, request.text)])
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
@@ -53,7 +65,10 @@ class ScriptedEngine(pb_grpc.EngineServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateChunk]:
         kind = request.WhichOneof("input")
-        text = request.text if kind == "text" else ""
+        if kind == "token_ids":
+            text = "".join(map(chr, request.token_ids.ids))
+        else:
+            text = request.text if kind == "text" else ""
         if text.startswith("abort:"):
             code = grpc.StatusCode[text.removeprefix("abort:")]
             context.abort(code, "stopping.max_tokens: must be >= 0, got -3")

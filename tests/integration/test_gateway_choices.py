@@ -26,6 +26,7 @@ def stub_engine() -> Iterator[tuple[int, ScriptedEngine]]:
 @pytest.fixture
 def engine(stub_engine: tuple[int, ScriptedEngine]) -> ScriptedEngine:
     stub_engine[1].requests.clear()
+    stub_engine[1].tokenized.clear()
     return stub_engine[1]
 
 
@@ -67,10 +68,37 @@ def test_each_prompt_has_n_choices_in_order(client: TestClient, engine: Scripted
     got = [(c["index"], c["text"]) for c in reply["choices"]]
     assert got == [(0, "A"), (1, "A"), (2, "BB"), (3, "BB")]
     assert reply["usage"] == {"prompt_tokens": 5 + 6, "completion_tokens": 4, "total_tokens": 15}
-    seeds = {(r.text, r.sampling.seed) for r in engine.requests}
+    # Each prompt is tokenized once; its choices carry the ids.
+    assert sorted(r.text for r in engine.tokenized) == ["say:A", "say:BB"]
+    seeds = {("".join(map(chr, r.token_ids.ids)), r.sampling.seed) for r in engine.requests}
     # Choice k of each prompt samples with seed + k: as if each prompt were sent alone.
     assert seeds == {(p, s) for p in ("say:A", "say:BB") for s in ((1 << 64) - 1, 0)}
     assert sorted(r.request_id[-2:] for r in engine.requests) == ["-0", "-1", "-2", "-3"]
+
+
+def test_a_prompt_is_tokenized_once_for_its_choices_and_checked_before_any_is_built(
+    client: TestClient, engine: ScriptedEngine
+) -> None:
+    """n copies of a long text are neither built nor tokenized n times: one Tokenize call,
+    then a 400 naming the input (the scripted model's context is 64 tokens)."""
+    long = "ab" * 5000
+    for path, body, param in [
+        ("/v1/completions", {"prompt": long}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
+    ]:
+        engine.tokenized.clear()
+        reply = client.post(path, json={"model": MODEL, "n": 16, "stream": True, **body})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error["param"], error["code"]) == (param, "context_length_exceeded")
+        assert "10000" in error["message"] or "10001" in error["message"]
+        assert len(engine.tokenized) == 1
+    assert engine.requests == []
+    # A prompt that fits: one Tokenize, n generations of its ids.
+    reply = client.post("/v1/completions", json={"model": MODEL, "prompt": "say:x", "n": 4})
+    assert [c["text"] for c in reply.json()["choices"]] == ["x"] * 4
+    assert len(engine.tokenized) == 2
+    assert {tuple(r.token_ids.ids) for r in engine.requests} == {tuple(map(ord, "say:x"))}
 
 
 def test_streamed_choices_are_tagged_by_index(client: TestClient) -> None:
