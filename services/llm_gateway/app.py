@@ -33,6 +33,7 @@ from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
 from llm_gateway.middleware import ApiKeys, GatewayMiddleware
+from llm_gateway.ratelimit import RateLimiter, hold_tokens
 from llm_gateway.responses import (
     ChatFormat,
     Choice,
@@ -81,12 +82,14 @@ def create_app(
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)
     dispatch = Dispatcher(engines, settings.retry_after_s)
+    limiter = RateLimiter.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engines.start()
         yield
         await engines.close()
+        await limiter.close()
 
     # The span, metrics and access log are GatewayMiddleware's: FastAPI's own telemetry
     # would open a second server span and one per dependency, endpoint and serialization
@@ -98,8 +101,9 @@ def create_app(
         GatewayMiddleware,
         metrics=metrics,
         tracer=trace.get_tracer("llm_gateway", tracer_provider=tracer_provider),
-        api_keys=ApiKeys(settings.load_api_keys, settings.api_keys_file),
+        api_keys=ApiKeys(settings.load_key_limits, settings.api_keys_file),
         max_body_bytes=settings.max_body_bytes,
+        limiter=limiter,
     )
 
     async def model_info(metadata: Metadata) -> pb.ModelInfoResponse:
@@ -163,6 +167,7 @@ def create_app(
         requests = [c.request for c in calls]
         param = fmt.input_param
         echo = isinstance(body, CompletionRequest) and body.echo
+        await hold_tokens(request, g, calls, info)  # the key's tokens per minute (429)
         watch = ClientWatch(request)
         try:
             if not body.stream:
