@@ -231,6 +231,8 @@ def test_logit_bias_is_per_row_and_cleared_with_the_slot() -> None:
     assert torch.equal(sampler(logits, torch.arange(2), [0, 1]), greedy)
     b = SamplingParams(1.0, logit_bias={5: 1.0}, seed=0)
     assert b.logit_bias == {5: 1.0} and b.biased
+    with pytest.raises(ValueError, match="^logit_bias: token 50 is outside the vocabulary"):
+        sampler.assign(1, SamplingParams(0, logit_bias={VOCAB: 1}), [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync detection")

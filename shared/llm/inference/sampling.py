@@ -283,6 +283,8 @@ class Sampler:
         self._clear_bias(slot)
         if params.biased:
             bias = params.logit_bias
+            if max(bias) >= self.vocab_size:
+                raise ValueError(f"logit_bias: token {max(bias)} is outside the vocabulary")
             ids = torch.tensor(list(bias), dtype=torch.long, device=self.bias.device)
             self.bias[slot, ids] = torch.tensor(list(bias.values()), device=self.bias.device)
             self._biasing.add(slot)
