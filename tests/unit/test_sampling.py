@@ -231,7 +231,7 @@ def test_logit_bias_is_per_row_and_cleared_with_the_slot() -> None:
     assert torch.equal(sampler(logits, torch.arange(2), [0, 1]), greedy)
     b = SamplingParams(1.0, logit_bias={5: 1.0}, seed=0)
     assert b.logit_bias == {5: 1.0} and b.biased
-    with pytest.raises(ValueError, match="^logit_bias: token 50 is outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"^logit_bias: token 50 is outside the vocabulary"):
         sampler.assign(1, SamplingParams(0, logit_bias={VOCAB: 1}), [])
 
 
@@ -240,7 +240,8 @@ def test_sampling_does_not_sync_with_host_on_cuda() -> None:
     logits = _logits(batch=8).cuda()
     sampler = Sampler(8, VOCAB, "cuda")
     for i in range(8):
-        sampler.assign(i, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=i), [1, 2])
+        bias = {i: 5.0} if i % 2 else {}  # biased and unbiased rows in one step
+        sampler.assign(i, SamplingParams(0.7, top_k=20, top_p=0.9, seed=i, logit_bias=bias), [1])
     rows = torch.arange(8, device="cuda")
     sampler(logits, rows, range(8))  # warm up lazy CUDA init outside the check
     torch.cuda.set_sync_debug_mode("error")
