@@ -263,6 +263,18 @@ class EngineServicer(pb_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)
 
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        state = await self._ready(context)
+        try:  # off the event loop: a long list does not stall the streams this server relays
+            text = await asyncio.to_thread(
+                validation.detokenize, request, state.model.tokenizer, state.model.config.vocab_size
+            )
+        except validation.InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.DetokenizeResponse(text=text)
+
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:

@@ -1,4 +1,5 @@
-"""Turn `GenerateRequest`/`TokenizeRequest` protos into checked engine inputs.
+"""Turn `GenerateRequest`/`TokenizeRequest`/`DetokenizeRequest` protos into checked engine
+inputs.
 
 Every problem raises `InvalidArgument` whose message starts with the proto field path
 (`sampling.temperature: must be >= 0`), which the servicer returns as INVALID_ARGUMENT
@@ -8,6 +9,7 @@ and the gateway maps back to an OpenAI `param`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from llm.data.tokenizers import BaseTokenizer
@@ -18,6 +20,7 @@ from llm_engine.proto.v1 import engine_pb2 as pb
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16  # each one is searched on every token
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 class InvalidArgument(ValueError):
@@ -57,14 +60,15 @@ def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
 
 
 def encode_chat(
-    tokenizer: BaseTokenizer, chat: pb.ChatMessages, field: str, add_generation_prompt: bool
-) -> list[int]:
+    tokenizer: BaseTokenizer, chat: pb.ChatMessages, field: str, add_generation_prompt: bool,
+    add_special_tokens: bool = False,
+) -> list[int]:  # fmt: skip
     messages = chat_messages(chat, field)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # a template may raise anything (jinja, transformers)
         raise InvalidArgument(field, f"the chat template rejected the messages: {e}") from e
-    return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def prompt_ids(request: pb.GenerateRequest, tokenizer: BaseTokenizer, vocab_size: int) -> list[int]:
@@ -77,18 +81,38 @@ def prompt_ids(request: pb.GenerateRequest, tokenizer: BaseTokenizer, vocab_size
         return tokenizer.encode(request.text)
     if kind == "chat":
         return encode_chat(tokenizer, request.chat, "chat", add_generation_prompt=True)
-    ids = list(request.token_ids.ids)
-    if not ids:
+    if not request.token_ids.ids:
         raise InvalidArgument("token_ids.ids", "must not be empty")
-    for i, t in enumerate(ids):
+    return token_ids(request.token_ids.ids, "token_ids.ids", vocab_size)
+
+
+def token_ids(ids: Iterable[int], field: str, vocab_size: int) -> list[int]:
+    """`ids` as a list, each checked against the vocabulary (`field[i]` names a bad one)."""
+    out = list(ids)
+    for i, t in enumerate(out):
         if not 0 <= t < vocab_size:
             raise InvalidArgument(
-                f"token_ids.ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})"
+                f"{field}[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})"
             )
-    return ids
+    return out
 
 
-def sampling_params(s: pb.SamplingParams) -> SamplingParams:
+def logit_bias(bias: Mapping[int, float], vocab_size: int) -> dict[int, float]:
+    """The checked bias table; `sampling.logit_bias[ID]` names a bad entry."""
+    out = {}
+    for token, value in sorted(bias.items()):
+        field = f"sampling.logit_bias[{token}]"
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(
+                field, f"token {token} is outside the vocabulary [0, {vocab_size})"
+            )
+        if not (math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            raise InvalidArgument(field, f"must be in [-100, 100], got {value}")
+        out[token] = value
+    return out
+
+
+def sampling_params(s: pb.SamplingParams, vocab_size: int) -> SamplingParams:
     if not math.isfinite(s.temperature) or s.temperature < 0:
         raise InvalidArgument("sampling.temperature", f"must be >= 0, got {s.temperature}")
     # proto3 floats have no presence: 0 means "not set", i.e. no nucleus filtering.
@@ -116,6 +140,7 @@ def sampling_params(s: pb.SamplingParams) -> SamplingParams:
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         seed=s.seed % 2**63 if s.HasField("seed") else None,  # the sampler's seeds are int64
+        logit_bias=logit_bias(s.logit_bias, vocab_size),
     )
 
 
@@ -126,7 +151,7 @@ def generation_spec(
     vocab_size: int,
     context_length: int,
 ) -> GenerationSpec:
-    sampling = sampling_params(request.sampling)
+    sampling = sampling_params(request.sampling, vocab_size)
     stopping = request.stopping
     if stopping.max_tokens < 0:
         raise InvalidArgument("stopping.max_tokens", f"must be >= 0, got {stopping.max_tokens}")
@@ -152,11 +177,7 @@ def generation_spec(
             raise InvalidArgument(
                 f"stopping.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}"
             )
-    for i, t in enumerate(stopping.stop_token_ids):
-        if not 0 <= t < vocab_size:
-            raise InvalidArgument(
-                f"stopping.stop_token_ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})"
-            )
+    token_ids(stopping.stop_token_ids, "stopping.stop_token_ids", vocab_size)
     if request.top_logprobs < 0:
         raise InvalidArgument("top_logprobs", f"must be >= 0, got {request.top_logprobs}")
     if request.top_logprobs > MAX_TOP_LOGPROBS:
@@ -196,11 +217,18 @@ def generation_spec(
 
 def tokenize(request: pb.TokenizeRequest, tokenizer: BaseTokenizer) -> list[int]:
     kind = request.WhichOneof("input")
+    specials = request.add_special_tokens  # unset: false, as Generate encodes
     if kind == "text":
-        return tokenizer.encode(request.text)
+        return tokenizer.encode(request.text, add_special_tokens=specials)
     if kind == "chat":
-        return encode_chat(tokenizer, request.chat, "chat", request.add_generation_prompt)
+        return encode_chat(tokenizer, request.chat, "chat", request.add_generation_prompt, specials)
     raise InvalidArgument("input", "one of text or chat is required")
+
+
+def detokenize(request: pb.DetokenizeRequest, tokenizer: BaseTokenizer, vocab_size: int) -> str:
+    """The text of the ids; special tokens show unless `skip_special_tokens` is set."""
+    ids = token_ids(request.token_ids, "token_ids", vocab_size)
+    return tokenizer.decode(ids, skip_special_tokens=request.skip_special_tokens)
 
 
 def max_token_bytes(tokenizer: BaseTokenizer, vocab_size: int) -> int:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible FastAPI app: `create_app(settings)`.
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
-(both with `"stream": true` as server-sent events ending in `data: [DONE]`), GET /healthz
+(both with `"stream": true` as server-sent events ending in `data: [DONE]`), vLLM's POST
+/tokenize and /detokenize, GET /healthz
 (the process is up), GET /readyz (at least one engine is SERVING) and GET /metrics
 (Prometheus). Every choice of a request (`n` per prompt) maps to one engine `Generate`
 call on the least busy healthy engine, carrying the request's trace context; the calls run
@@ -27,21 +28,22 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_gateway import errors
+from llm_gateway import best_of, errors
 from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
 from llm_gateway.middleware import ApiKeys, GatewayMiddleware
+from llm_gateway.ratelimit import RateLimiter, hold_tokens
 from llm_gateway.responses import (
     ChatFormat,
     Choice,
-    CompletionFormat,
     Generation,
     ResponseFormat,
 )
 from llm_gateway.schemas import MAX_N, ChatCompletionRequest, CompletionRequest
 from llm_gateway.settings import GatewaySettings
 from llm_gateway.telemetry import Metrics, trace_metadata
+from llm_gateway.tokenization import DetokenizeRequest, Tokenization, TokenizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,14 @@ def create_app(
     metrics = metrics or Metrics()
     metrics.watch_pool(engines)
     dispatch = Dispatcher(engines, settings.retry_after_s)
+    limiter = RateLimiter.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engines.start()
         yield
         await engines.close()
+        await limiter.close()
 
     # The span, metrics and access log are GatewayMiddleware's: FastAPI's own telemetry
     # would open a second server span and one per dependency, endpoint and serialization
@@ -97,8 +101,9 @@ def create_app(
         GatewayMiddleware,
         metrics=metrics,
         tracer=trace.get_tracer("llm_gateway", tracer_provider=tracer_provider),
-        api_keys=ApiKeys(settings.load_api_keys, settings.api_keys_file),
+        api_keys=ApiKeys(settings.load_key_limits, settings.api_keys_file),
         max_body_bytes=settings.max_body_bytes,
+        limiter=limiter,
     )
 
     async def model_info(metadata: Metadata) -> pb.ModelInfoResponse:
@@ -189,6 +194,7 @@ def create_app(
         g.choices = [Choice.of(call) for call in calls]
         requests = [c.request for c in calls]
         echo = isinstance(body, CompletionRequest) and body.echo
+        await hold_tokens(request, g, calls, info)  # the key's tokens per minute (429)
         watch = ClientWatch(request)
         try:
             if not body.stream:
@@ -306,10 +312,22 @@ def create_app(
 
     @app.post("/v1/completions", responses=_GENERATE_RESPONSES)
     async def completions(request: Request, body: CompletionRequest) -> Any:
-        return await run(request, body, CompletionFormat(body.echo, body.logprobs))
+        return await run(request, *best_of.plan(body))
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         return await run(request, body, ChatFormat(logprobs=body.logprobs))
+
+    tokenization = Tokenization(
+        engines, check_model, model_info, settings.request_timeout_s, settings.retry_after_s
+    )
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await tokenization.tokenize(body)
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await tokenization.detokenize(body)
 
     return app

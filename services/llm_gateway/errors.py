@@ -29,6 +29,7 @@ _ENGINE_FIELDS = {
     "sampling.seed": "seed",
     "sampling.presence_penalty": "presence_penalty",
     "sampling.frequency_penalty": "frequency_penalty",
+    "sampling.logit_bias": "logit_bias",
     "stopping.max_tokens": "max_tokens",
     "stopping.stop": "stop",
     "stopping.stop_token_ids": "stop_token_ids",

@@ -1,11 +1,14 @@
-"""The one ASGI layer in front of the routes: trace span, metrics, access log, API keys and
-the body size limit.
+"""The one ASGI layer in front of the routes: trace span, metrics, access log, API keys,
+per-key rate limits and the body size limit.
 
 Pure ASGI (not `BaseHTTPMiddleware`): one function call per request, the span stays current
 while the route and its streamed response run, and a stream is measured to its last byte.
 API keys are checked here, before a body is read or parsed, so an unauthenticated caller
 learns nothing from validation errors. Keys are compared as SHA-256 digests with
-`hmac.compare_digest`: constant time, and the same length whatever the caller sends.
+`hmac.compare_digest`: constant time, and the same length whatever the caller sends. The
+key's requests per minute are counted here too (`llm_gateway.ratelimit`), its `Budget` is
+left in the request's state for the route to hold tokens in, its `x-ratelimit-*` headers
+go on the answer, and the tokens are settled once the answer has been sent.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_gateway.errors import OpenAIError
+from llm_gateway.ratelimit import Budget, RateLimiter
+from llm_gateway.settings import KeyLimits
 from llm_gateway.telemetry import REQUEST_SPAN, Metrics
 
 log = logging.getLogger("llm_gateway.access")
@@ -61,21 +66,23 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class ApiKeys:
-    """The accepted keys (as SHA-256 digests), from `load` (the settings' keys plus those of
-    `file`), loaded again when the file changes, so a rotated Secret takes effect within
-    `check_s` without a restart. A file that cannot be read or parsed meanwhile (a Secret
-    volume mid-swap) keeps the keys already loaded, with a warning."""
+    """The accepted keys (as SHA-256 digests) and their own limits, from `load` (the
+    settings' keys plus those of `file`), loaded again when the file changes, so a rotated
+    Secret (or a key's new limits) takes effect within `check_s` without a restart. A file
+    that cannot be read or parsed meanwhile (a Secret volume mid-swap) keeps the keys
+    already loaded, with a warning."""
 
     def __init__(
-        self, load: Callable[[], list[str]], file: Path | None = None, check_s: float = 2.0
-    ) -> None:
+        self, load: Callable[[], dict[str, KeyLimits]], file: Path | None = None,
+        check_s: float = 2.0,
+    ) -> None:  # fmt: skip
         self.load, self.file, self.check_s = load, file, check_s
         self._checked = 0.0
         self._digests = self._hashed()
         self._stamp = self._file_stamp()
 
-    def _hashed(self) -> list[bytes]:
-        return [hashlib.sha256(k.encode()).digest() for k in self.load()]
+    def _hashed(self) -> dict[bytes, KeyLimits]:
+        return {hashlib.sha256(k.encode()).digest(): limits for k, limits in self.load().items()}
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -84,7 +91,7 @@ class ApiKeys:
             return None
         return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def digests(self) -> list[bytes]:
+    def digests(self) -> dict[bytes, KeyLimits]:
         now = time.monotonic()
         if self.file is not None and now - self._checked >= self.check_s:
             self._checked = now
@@ -109,30 +116,35 @@ class GatewayMiddleware:
         tracer: trace.Tracer,
         api_keys: ApiKeys,
         max_body_bytes: int,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.app, self.metrics, self.tracer = app, metrics, tracer
         self.max_body_bytes = max_body_bytes
         self.api_keys = api_keys
+        self.limiter = limiter
 
-    def _auth_error(self, scope: Scope) -> OpenAIError | None:
+    def _authenticate(self, scope: Scope) -> tuple[OpenAIError | None, Budget | None]:
+        """The 401 to answer, or the caller's rate-limit budget (None: not limited)."""
         digests = self.api_keys.digests()
-        if not digests or scope["path"] in PUBLIC_PATHS:
-            return None
+        if scope["path"] in PUBLIC_PATHS:
+            return None, None
+        if not digests:  # no keys: every caller shares the default limits
+            return None, self.limiter.budget(None, None) if self.limiter else None
         header = _header(scope, b"authorization") or b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             return OpenAIError(
                 401, "missing API key: send it as 'Authorization: Bearer KEY'",
                 code="missing_api_key", headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+            ), None  # fmt: skip
         digest = hashlib.sha256(token.strip()).digest()
         # Every key is compared (no early exit), each in constant time.
         if not any([hmac.compare_digest(digest, k) for k in digests]):
             return OpenAIError(
                 401, "invalid API key", code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-        return None
+            ), None  # fmt: skip
+        return None, self.limiter.budget(digest, digests[digest]) if self.limiter else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,10 +155,14 @@ class GatewayMiddleware:
         parent = propagate.extract(scope["headers"], getter=_GETTER)
         status = 500  # unless a response starts
 
+        budget: Budget | None = None
+
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if budget is not None:
+                    message["headers"] = [*message.get("headers", ()), *budget.headers()]
             await send(message)
 
         received = 0
@@ -168,8 +184,12 @@ class GatewayMiddleware:
             attributes={"http.request.method": method, "url.path": path},
         ) as span:
             token = REQUEST_SPAN.set(span)
-            early = self._auth_error(scope) or self._length_error(scope)
+            early, budget = self._authenticate(scope)
+            early = early or self._length_error(scope)
             try:
+                if early is None and budget is not None:
+                    early = await budget.take_request()
+                scope.setdefault("state", {})["rate_limit"] = budget
                 if early is not None:
                     await early.response()(scope, receive, send_status)
                 else:
@@ -177,6 +197,8 @@ class GatewayMiddleware:
             finally:
                 if received > self.max_body_bytes or early is not None:
                     await _drain(receive)
+                if budget is not None:
+                    await budget.settle(status)
                 self.metrics.in_flight.dec()
                 REQUEST_SPAN.reset(token)
                 route = getattr(scope.get("route"), "path", None) or "unmatched"

@@ -47,6 +47,22 @@ def _utf8(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8)]
 TokenId = Annotated[int, Field(ge=0, le=_I32)]
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[str, float]:
+    """OpenAI's `logit_bias`: token ids (JSON keys, so strings) -> bias in [-100, 100]."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens may be biased")
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) <= _I32):
+            raise ValueError(f"keys must be token ids (decimal integers), got {key!r}")
+        if not -100 <= value <= 100:
+            raise ValueError(f"the bias of token {key} must be in [-100, 100], got {value}")
+    return bias
+
+
+LogitBias = Annotated[dict[str, float], AfterValidator(_logit_bias)]
 StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 # By shape, failing at the first bad item: pydantic's smart union validates the value
 # against every member and keeps an error per item of each, which cost a 2M-token prompt
@@ -84,6 +100,7 @@ MaxTokens = Annotated[int | None, Field(ge=1, le=_I32)]
 # a stream (whose choices all run at once) has at most MAX_N choices in all.
 MAX_N = 16
 MAX_CHOICES = 256  # prompts x n, without streaming
+MAX_BEST_OF = 20  # OpenAI's limit
 Prompt = str | list[int]
 
 
@@ -116,7 +133,7 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     user: Text | None = None
     # vLLM's extras (the OpenAI SDK sends them via extra_body); -1 is vLLM's "no top-k".
     top_k: int | None = Field(default=None, ge=-1, le=_I32)
@@ -129,8 +146,6 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
 
     def check_supported(self) -> None:
-        if self.logit_bias:
-            raise invalid("logit_bias", "logit_bias is not supported", code="unsupported_value")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         for s in stops:
             if not s:
@@ -183,6 +198,8 @@ class _Request(BaseModel):
         stopping.include_stop_str_in_output = self.include_stop_str_in_output
         if not self.skip_special_tokens:
             request.skip_special_tokens = False
+        for token, bias in (self.logit_bias or {}).items():
+            s.logit_bias[int(token)] = bias
 
     def _texts(self) -> tuple[str, list[str]]:
         """The request's input texts and the parameter that names them."""
@@ -291,19 +308,28 @@ class CompletionRequest(_Request):
     max_tokens: Annotated[int | None, Field(ge=0, le=_I32)] = 16
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    best_of: int | None = Field(default=None, ge=1)
+    # Candidates per prompt, of which the n most likely are returned (llm_gateway.best_of).
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF)
     suffix: Text | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.max_tokens == 0 and not self.echo:
             raise invalid("max_tokens", "max_tokens=0 generates nothing: use it with echo")
-        for name, unsupported in (
-            ("best_of", (self.best_of or 1) > 1),
-            ("suffix", bool(self.suffix)),  # "" appends nothing: harmless
-        ):
-            if unsupported:
-                raise invalid(name, f"{name} is not supported", code="unsupported_value")
+        n, best_of = self.n or 1, self.best_of
+        if best_of is not None and best_of < n:
+            raise invalid("best_of", f"best_of ({best_of}) must be at least n ({n})")
+        if best_of is not None and best_of > 1 and self.stream:
+            raise invalid(
+                "best_of", "best_of cannot be streamed: the best choices are known only once "
+                "every candidate has finished", code="unsupported_value",
+            )  # fmt: skip
+        if self.suffix:  # "" appends nothing: harmless
+            raise invalid(
+                "suffix", "suffix is not supported: this server has no fill-in-the-middle "
+                "(insertion) mode; send the text before the insertion point as the prompt",
+                code="unsupported_value",
+            )  # fmt: skip
 
     def _texts(self) -> tuple[str, list[str]]:
         return "prompt", [p for p in self.prompts() if isinstance(p, str)]

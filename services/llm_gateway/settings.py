@@ -3,34 +3,71 @@
 API keys come from `LLM_GATEWAY_API_KEYS` (comma-separated, or a JSON list as the Helm
 chart's Secret holds) and/or a mounted secret file `LLM_GATEWAY_API_KEYS_FILE` (one key
 per line, or a JSON list). They are `SecretStr`s, so a settings repr or a validation error
-never prints them.
+never prints them. A key may carry its own rate limits: `KEY rpm=60 tpm=100000` as an
+entry, or `{"key": KEY, "rpm": 60, "tpm": 100000}` in a JSON list.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK = "127.0.0.1"
+_LIMITS = ("rpm", "tpm")
 
 
-def parse_keys(raw: str) -> list[str]:
-    """`k1,k2`, one key per line, or a JSON list `["k1", "k2"]`; blanks are dropped."""
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's own limits per minute: None takes the gateway's default, 0 is unlimited."""
+
+    rpm: int | None = None  # requests
+    tpm: int | None = None  # tokens (prompt + max_tokens up front, settled with usage)
+
+
+class ApiKey(BaseModel):
+    """One accepted key and its own limits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    key: SecretStr = Field(min_length=1)
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+
+    @property
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.rpm, self.tpm)
+
+
+def parse_keys(raw: str) -> list[dict[str, Any]]:
+    """Key entries `{"key", "rpm"?, "tpm"?}` from `k1,k2`, one entry per line, or a JSON list
+    `["k1", {"key": "k2", "rpm": 60}]`; a text entry is `KEY [rpm=N] [tpm=N]`. Blanks are
+    dropped. Messages name the entry's position, never a key."""
     raw = raw.strip()
     if raw.startswith("["):
         try:
             values = json.loads(raw)
         except ValueError:
             raise ValueError("API keys: not a valid JSON list") from None
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise ValueError("API keys: a JSON list must hold strings only")
-    else:
-        values = raw.replace("\n", ",").split(",")
-    return [v.strip() for v in values if v.strip()]
+        if not isinstance(values, list) or not all(isinstance(v, (str, dict)) for v in values):
+            raise ValueError("API keys: a JSON list must hold strings or {key, rpm, tpm} objects")
+        entries = [v if isinstance(v, dict) else {"key": v.strip()} for v in values]
+        return [e for e in entries if e.get("key") != ""]
+    entries = []
+    for i, text in enumerate(t for t in raw.replace("\n", ",").split(",") if t.strip()):
+        key, *options = text.split()
+        entry: dict[str, Any] = {"key": key}
+        for option in options:
+            name, _, value = option.partition("=")
+            if name not in _LIMITS or not value.isdigit():
+                raise ValueError(f"API keys: entry {i + 1}: options are rpm=N and tpm=N")
+            entry[name] = int(value)
+        entries.append(entry)
+    return entries
 
 
 class GatewaySettings(BaseSettings):
@@ -46,8 +83,9 @@ class GatewaySettings(BaseSettings):
         default=None, description=f"address to bind; unset: {LOOPBACK} (set it to expose)"
     )
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="accepted Bearer keys; empty (and no file): no auth"
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=list,
+        description="accepted Bearer keys (each may set rpm=, tpm=); empty (and no file): no auth",
     )
     api_keys_file: Path | None = Field(
         default=None, description="file with more accepted keys (a mounted Secret)"
@@ -108,6 +146,21 @@ class GatewaySettings(BaseSettings):
         default=10.0, gt=0, description="how often dns:/// targets are resolved again"
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1,
+        description="requests per minute per API key (one bucket without keys), unless a key "
+        "sets its own; unset: unlimited",
+    )  # fmt: skip
+    rate_limit_tpm: int | None = Field(
+        default=None, ge=1,
+        description="tokens per minute per API key: prompt + max_tokens held when a request "
+        "starts, settled with its usage when it ends; unset: unlimited",
+    )  # fmt: skip
+    rate_limit_redis_url: SecretStr | None = Field(
+        default=None,
+        description="redis:// (or rediss://, unix://) URL where every gateway replica counts "
+        "the limits; unset: each replica counts alone, in memory",
+    )  # fmt: skip
     multiplex: bool = Field(
         default=True,
         description="one GenerateMany stream per engine for all generations (one message per"
@@ -125,7 +178,20 @@ class GatewaySettings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        return parse_keys(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            return parse_keys(value)
+        if isinstance(value, list):  # --api-key flags, or keys given in code
+            return [{"key": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
 
     @property
     def bind_host(self) -> str:
@@ -143,7 +209,27 @@ class GatewaySettings(BaseSettings):
 
     def load_api_keys(self) -> list[str]:
         """Keys from the environment/flags and from `api_keys_file`, without duplicates."""
-        keys = [k.get_secret_value() for k in self.api_keys]
+        return list(self.load_key_limits())
+
+    def load_key_limits(self) -> dict[str, KeyLimits]:
+        """Each key (environment/flags first, then `api_keys_file`) and its own limits; a
+        key listed twice takes the limits of its last listing."""
+        entries = list(self.api_keys)
         if self.api_keys_file is not None:
-            keys += parse_keys(self.api_keys_file.read_text())
-        return list(dict.fromkeys(k for k in keys if k))
+            raw = parse_keys(self.api_keys_file.read_text())
+            try:
+                entries += [ApiKey.model_validate(e) for e in raw]
+            except ValueError as e:  # pydantic's message names the field, not the key
+                raise ValueError(f"API keys file: {_first_error(e)}") from None
+        keys: dict[str, KeyLimits] = {}
+        for entry in entries:
+            keys[entry.key.get_secret_value()] = entry.limits
+        return keys
+
+
+def _first_error(error: ValueError) -> str:
+    errors = getattr(error, "errors", None)
+    if errors is None:
+        return str(error)
+    first = errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'entry'}: {first['msg']}"

@@ -257,6 +257,18 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
         ),
         ({"text": "x", "top_logprobs": 21}, "top_logprobs"),
         ({"text": "x", "top_logprobs": -1}, "top_logprobs"),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(logit_bias={5: 1, 100000: 1})},
+            "sampling.logit_bias[100000]",
+        ),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(logit_bias={5: 100.5})},
+            "sampling.logit_bias[5]",
+        ),
+        (
+            {"text": "x", "sampling": pb.SamplingParams(logit_bias={5: float("inf")})},
+            "sampling.logit_bias[5]",
+        ),
     ],
 )
 def test_invalid_arguments_name_the_field(engine: Engine, request_kwargs: dict, field: str) -> None:
@@ -525,6 +537,83 @@ def test_prompt_logprobs_score_the_prompt(engine: Engine, reference: LoadedModel
                  stopping=pb.StoppingCriteria(max_tokens=2, ignore_eos=True))  # fmt: skip
     assert len(chunks[0].prompt_logprobs) == len(reference.tokenizer.encode("The ")) - 1
     assert ids_of(chunks) and chunks[-1].usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_bans_and_forces_tokens(
+    engine: Engine, reference: LoadedModel, temperature: float
+) -> None:
+    def ids(bias: dict[int, float], **kwargs: object) -> list[int]:
+        params = pb.SamplingParams(temperature=temperature, seed=3, logit_bias=bias)
+        stopping = pb.StoppingCriteria(max_tokens=30, ignore_eos=True)
+        return ids_of(run(engine, text="The ", sampling=params, stopping=stopping, **kwargs))
+
+    free = ids({})
+    common = max(set(free), key=free.count)  # the token this generation uses most
+    banned = ids({common: -100})
+    assert common not in banned and len(banned) == 30
+    rare = reference.tokenizer.encode("Z")[0]
+    assert rare not in free
+    chunks = run(engine, text="The ", logprobs=True,
+                 sampling=pb.SamplingParams(temperature=temperature, seed=3, logit_bias={rare: 100}),
+                 stopping=pb.StoppingCriteria(max_tokens=5, ignore_eos=True))  # fmt: skip
+    assert ids_of(chunks) == [rare] * 5
+    # Logprobs stay the model's own: the forced token is as unlikely as it ever was.
+    assert chunks[0].logprobs[0].logprob < -1
+    assert ids({}) == free  # the bias ended with its request
+
+
+def test_a_request_from_before_logit_bias_still_generates(engine: Engine) -> None:
+    """An old client's GenerateRequest (a schema without the new fields, its own pool)
+    reaches the engine as bytes and generates what a new client's does."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    schema = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(schema)
+    sampling = next(m for m in schema.message_type if m.name == "SamplingParams")
+    fields = [f for f in sampling.field if f.name != "logit_bias"]
+    del sampling.field[:]
+    sampling.field.extend(fields)
+    del sampling.nested_type[:]  # the map's entry type
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    old = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("llm.engine.v1.GenerateRequest")
+    )
+    assert "logit_bias" not in old.DESCRIPTOR.fields_by_name["sampling"].message_type.fields_by_name
+    request = old(text="The ")
+    request.sampling.temperature = 1.0
+    request.sampling.seed = 5
+    request.stopping.max_tokens = 12
+    request.stopping.ignore_eos = True
+    generate = engine.channel.unary_stream(
+        "/llm.engine.v1.Engine/Generate", response_deserializer=pb.GenerateChunk.FromString
+    )
+    chunks = list(generate(request.SerializeToString(), timeout=30))
+    new = run(engine, text="The ", sampling=pb.SamplingParams(temperature=1.0, seed=5),
+              stopping=pb.StoppingCriteria(max_tokens=12, ignore_eos=True))  # fmt: skip
+    assert ids_of(chunks) == ids_of(new) and len(ids_of(chunks)) == 12
+
+
+def test_detokenize_inverts_tokenize(engine: Engine, reference: LoadedModel) -> None:
+    tok = reference.tokenizer
+    text = "def f(x):\n    return x"
+    ids = list(engine.stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)
+    assert ids == tok.encode(text)
+    assert engine.stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == text
+    # Special tokens show unless skipped (a round trip of a chat's ids keeps its markers).
+    with_eos = pb.DetokenizeRequest(token_ids=[*ids, tok.eos_id])
+    assert engine.stub.Detokenize(with_eos).text == tok.decode([*ids, tok.eos_id], False) != text
+    with_eos.skip_special_tokens = True
+    assert engine.stub.Detokenize(with_eos).text == text
+    # The char tokenizer has no BOS: add_special_tokens adds nothing.
+    asked = pb.TokenizeRequest(text=text, add_special_tokens=True)
+    assert list(engine.stub.Tokenize(asked).token_ids) == ids
+    assert engine.stub.Detokenize(pb.DetokenizeRequest()).text == ""
+    with pytest.raises(grpc.RpcError) as e:
+        engine.stub.Detokenize(pb.DetokenizeRequest(token_ids=[3, 100000]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("token_ids[1]: ")
 
 
 def test_liveness_serves_before_the_model_is_loaded() -> None:

@@ -62,7 +62,16 @@ def chat(**overrides: object) -> dict:
         ("/v1/completions", completion(stop=""), "stop"),
         ("/v1/completions", completion(max_tokens=0), "max_tokens"),  # only with echo
         ("/v1/completions", completion(logprobs=6), "logprobs"),  # OpenAI's limit is 5
-        ("/v1/completions", completion(best_of=2), "best_of"),
+        ("/v1/completions", completion(best_of=2, n=3), "best_of"),  # fewer candidates than n
+        ("/v1/completions", completion(best_of=2, stream=True), "best_of"),  # as OpenAI
+        ("/v1/completions", completion(best_of=21), "best_of"),
+        ("/v1/completions", completion(suffix=" the end"), "suffix"),
+        ("/v1/completions", completion(logit_bias={"x": 1}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={"-1": 1}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={"5": 101}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={"5": "1"}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+        ("/v1/chat/completions", chat(logit_bias={"5": -100.5}), "logit_bias"),
         ("/v1/completions", completion(prompt=[]), "prompt"),
         ("/v1/completions", completion(top_k=-2), "top_k"),
         ("/v1/completions", completion(stop=["s" * 1025]), "stop"),
@@ -162,6 +171,25 @@ def test_requests_map_onto_the_engine_api(
     assert list(servicer.last.token_ids.ids) == [1, 2, 3]
     assert servicer.last.stopping.max_tokens == 16  # OpenAI's completions default
     assert servicer.last.sampling.temperature == pytest.approx(1.0)
+
+
+def test_logit_bias_and_best_of_map_onto_engine_calls(
+    client: TestClient, stub_engine: tuple[int, ScriptedEngine]
+) -> None:
+    servicer = stub_engine[1]
+    reply = client.post("/v1/chat/completions", json=chat(logit_bias={"5": -100, "7": 2.5}))
+    assert reply.status_code == 200, reply.text
+    assert dict(servicer.last.sampling.logit_bias) == {5: -100.0, 7: 2.5}
+    servicer.requests.clear()
+    reply = client.post("/v1/completions", json=completion(best_of=3, seed=7))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    # Three candidates, each scored by its logprobs, one answer without them (none asked).
+    assert sorted(r.sampling.seed for r in servicer.requests) == [7, 8, 9]
+    assert all(r.logprobs and r.top_logprobs == 0 for r in servicer.requests)
+    assert [(c["index"], c["logprobs"]) for c in body["choices"]] == [(0, None)]
+    assert body["usage"]["completion_tokens"] == 3  # every candidate was generated
+    assert body["usage"]["prompt_tokens"] == 2  # the prompt, once
 
 
 def test_api_keys(stub_engine: tuple[int, ScriptedEngine]) -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from llm_engine.settings import EngineSettings
-from llm_gateway.settings import GatewaySettings
+from llm_gateway.settings import GatewaySettings, KeyLimits
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "llm-serve"
 STORAGE = Path(__file__).resolve().parents[2] / "shared" / "llm" / "storage.py"
@@ -46,6 +46,18 @@ CASES = {
         "apiKeys": {"keys": ["sk-test-0123456789"]},
         "gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
         "engine": {"replicas": 3, "maxModelLen": 4096, "kvCacheGiB": 1.5},
+    },
+    "rate-limits": {
+        "apiKeys": {
+            "keys": ["sk-test-0123456789", {"key": "sk-team-0123456789", "rpm": 60, "tpm": 2000000}]
+        },
+        "gateway": {
+            "rateLimit": {
+                "requestsPerMinute": 600,
+                "tokensPerMinute": 1500000,
+                "redisUrl": "redis://redis.cache:6379/0",
+            }
+        },
     },
 }
 # Read by the services through libraries, not settings classes: S3 credentials by
@@ -295,6 +307,29 @@ def test_created_api_key_secret_holds_a_json_list(chart):
     assert json.loads(base64.b64decode(secret["data"][key])) == ["sk-test-0123456789"]
 
 
+def test_rate_limits_reach_the_gateway(chart):
+    import base64
+
+    docs = objects(render(chart, CASES["rate-limits"]))
+    env = {e["name"]: e for e in container(docs, "gateway")["env"]}
+    assert env["LLM_GATEWAY_RATE_LIMIT_RPM"]["value"] == "600"
+    assert env["LLM_GATEWAY_RATE_LIMIT_TPM"]["value"] == "1500000"  # not 1.5e+06
+    assert env["LLM_GATEWAY_RATE_LIMIT_REDIS_URL"]["value"] == "redis://redis.cache:6379/0"
+    (secret,) = find(docs, "Secret", "-api-keys")
+    keys = base64.b64decode(secret["data"]["api-keys"]).decode()
+    assert GatewaySettings(api_keys=keys).load_key_limits() == {
+        "sk-test-0123456789": KeyLimits(),
+        "sk-team-0123456789": KeyLimits(rpm=60, tpm=2000000),
+    }
+    # A Redis URL with a password comes from a Secret; no limits set: no variables at all.
+    values = {"gateway": {"rateLimit": {"redisExistingSecret": "redis-auth"}}}
+    env = {e["name"]: e for e in container(objects(render(chart, values)), "gateway")["env"]}
+    ref = env["LLM_GATEWAY_RATE_LIMIT_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "redis-auth", "key": "redis-url"}
+    plain = container(objects(render(chart, {})), "gateway")["env"]
+    assert not [e for e in plain if e["name"].startswith("LLM_GATEWAY_RATE_LIMIT")]
+
+
 def test_autoscaling_values(chart):
     docs = objects(render(chart, CASES["autoscaling"]))
     (hpa,) = find(docs, "HorizontalPodAutoscaler")
@@ -339,6 +374,15 @@ def test_notes_show_the_openai_sdk(chart):
         ({"engine": {"port": "50051"}}, "/engine/port"),
         ({"gateway": {"autoscalling": {"enabled": True}}}, "autoscalling"),
         ({"apiKeys": {"keys": "sk-not-a-list"}}, "/apiKeys/keys"),
+        ({"apiKeys": {"keys": [{"key": "sk-0123456789", "rpn": 5}]}}, "/apiKeys/keys/0"),
+        (
+            {"gateway": {"rateLimit": {"requestsPerMinute": 0}}},
+            "/gateway/rateLimit/requestsPerMinute",
+        ),
+        (
+            {"gateway": {"rateLimit": {"redisUrl": "http://redis:6379"}}},
+            "/gateway/rateLimit/redisUrl",
+        ),
     ],
 )
 def test_invalid_values_are_rejected(chart, values, message):

@@ -1,4 +1,4 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, penalties, per-row
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, penalties, logit bias, per-row
 parameters and seeds that do not depend on the rest of the batch."""
 
 from __future__ import annotations
@@ -192,6 +192,11 @@ def test_token_logprobs_are_raw_log_softmax() -> None:
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"seed": -3}, "seed"),
+        ({"logit_bias": {3: 100.5}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+        ({"logit_bias": {3: "5"}}, "logit_bias"),
     ],
 )
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
@@ -199,12 +204,44 @@ def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.5])
+def test_logit_bias_minus_100_bans_and_plus_100_forces(temperature: float) -> None:
+    logits = _logits(batch=512, seed=3)
+    top = logits.argmax(-1)
+    # Banned: each row's own most likely token (a row-local bias, one slot per row).
+    banned = [SamplingParams(temperature, logit_bias={int(t): -100}) for t in top]
+    assert not (_sample(logits, banned) == top).any()
+    # Forced: the token every row finds least likely, however unlikely.
+    least = int(logits.sum(0).argmin())
+    forced = _sample(logits, SamplingParams(temperature, logit_bias={least: 100}))
+    assert forced.tolist() == [least] * 512
+    if temperature:  # unbiased, the same rows draw it (almost) never
+        assert (_sample(logits, SamplingParams(temperature)) == least).float().mean() < 0.05
+
+
+def test_logit_bias_is_per_row_and_cleared_with_the_slot() -> None:
+    logits = _logits(batch=2, seed=4)
+    greedy = logits.argmax(-1)
+    sampler = Sampler(2, VOCAB)
+    sampler.assign(0, SamplingParams(0, logit_bias={"7": 100}), [])  # a JSON key: a string
+    sampler.assign(1, SamplingParams(0), [])
+    assert sampler(logits, torch.arange(2), [0, 1]).tolist() == [7, int(greedy[1])]
+    sampler.release(0)
+    sampler.assign(0, SamplingParams(0), [])  # the slot's next request has no bias
+    assert torch.equal(sampler(logits, torch.arange(2), [0, 1]), greedy)
+    b = SamplingParams(1.0, logit_bias={5: 1.0}, seed=0)
+    assert b.logit_bias == {5: 1.0} and b.biased
+    with pytest.raises(ValueError, match=r"^logit_bias: token 50 is outside the vocabulary"):
+        sampler.assign(1, SamplingParams(0, logit_bias={VOCAB: 1}), [])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync detection")
 def test_sampling_does_not_sync_with_host_on_cuda() -> None:
     logits = _logits(batch=8).cuda()
     sampler = Sampler(8, VOCAB, "cuda")
     for i in range(8):
-        sampler.assign(i, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=i), [1, 2])
+        bias = {i: 5.0} if i % 2 else {}  # biased and unbiased rows in one step
+        sampler.assign(i, SamplingParams(0.7, top_k=20, top_p=0.9, seed=i, logit_bias=bias), [1])
     rows = torch.arange(8, device="cuda")
     sampler(logits, rows, range(8))  # warm up lazy CUDA init outside the check
     torch.cuda.set_sync_debug_mode("error")

@@ -113,6 +113,28 @@ def test_hf_tokenizer_from_local_directory(tmp_path: Path) -> None:
     assert chat == "User: hi\nAssistant:"  # no template of its own: the plain format
 
 
+def test_special_tokens_are_added_only_when_asked(tmp_path: Path) -> None:
+    """Training and generation encode without the tokenizer's specials; /tokenize's
+    `add_special_tokens` asks for them (here a BOS its post-processor adds)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
+    word = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    word.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 0)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=word, bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    ).save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hello world") == [3, 4]
+    assert tok.encode("hello world", add_special_tokens=True) == [0, 3, 4]
+    chars = SimpleCharacterTokenizer.train("hello")
+    assert chars.encode("hello", add_special_tokens=True) == chars.encode("hello")  # no BOS
+
+
 def test_trained_bpe_loads_with_autotokenizer_offline(bpe_dir: Path, monkeypatch) -> None:
     from transformers import AutoTokenizer
 

@@ -67,7 +67,10 @@ class BaseTokenizer(Protocol):
         """Ids that end a generated turn (EOS, and the chat template's end-of-turn token)."""
         ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text`; `add_special_tokens` adds the tokenizer's own (a BOS, say), which
+        training and generation never do."""
+        ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (EOS, chat markers) decode to nothing unless
@@ -144,7 +147,8 @@ class SimpleCharacterTokenizer:
             raise ValueError("cannot build a character vocabulary from an empty corpus")
         return cls(sorted(set(text)), unknown=unknown)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # No special token goes around a text here (there is no BOS).
         if len(text) > 512:  # the table lookup beats the dict once the text is not tiny
             return self.encode_array(text).tolist()
         unk, stoi = self.unk_id, self._stoi
@@ -242,8 +246,8 @@ class HFTokenizer:
             ids.append(im_end)
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Many texts at once; the Rust backend encodes them in parallel, without offsets."""

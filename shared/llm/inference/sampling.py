@@ -4,7 +4,9 @@ Every request's parameters live in per-slot tensors (`Sampler`), so one call sam
 whole decode step of requests with different temperatures, filters and penalties, on the
 logits' device, without a host sync per request:
 
-- penalties on the raw logits: repetition (CTRL, Keskar et al. 2019: positive logits of
+- logit bias (OpenAI's `logit_bias`): a per-token value added to the raw logits, so -100
+  all but bans a token and +100 all but forces it;
+- then penalties: repetition (CTRL, Keskar et al. 2019: positive logits of
   seen tokens divided by it, negative ones multiplied; prompt and output count as seen),
   presence and frequency (OpenAI's: minus presence * [count > 0] minus frequency * count,
   over the output);
@@ -16,15 +18,17 @@ logits' device, without a host sync per request:
   state. A seeded request therefore draws the same numbers whatever else is in the batch,
   and an unseeded one gets a random seed when it is admitted.
 
-Temperature 0 is greedy: argmax of the penalised logits. Logprobs are reported from the
-raw model distribution (before penalties, temperature and filters), as the OpenAI API does.
+Temperature 0 is greedy: argmax of the biased, penalised logits. Logprobs are reported from
+the raw model distribution (before bias, penalties, temperature and filters), as the OpenAI
+API does.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +47,9 @@ class SamplingParams:
     presence_penalty, frequency_penalty: subtracted once per seen output token / per
         occurrence (OpenAI's definition, in [-2, 2] there); 0 disables.
     seed: makes the draws reproducible; None draws a fresh seed per request.
+    logit_bias: token id -> value in [-100, 100] added to that token's logit before
+        everything else (OpenAI's definition; ids may come as decimal strings, as JSON
+        keys do).
     """
 
     temperature: float = 1.0
@@ -53,6 +60,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Field names in the messages so callers can map them to API parameters.
@@ -71,6 +79,7 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be in [0, 2**63), got {self.seed}")
+        object.__setattr__(self, "logit_bias", _bias_table(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -81,12 +90,34 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
 
     @property
+    def biased(self) -> bool:
+        return any(self.logit_bias.values())
+
+    @property
     def penalties(self) -> bool:
         return (
             self.repetition_penalty != 1
             or self.presence_penalty != 0
             or self.frequency_penalty != 0
         )
+
+
+def _bias_table(bias: Mapping[int | str, float]) -> dict[int, float]:
+    """`logit_bias` as {token id: value}, each checked; a message names the entry."""
+    table = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+        if token < 0:
+            raise ValueError(f"logit_bias: {key!r} is not a token id (ids are >= 0)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"logit_bias: the bias of {key!r} must be a number, got {value!r}")
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise ValueError(f"logit_bias: the bias of {key!r} must be in [-100, 100], got {value}")
+        table[token] = float(value)
+    return table
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -221,11 +252,13 @@ class Sampler:
         self.step = torch.zeros(n_slots, dtype=torch.long, **kw)
         self.counts = torch.zeros(n_slots, vocab_size, dtype=torch.int32, **kw)
         self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, **kw)
-        # Host-side: which slots draw at random, filter or penalise (passes that no row
-        # of a step needs are skipped).
+        self.bias = torch.zeros(n_slots, vocab_size, **kw)  # logit_bias, dense per slot
+        # Host-side: which slots draw at random, filter, penalise or bias (passes that no
+        # row of a step needs are skipped).
         self._drawing: set[int] = set()
         self._filtering: set[int] = set()
         self._penalising: set[int] = set()
+        self._biasing: set[int] = set()
 
     def assign(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> int:
         """Load a request into `slot`; returns the seed it samples with."""
@@ -247,6 +280,14 @@ class Sampler:
         if params.repetition_penalty != 1:
             ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.seen.device)
             self.seen[slot, ids] = True
+        self._clear_bias(slot)
+        if params.biased:
+            bias = params.logit_bias
+            if max(bias) >= self.vocab_size:
+                raise ValueError(f"logit_bias: token {max(bias)} is outside the vocabulary")
+            ids = torch.tensor(list(bias), dtype=torch.long, device=self.bias.device)
+            self.bias[slot, ids] = torch.tensor(list(bias.values()), device=self.bias.device)
+            self._biasing.add(slot)
         (self._drawing.discard if params.greedy else self._drawing.add)(slot)
         (self._filtering.add if params.filters else self._filtering.discard)(slot)
         (self._penalising.add if params.penalties else self._penalising.discard)(slot)
@@ -256,6 +297,14 @@ class Sampler:
         self._drawing.discard(slot)
         self._filtering.discard(slot)
         self._penalising.discard(slot)
+        self._clear_bias(slot)
+
+    def _clear_bias(self, slot: int) -> None:
+        # A step adds every row's bias when any row has one: a slot's row must be zero
+        # whenever it is not biasing.
+        if slot in self._biasing:
+            self.bias[slot] = 0
+            self._biasing.discard(slot)
 
     def __call__(
         self, logits: torch.Tensor, rows: torch.Tensor, slots: Sequence[int]
@@ -263,6 +312,8 @@ class Sampler:
         """Sample one token for each of `logits`' rows (B, V), row b belonging to slot
         `rows[b]` ((B,) on the device; `slots` is the same on the host). Returns (B,)."""
         logits = logits.float()
+        if self._biasing.intersection(slots):
+            logits = logits + self.bias[rows]  # a new tensor: the caller's logits stay raw
         if self._penalising.intersection(slots):
             logits = apply_penalties(
                 logits, self.counts[rows], self.seen[rows], self.repetition[rows],

@@ -44,6 +44,11 @@ class EngineStub:
                 request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/llm.engine.v1.Engine/Detokenize',
+                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/llm.engine.v1.Engine/ModelInfo',
                 request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
@@ -69,6 +74,13 @@ class EngineServicer:
 
     def Tokenize(self, request, context):
         """Tokenize turns text or chat messages into token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize turns token ids back into text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +116,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.FromString,
                     response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -170,6 +187,33 @@ class Engine:
             '/llm.engine.v1.Engine/Tokenize',
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm.engine.v1.Engine/Detokenize',
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
