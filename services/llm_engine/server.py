@@ -26,7 +26,7 @@ from llm import storage
 from llm.checkpoint import LoadedModel
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
-from llm_engine import tracing, validation
+from llm_engine import metrics, tracing, validation
 from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
 from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
@@ -451,6 +451,7 @@ class RunningEngine:
         of that happens in a child process (`llm_engine.core`), which gets `threads`
         torch threads; this process keeps only the tokenizer."""
         started = time.monotonic()
+        metrics.SLOTS.set(n_slots)
         options = CoreOptions(
             checkpoint, device=device, dtype=dtype, adapter=adapter, merge_adapter=merge_adapter,
             max_queue=max_queue, n_slots=n_slots, prefill_chunk=prefill_chunk, compile=compile,
@@ -480,6 +481,7 @@ class RunningEngine:
         self.servicer.state = state
         for service in ("", ENGINE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics.READY.set(1)
         log.info(
             "model_loaded",
             extra={
@@ -497,6 +499,7 @@ class RunningEngine:
     def _core_died(self) -> None:
         """On the event loop: the engine core is gone; refuse everything, go NOT_SERVING."""
         self.servicer.draining = True
+        metrics.READY.set(0)
         for service in ("", ENGINE_SERVICE):  # HealthServicer.set only notifies watchers
             self._pending.add(asyncio.ensure_future(
                 self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -507,6 +510,7 @@ class RunningEngine:
         """Stop taking requests, let running streams finish for `grace` s, stop the core."""
         await self.health.enter_graceful_shutdown()
         self.servicer.draining = True
+        metrics.READY.set(0)
         await self.server.stop(grace)
         if self.servicer.state is not None:
             await asyncio.to_thread(self.servicer.state.scheduler.stop)
