@@ -56,10 +56,14 @@ def test_slots_readiness_and_kv_usage(tiny_checkpoint: str, engine_process: bool
                 received = 0
                 while received < 5:
                     received += len((await call.read()).token_ids)
-                # One request of three slots: its prompt and tokens so far, of 3 x context.
-                await _until(lambda: gauge("llm_engine_kv_cache_usage_ratio") > 0)
-                used = gauge("llm_engine_kv_cache_usage_ratio") * 3 * context
-                assert len(prompt) + received <= round(used) <= context
+
+                # One request of three slots: its prompt and tokens so far, of 3 x context
+                # (set once per step: it may trail the tokens already read by a step).
+                def used() -> int:
+                    return round(gauge("llm_engine_kv_cache_usage_ratio") * 3 * context)
+
+                await _until(lambda: used() >= len(prompt) + received)
+                assert used() <= context
                 assert gauge("llm_engine_active_slots") == 1
                 call.cancel()
                 await _until(lambda: gauge("llm_engine_kv_cache_usage_ratio") == 0)
