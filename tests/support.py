@@ -184,3 +184,20 @@ class DenyDeletes(S3Proxy):
         handler.end_headers()
         handler.wfile.write(error)
         return True
+
+
+def require_binary(name: str, install: str) -> str:
+    """The path of an external program a test needs: skipped where it is not installed,
+    except in CI (`CI` set), where its absence is a failure (.ci/run installs it)."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed ({install})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must run this test")
+        pytest.skip(message)
+    return path

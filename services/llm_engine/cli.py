@@ -22,11 +22,11 @@ import signal
 import sys
 from typing import Annotated
 
-import prometheus_client
 import torch
 import typer
 from pydantic import ValidationError
 
+from llm_engine.exposition import serve_metrics
 from llm_engine.jsonlog import announce, setup_logging
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
@@ -52,7 +52,7 @@ async def serve(settings: EngineSettings) -> int:
         return 1
     announce("engine_listening", host=settings.host, port=engine.port)
     if settings.metrics_port:
-        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        serve_metrics(settings.metrics_port, settings.host)
         log.info("metrics_listening", extra={"port": settings.metrics_port})
 
     stop = asyncio.Event()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
+from prometheus_client.metrics import MetricWrapperBase
 
 from llm import storage
 from llm.checkpoint import load_checkpoint
@@ -148,7 +149,7 @@ class _Recorder:
         self._ops: list[tuple[str, str | None, str, float]] = []
         self._lock = threading.Lock()
         for name in dir(metrics):
-            if name.isupper() and not name.startswith("_"):
+            if isinstance(getattr(metrics, name), MetricWrapperBase):
                 setattr(self, name, _Metric(self, name))
 
     def add(self, op: tuple[str, str | None, str, float]) -> None:
@@ -456,3 +457,4 @@ class EngineCore:
             _emit(request, Failed(message, unavailable=True))
         metrics.QUEUE_DEPTH.set(0)
         metrics.ACTIVE_SLOTS.set(0)
+        metrics.KV_CACHE_USAGE.set(0)

@@ -173,6 +173,14 @@ class Scheduler:
     def active_slots(self) -> int:
         return self.batch.active
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of the cache's token positions (slots x context) that running
+        requests fill: their prompts' cached tokens and the tokens generated so far."""
+        context = self.batch.max_seq_len
+        used = sum(min(s.work.prefilled + s.work.generated, context) for s in self._active.values())
+        return used / (self.n_slots * context)
+
     # -- the scheduler thread ------------------------------------------------------------
 
     def _run(self) -> None:
@@ -193,6 +201,7 @@ class Scheduler:
             if self._active:
                 self._step()
             self.metrics.ACTIVE_SLOTS.set(self.batch.active)
+            self.metrics.KV_CACHE_USAGE.set(self.kv_cache_usage)
             if self.on_iteration is not None:
                 self.on_iteration()
         self._fail_all("the engine is shutting down")
@@ -330,6 +339,7 @@ class Scheduler:
             _emit(request, Failed(message, unavailable=True))
         self.metrics.QUEUE_DEPTH.set(0)
         self.metrics.ACTIVE_SLOTS.set(self.batch.active)
+        self.metrics.KV_CACHE_USAGE.set(self.kv_cache_usage)
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

@@ -9,6 +9,7 @@ they validate, hand a request to the scheduler thread and relay its events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from llm import storage
 from llm.checkpoint import LoadedModel
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
-from llm_engine import tracing, validation
+from llm_engine import metrics, tracing, validation
 from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
 from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
@@ -73,6 +74,14 @@ class EngineServicer(pb_grpc.EngineServicer):
     def __init__(self) -> None:
         self.state: EngineState | None = None
         self.draining = False  # SIGTERM: GenerateMany streams refuse new generations
+        # Generations this server has taken (from the refusal checks on) and not yet ended:
+        # a drain stops the server as soon as this is 0.
+        self.in_flight = 0
+
+    async def drained(self) -> None:
+        """Return once no generation is in flight."""
+        while self.in_flight:
+            await asyncio.sleep(0.02)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> EngineState:
         if self.state is None:
@@ -89,6 +98,17 @@ class EngineServicer(pb_grpc.EngineServicer):
         the event loop: a long prompt does not stall the streams this server relays."""
         if self.draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
+        self.in_flight += 1  # the caller counts it down when the generation ends
+        try:
+            return await self._submit(state, request, metadata, sink)
+        except BaseException:
+            self.in_flight -= 1
+            raise
+
+    async def _submit(
+        self, state: EngineState, request: pb.GenerateRequest, metadata: Metadata,
+        sink: Callable[[Event], None],
+    ) -> tuple[GenerationRequest, Span]:  # fmt: skip
         config = state.model.config
         try:
             spec = await asyncio.to_thread(
@@ -162,6 +182,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             span.set_attribute("llm.cancelled", True)
             raise
         finally:
+            self.in_flight -= 1
             if not done:
                 job.cancel()
             span.end()
@@ -201,6 +222,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             held.pop(i, None)
             whole.discard(i)
             job, span = running.pop(i)
+            self.in_flight -= 1
             if cancelled:
                 job.cancel()
                 span.set_attribute("llm.cancelled", True)
@@ -463,6 +485,7 @@ class RunningEngine:
         of that happens in a child process (`llm_engine.core`), which gets `threads`
         torch threads; this process keeps only the tokenizer."""
         started = time.monotonic()
+        metrics.SLOTS.set(n_slots)
         options = CoreOptions(
             checkpoint, device=device, dtype=dtype, adapter=adapter, merge_adapter=merge_adapter,
             max_queue=max_queue, n_slots=n_slots, prefill_chunk=prefill_chunk, compile=compile,
@@ -492,6 +515,7 @@ class RunningEngine:
         self.servicer.state = state
         for service in ("", ENGINE_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics.READY.set(1)
         log.info(
             "model_loaded",
             extra={
@@ -509,6 +533,7 @@ class RunningEngine:
     def _core_died(self) -> None:
         """On the event loop: the engine core is gone; refuse everything, go NOT_SERVING."""
         self.servicer.draining = True
+        metrics.READY.set(0)
         for service in ("", ENGINE_SERVICE):  # HealthServicer.set only notifies watchers
             self._pending.add(asyncio.ensure_future(
                 self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -516,10 +541,18 @@ class RunningEngine:
         self.died.set()
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop taking requests, let running streams finish for `grace` s, stop the core."""
+        """Stop taking requests, let running generations finish for up to `grace` s, stop
+        the server and the core. The server stops as soon as the generations are done:
+        streams that stay open while idle (the gateways' health watches and GenerateMany
+        streams) would otherwise hold every stop for the whole grace period."""
         await self.health.enter_graceful_shutdown()
         self.servicer.draining = True
-        await self.server.stop(grace)
+        metrics.READY.set(0)
+        log.info("engine_draining", extra={"in_flight": self.servicer.in_flight, "grace_s": grace})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.servicer.drained(), grace)
+        # A moment for the last messages and for unary calls, then idle streams end.
+        await self.server.stop(min(grace, 1.0))
         if self.servicer.state is not None:
             await asyncio.to_thread(self.servicer.state.scheduler.stop)
         elif self._core is not None:  # still loading: no model to wait for

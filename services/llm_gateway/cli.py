@@ -22,13 +22,13 @@ import threading
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
-import prometheus_client
 import typer
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from llm_engine.exposition import serve_metrics as serve_prometheus
 from llm_engine.jsonlog import announce, setup_logging
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
@@ -56,9 +56,7 @@ def serve_metrics(http_app: FastAPI, settings: GatewaySettings) -> None:
     """Prometheus /metrics on `settings.metrics_port`, apart from the public API port."""
     if settings.metrics_port:
         registry = http_app.state.metrics.registry
-        prometheus_client.start_http_server(
-            settings.metrics_port, addr=settings.bind_host, registry=registry
-        )
+        serve_prometheus(settings.metrics_port, settings.bind_host, registry)
         log.info("metrics_listening", extra={"port": settings.metrics_port})
 
 

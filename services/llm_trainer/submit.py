@@ -1,13 +1,17 @@
-"""`llm-train submit`: run the trainer as an elastic Kubeflow PyTorchJob.
+"""`llm-train submit`: run the trainer on Kubernetes as a Kubeflow job.
 
     llm-train submit --image REGISTRY/llm-train:TAG [--config run.yaml]
                      [--set training.max_steps=5000 ...] [--min-replicas 1 --max-replicas 4]
-                     [--gpus-per-worker 8] [--namespace NS] [--dry-run]
+                     [--gpus-per-worker 8] [--namespace NS] [--api pytorchjob|trainjob] [--dry-run]
 
 The trainer settings are resolved exactly as `llm-train` resolves them (`LLM_*` in this
 shell, the YAML file, then `--set` overrides) and every value that differs from its
 default becomes an `LLM_<SECTION>__<FIELD>` variable of the workers, so the pods need no
-config file. `--dry-run` prints the PyTorchJob as YAML; otherwise it is created with the
+config file. `--api pytorchjob` (the default) builds an elastic PyTorchJob for the training
+operator v1; `--api trainjob` a Kubeflow Trainer v2 TrainJob on the `torch-distributed`
+ClusterTrainingRuntime (`--runtime`), with the same environment, S3 secret, image and node
+count, on a fixed number of nodes (`--replicas`, default `--max-replicas`): that runtime is
+not elastic. `--dry-run` prints the job as YAML; otherwise it is created with the
 `kubernetes` client (in-cluster service account, else the current kubeconfig context).
 Exit codes: 0 created or printed, 1 the API refused it, 2 bad arguments or settings.
 """
@@ -26,13 +30,25 @@ from pydantic import BaseModel, ValidationError
 
 from llm.settings import TrainerSettings, load_settings
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+# The API a job is created through, per --api: (group, version, plural).
+APIS = {
+    "pytorchjob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "trainjob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+}
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llm-train submit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="llm-train", help="PyTorchJob name")
+    p.add_argument(
+        "--api", choices=sorted(APIS), default="pytorchjob",
+        help="pytorchjob: training operator v1, elastic; trainjob: Kubeflow Trainer v2",
+    )  # fmt: skip
+    p.add_argument(
+        "--runtime", default="torch-distributed",
+        help="--api trainjob: the ClusterTrainingRuntime the TrainJob runs on",
+    )  # fmt: skip
+    p.add_argument("--name", default="llm-train", help="job name (a DNS label)")
     p.add_argument("--namespace", help="default: in-cluster namespace or kubeconfig context's")
     p.add_argument("--image", required=True, help="the trainer image (Dockerfile.train)")
     p.add_argument("--config", help="YAML file with trainer settings (as llm-train --config)")
@@ -40,9 +56,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="trainer setting override, e.g. training.max_steps=5000 (repeatable)",
     )  # fmt: skip
-    p.add_argument("--min-replicas", type=int, default=1, help="fewest workers the job runs on")
+    p.add_argument(
+        "--min-replicas", type=int, help="fewest workers the elastic job runs on (default 1)"
+    )
     p.add_argument("--max-replicas", type=int, default=4, help="most workers it scales to")
-    p.add_argument("--replicas", type=int, help="workers to start with (default: max)")
+    p.add_argument(
+        "--replicas", type=int, help="workers to start with (default: max); a TrainJob's nodes"
+    )
     p.add_argument("--max-restarts", type=int, default=10, help="torchrun restarts of the group")
     p.add_argument("--gpus-per-worker", type=int, default=0, help="0: a CPU job")
     p.add_argument("--cpu", default="4", help="CPU request per worker")
@@ -50,8 +70,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shm-size", default="2Gi", help="/dev/shm size (DataLoader workers, NCCL)")
     p.add_argument("--s3-secret", default="llm-s3", help="Secret with AWS_ACCESS_KEY_ID/_SECRET_")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph)")
-    p.add_argument("--dry-run", action="store_true", help="print the PyTorchJob YAML and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the job's YAML and exit")
     args = p.parse_args(argv)
+    if args.api == "trainjob" and args.min_replicas not in (
+        None,
+        args.replicas or args.max_replicas,
+    ):
+        p.error(
+            "--api trainjob runs a fixed number of nodes (the torch-distributed runtime is not "
+            "elastic): give --replicas N (or --max-replicas N) without --min-replicas"
+        )
+    if args.min_replicas is None:
+        args.min_replicas = 1
     if not 1 <= args.min_replicas <= args.max_replicas:
         p.error("need 1 <= --min-replicas <= --max-replicas")
     if args.replicas is not None and not args.min_replicas <= args.replicas <= args.max_replicas:
@@ -92,32 +122,53 @@ def trainer_env(settings: TrainerSettings) -> list[dict[str, str]]:
 # The image's user (Dockerfile.train), no privilege escalation, the runtime's seccomp profile.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                 "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# The label that names a worker pod's job: the training operator's, and JobSet's (a TrainJob
+# runs as the JobSet of the same name).
 _JOB_NAME_LABEL = "metadata.labels['training.kubeflow.org/job-name']"
+_JOBSET_NAME_LABEL = "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
+# torchrun takes nnodes, rendezvous and nproc from the PET_* variables both operators set.
+COMMAND = ["torchrun", "-m", "llm_trainer"]
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+def worker_env(
+    args: argparse.Namespace, settings: TrainerSettings, job_name_label: str
+) -> list[dict[str, Any]]:
+    """The settings as `LLM_*`, the S3 credentials from the Secret, the run lease's holder."""
     secret = lambda key: {"secretKeyRef": {"name": args.s3_secret, "key": key}}  # noqa: E731
     env = [
         *trainer_env(settings),
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": secret("AWS_ACCESS_KEY_ID")},
         {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": secret("AWS_SECRET_ACCESS_KEY")},
         # The run lease's holder: a restarted pod of the same job takes its lease at once.
-        {"name": "LLM_JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": _JOB_NAME_LABEL}}},
+        {"name": "LLM_JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": job_name_label}}},
     ]
     if args.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": args.s3_endpoint})
+    return env
+
+
+def worker_resources(args: argparse.Namespace) -> dict[str, Any]:
     limits: dict[str, Any] = {"memory": args.memory}
     if args.gpus_per_worker:
         limits["nvidia.com/gpu"] = args.gpus_per_worker
+    return {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": limits}
+
+
+def shm_volume(args: argparse.Namespace) -> dict[str, Any]:
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": args.shm_size}}
+
+
+def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
     return {
         "name": "pytorch",  # the training operator finds the trainer by this name
         "image": args.image,
-        # torchrun takes nnodes, rendezvous and nproc from the PET_* variables the operator sets.
-        "command": ["torchrun", "-m", "llm_trainer"],
-        "env": env,
-        "resources": {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": limits},
+        "command": COMMAND,
+        "env": worker_env(args, settings, _JOB_NAME_LABEL),
+        "resources": worker_resources(args),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": CONTAINER_SECURITY,
     }
 
 
@@ -133,14 +184,12 @@ def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, 
         "automountServiceAccountToken": False,
         "securityContext": POD_SECURITY,
         "containers": [worker_container(args, settings)],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": args.shm_size}}],
+        "volumes": [shm_volume(args)],
     }
     if args.gpus_per_worker:
-        pod_spec["tolerations"] = [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-        ]
+        pod_spec["tolerations"] = [GPU_TOLERATION]
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": "/".join(APIS["pytorchjob"][:2]),
         "kind": "PyTorchJob",
         "metadata": metadata,
         "spec": {
@@ -164,6 +213,64 @@ def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, 
     }
 
 
+# The runtime's replicated job and container that run torchrun (Kubeflow Trainer's
+# torch-distributed ClusterTrainingRuntime); patches name them.
+TRAINER_NODE = "node"
+PATCH_MANAGER = "llm-train-submit"
+
+
+def build_trainjob(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob: the same container as `build_job`'s on a fixed number
+    of nodes; what TrainJob's `trainer` cannot say (pod security, /dev/shm, GPU
+    tolerations) goes in a runtime patch of the runtime's `node` job."""
+    metadata: dict[str, Any] = {
+        "name": args.name,
+        "labels": {"app.kubernetes.io/name": "llm-train"},
+    }
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    pod_patch: dict[str, Any] = {
+        "securityContext": POD_SECURITY,
+        "volumes": [shm_volume(args)],
+        "containers": [
+            {
+                "name": TRAINER_NODE,
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                "securityContext": CONTAINER_SECURITY,
+            }
+        ],
+    }
+    if args.gpus_per_worker:
+        pod_patch["tolerations"] = [GPU_TOLERATION]
+    job_patch = {"name": TRAINER_NODE, "template": {"spec": {"template": {"spec": pod_patch}}}}
+    return {
+        "apiVersion": "/".join(APIS["trainjob"][:2]),
+        "kind": "TrainJob",
+        "metadata": metadata,
+        "spec": {
+            "runtimeRef": {
+                "apiGroup": APIS["trainjob"][0],
+                "kind": "ClusterTrainingRuntime",
+                "name": args.runtime,
+            },
+            "trainer": {
+                "image": args.image,
+                "command": COMMAND,
+                "numNodes": args.replicas or args.max_replicas,
+                "numProcPerNode": args.gpus_per_worker or 1,
+                "env": worker_env(args, settings, _JOBSET_NAME_LABEL),
+                "resourcesPerNode": worker_resources(args),
+            },
+            "runtimePatches": [
+                {
+                    "manager": PATCH_MANAGER,
+                    "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job_patch]}}},
+                }
+            ],
+        },
+    }
+
+
 def current_namespace() -> str:
     from kubernetes import config
 
@@ -173,7 +280,7 @@ def current_namespace() -> str:
     return context["context"].get("namespace", "default")
 
 
-def create(job: dict[str, Any], namespace: str | None) -> dict[str, Any]:
+def create(job: dict[str, Any], namespace: str | None, api: str = "pytorchjob") -> dict[str, Any]:
     from kubernetes import client, config
 
     try:
@@ -182,8 +289,10 @@ def create(job: dict[str, Any], namespace: str | None) -> dict[str, Any]:
         # KUBECONFIG is read now: the client's own default was fixed when it was imported.
         config.load_kube_config(os.environ.get("KUBECONFIG"))
     namespace = namespace or current_namespace()
-    api = client.CustomObjectsApi()
-    return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    group, version, plural = APIS[api]
+    return client.CustomObjectsApi().create_namespaced_custom_object(
+        group, version, namespace, plural, job
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    job = build_job(args, settings)
+    job = build_trainjob(args, settings) if args.api == "trainjob" else build_job(args, settings)
     if args.dry_run:
         print(yaml.safe_dump(job, sort_keys=False), end="")
         return 0
@@ -215,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes.config import ConfigException
 
     try:
-        created = create(job, args.namespace)
+        created = create(job, args.namespace, args.api)
     except ConfigException as e:
         print(f"llm-train submit: no cluster configuration: {e}", file=sys.stderr)
         return 1

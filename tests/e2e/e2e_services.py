@@ -37,14 +37,16 @@ class Service:
         ]
 
 
-def start(module: str, args: list[str], log: Path, event: str) -> Service:
+def start(
+    module: str, args: list[str], log: Path, event: str, env: dict[str, str] | None = None
+) -> Service:
     with log.open("w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=ENV,
+            env={**ENV, **(env or {})},
         )
     try:
         announcement = read_announcement(proc.stdout, event, timeout=60)

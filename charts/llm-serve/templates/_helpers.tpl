@@ -66,3 +66,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "llm-serve.engineTokenSecret" -}}
 {{- .Values.engineAuth.existingSecret | default (printf "%s-engine-token" (include "llm-serve.fullname" .)) }}
 {{- end }}
+
+{{/* The Prometheus job of a component's metrics, as the chart's monitors label it. */}}
+{{- define "llm-serve.job" -}}
+{{ include "llm-serve.fullname" .ctx }}-{{ .component }}
+{{- end }}
+
+{{/* PromQL matchers of one component's series: (dict "ctx" $ "component" "engine"). */}}
+{{- define "llm-serve.promSelector" -}}
+namespace="{{ .ctx.Release.Namespace }}",job="{{ include "llm-serve.job" . }}"
+{{- end }}
