@@ -129,6 +129,7 @@ class ModelRunner:
     def assign(self, request: Request) -> None:
         """Load an admitted request's sampling parameters into its slot."""
         request.seed = self.sampler.assign(request.slot, request.sampling, request.prompt_ids)
+        self.sampler.constrain(request.slot, request.grammar)
         self.pos[request.slot] = request.prefilled  # idle decode rows write here (module doc)
 
     def release(self, slot: int) -> None:
@@ -300,6 +301,7 @@ class ModelRunner:
             host = torch.cat([c.reshape(-1, len(requests)) for c in columns]).T.tolist()
         else:
             host = [[t] for t in token.tolist()]  # the step's one host sync
+        self.sampler.accept([int(values[0]) for values in host], slots)
 
         out = []
         for request, values in zip(requests, host, strict=True):

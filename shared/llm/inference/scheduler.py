@@ -20,6 +20,7 @@ import collections
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from llm.inference.grammar import Matcher
 from llm.inference.prefix_cache import PrefixCache
 from llm.inference.sampling import SamplingParams
 
@@ -36,6 +37,7 @@ class Request:
     top_logprobs: int = 0  # and this many most likely alternatives
     prompt_logprobs: int | None = None  # score prompt tokens 1..P-1, with N alternatives
     min_tokens: int = 0  # stop tokens are not sampled, nor stop, before this many new tokens
+    grammar: Matcher | None = None  # constrains every new token (structured outputs)
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache (computed, or reused from the prefix cache)
     cached: int = 0  # of those, reused from the prefix cache
