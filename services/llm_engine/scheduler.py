@@ -25,6 +25,7 @@ from typing import Any
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
+from llm.inference.grammar import GrammarError, Matcher, grammar_tokenizer
 from llm.models.decoder import DecoderModel
 from llm_engine import metrics
 from llm_engine.validation import GenerationSpec
@@ -128,6 +129,7 @@ class Scheduler:
         self._active: dict[int, _Slot] = {}  # id(work request) -> slot
         self._cond = threading.Condition()
         self._stopping = False
+        self._grammar_vocab = None  # the grammar engine's view of the tokenizer, when needed
         # Where the metrics go (`llm_engine.metrics`; in an engine-core process a recorder
         # that ships them to the server process) and hooks that process sets: a request
         # took a slot; one loop iteration ended (its events are out: send them as one).
@@ -221,8 +223,19 @@ class Scheduler:
             taken.append(request)
         return taken
 
+    def _grammar(self, grammar: str) -> Matcher:
+        if self._grammar_vocab is None:
+            vocab, stops = self.model.config.vocab_size, self.tokenizer.stop_ids
+            self._grammar_vocab = grammar_tokenizer(self.tokenizer, vocab, stops)
+        return Matcher(self._grammar_vocab, grammar)
+
     def _admit(self, request: GenerationRequest) -> None:
         spec = request.spec
+        try:
+            grammar = self._grammar(spec.grammar) if spec.grammar is not None else None
+        except GrammarError as e:  # validated already: a grammar the tokenizer cannot spell
+            _emit(request, Failed(f"structured_output: {e}"))
+            return
         work = Request(
             spec.prompt_ids,
             spec.sampling,
@@ -232,6 +245,7 @@ class Scheduler:
             top_logprobs=spec.top_logprobs,
             prompt_logprobs=spec.prompt_logprobs,
             min_tokens=spec.min_tokens,
+            grammar=grammar,
         )
         self.batch.add(work)
         decoder = IncrementalDecoder(

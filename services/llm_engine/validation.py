@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import SamplingParams, max_new_tokens_for
+from llm.inference.grammar import GrammarError, json_object_grammar, json_schema_grammar
 from llm_engine.proto import MAX_STOP_CHARS
 from llm_engine.proto.v1 import engine_pb2 as pb
 
@@ -44,6 +45,7 @@ class GenerationSpec:
     min_tokens: int = 0  # no stop before this many new tokens
     include_stop: bool = False  # the stop string or token's text ends the output
     skip_special_tokens: bool = True
+    grammar: str | None = None  # constrains the output (llm.inference.grammar); None: free
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
@@ -185,6 +187,7 @@ def generation_spec(
             "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
         )
 
+    grammar = structured_output(request)
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
         raise InvalidArgument("input", "the input encodes to no tokens")
@@ -212,7 +215,24 @@ def generation_spec(
         skip_special_tokens=(
             request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         ),
+        grammar=grammar,
     )
+
+
+def structured_output(request: pb.GenerateRequest) -> str | None:
+    """The grammar the output must follow, checked; None for free text."""
+    if not request.HasField("structured_output"):
+        return None
+    kind = request.structured_output.WhichOneof("kind")
+    field = f"structured_output.{kind}"
+    if kind == "json_schema":
+        try:
+            return json_schema_grammar(request.structured_output.json_schema)
+        except GrammarError as e:
+            raise InvalidArgument(field, f"unsupported JSON schema: {e}") from None
+    if kind == "json_object" and request.structured_output.json_object:
+        return json_object_grammar()
+    raise InvalidArgument("structured_output", "set json_schema, or json_object to true")
 
 
 def tokenize(request: pb.TokenizeRequest, tokenizer: BaseTokenizer) -> list[int]:

@@ -37,6 +37,9 @@ _ENGINE_FIELDS = {
     "top_logprobs": "top_logprobs",
     "logprobs": "logprobs",
     "prompt_logprobs": "logprobs",
+    "structured_output": "response_format",
+    "structured_output.json_schema": "response_format",
+    "structured_output.json_object": "response_format",
 }
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 

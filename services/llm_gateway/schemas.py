@@ -14,6 +14,7 @@ JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -120,6 +121,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's structured outputs. The schema is always
+    enforced (`strict` or not); a schema left out allows any JSON value."""
+
+    model_config = _STRICT
+
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatSpec(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_output(self) -> pb.StructuredOutput | None:
+        if self.type == "json_object":
+            return pb.StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise invalid("response_format", 'type "json_schema" needs a json_schema')
+            schema = self.json_schema.json_schema
+            return pb.StructuredOutput(json_schema=json.dumps({} if schema is None else schema))
+        return None
+
+
 class _Request(BaseModel):
     model_config = _STRICT
 
@@ -144,6 +174,7 @@ class _Request(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormatSpec | None = None
 
     def check_supported(self) -> None:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -200,6 +231,9 @@ class _Request(BaseModel):
             request.skip_special_tokens = False
         for token, bias in (self.logit_bias or {}).items():
             s.logit_bias[int(token)] = bias
+        structured = self.response_format and self.response_format.structured_output()
+        if structured:
+            request.structured_output.CopyFrom(structured)
 
     def _texts(self) -> tuple[str, list[str]]:
         """The request's input texts and the parameter that names them."""
@@ -387,12 +421,6 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ResponseFormatSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: MaxTokens = None
@@ -400,7 +428,6 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: ResponseFormatSpec | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -408,14 +435,6 @@ class ChatCompletionRequest(_Request):
             raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools:
             raise invalid("tools", "tools are not supported", code="unsupported_value")
-        kind = self.response_format.type if self.response_format else "text"
-        if kind != "text":
-            raise invalid(
-                "response_format",
-                f"response_format type {kind!r} is not supported: this server has no "
-                'constrained (JSON) decoding yet; omit response_format or use {"type": "text"}',
-                code="unsupported_value",
-            )
 
     def _texts(self) -> tuple[str, list[str]]:
         return "messages", ["".join(m.text() for m in self.messages)]

@@ -71,12 +71,14 @@ ENDPOINT_WRONG: dict[str, dict[str, list[object]]] = {
         "tools": ["x", {}, [1], [{"type": "function", "function": {"name": "f"}}]],
         "response_format": [
             "json",
-            {"type": "json_object"},
             {"type": 1},
             {},
             [],
             {"type": "xml"},
-            {"type": "json_schema", "json_schema": {"name": "x"}},
+            {"type": "json_schema"},
+            {"type": "json_schema", "json_schema": {"schema": {}}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"uniqueItems": True}}},
         ],
     },
 }
