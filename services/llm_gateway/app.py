@@ -316,7 +316,8 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-        return await run(request, body, ChatFormat(logprobs=body.logprobs))
+        fmt = ChatFormat(logprobs=body.logprobs, tool_calls=body.parses_tool_calls())
+        return await run(request, body, fmt)
 
     tokenization = Tokenization(
         engines, check_model, model_info, settings.request_timeout_s, settings.retry_after_s

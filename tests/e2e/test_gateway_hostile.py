@@ -68,7 +68,14 @@ ENDPOINT_WRONG: dict[str, dict[str, list[object]]] = {
         "logprobs": ["yes", 1, [], {}],
         "top_logprobs": ["1", 1.5, [], {}],
         "max_completion_tokens": ["2", 2.5, [], {}],
-        "tools": ["x", {}, [1], [{"type": "function", "function": {"name": "f"}}]],
+        "tools": ["x", {}, [1], [{"type": "function"}], [{"type": "x", "function": {"name": "f"}}]],
+        "tool_choice": [
+            "x",
+            1,
+            {"type": "function"},
+            "required",
+            {"type": "function", "function": {"name": "f"}},
+        ],
         "response_format": [
             "json",
             {"type": 1},

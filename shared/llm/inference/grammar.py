@@ -58,6 +58,32 @@ def json_object_grammar() -> str:
     return json_schema_grammar({"type": "object"})
 
 
+def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> str:
+    """Calls of `functions` (OpenAI `function` objects: name, parameters) in the Hermes/Qwen
+    format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one or (with
+    `parallel`) several, each call's arguments valid against its function's schema."""
+    if not functions:
+        raise GrammarError("no function to call")
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    schema = {"anyOf": options, "x-guidance": _COMPACT}
+    for option in options:  # each function's own keywords are checked (and named) here
+        json_schema_grammar(option)
+    calls = 'call ("\\n" call)*' if parallel else "call"
+    lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(schema)}\n'
+    return lark_grammar(lark)
+
+
 def lark_grammar(lark: str) -> str:
     """A Lark grammar (llguidance's dialect: `%json {...}` embeds a JSON schema)."""
     return _checked(llguidance.LLMatcher.grammar_from_lark(lark))
