@@ -44,6 +44,7 @@ class GenerationSpec:
     min_tokens: int = 0  # no stop before this many new tokens
     include_stop: bool = False  # the stop string or token's text ends the output
     skip_special_tokens: bool = True
+    adapter: str = ""  # the LoRA adapter it runs with (the request's `model`); "": the base
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from llm.core.lora import LoRALinear
 from llm.core.multi_lora import apply_multi_lora, multi_lora_layers
 from llm.interop.peft import adapter_layers
 from llm.models.decoder import DecoderModel
@@ -37,11 +38,11 @@ class AdapterSet:
         """Read a PEFT adapter directory into a free index; returns it. `path` is what to
         report it as loaded from (default: `directory`). Raises ValueError on a name in
         use, no free index, or an adapter the served layers or rank cannot hold."""
-        if name in self._index:
-            raise ValueError(f"an adapter named {name!r} is already loaded")
-        free = sorted(set(range(1, self.max_loras + 1)) - set(self._index.values()))
-        if not free:
-            raise ValueError(f"{self.max_loras} adapters are loaded already (the most served)")
+        return self.install(name, self.read(name, directory), path or str(directory))
+
+    def read(self, name: str, directory: str | os.PathLike[str]) -> dict[str, LoRALinear]:
+        """An adapter directory's layers, checked against what is served; touches no
+        served weight (so it may run while the model does)."""
         loras = adapter_layers(self.model, directory)
         if outside := sorted(set(loras) - set(self.layers)):
             raise ValueError(f"adapter {name!r} adapts layers served without LoRA: {outside}")
@@ -49,10 +50,19 @@ class AdapterSet:
             raise ValueError(
                 f"adapter {name!r} has rank above the served maximum {self.max_rank} in {too_big}"
             )
+        return loras
+
+    def install(self, name: str, loras: dict[str, LoRALinear], path: str) -> int:
+        """Copy `read`'s layers into a free index (between model calls); returns it."""
+        if name in self._index:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        free = sorted(set(range(1, self.max_loras + 1)) - set(self._index.values()))
+        if not free:
+            raise ValueError(f"{self.max_loras} adapters are loaded already (the most served)")
         for layer_name, layer in self.layers.items():
             layer.set_adapter(free[0], loras.get(layer_name))
         self._index[name] = free[0]
-        self.paths[name] = str(path if path is not None else directory)
+        self.paths[name] = path
         return free[0]
 
     def unload(self, name: str) -> int:
