@@ -63,6 +63,8 @@ class MultiLoRALinear(nn.Module):
         rank = len(self.layout) * max_rank
         self.lora_A = w.new_zeros(n_adapters + 1, rank, self.in_features)  # plain attributes:
         self.lora_B = w.new_zeros(n_adapters + 1, self.out_features, rank)  # module doc
+        for t in (self.lora_A, self.lora_B):  # fixed sizes: a compiler must not make them
+            torch._dynamo.mark_static(t)  # symbolic (nor equal to a batch size by chance)
 
     @property
     def weight(self) -> torch.Tensor:
