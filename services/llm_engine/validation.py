@@ -53,6 +53,7 @@ class GenerationSpec:
     include_stop: bool = False  # the stop string or token's text ends the output
     skip_special_tokens: bool = True
     grammar: str | None = None  # constrains the output (llm.inference.grammar); None: free
+    adapter: str = ""  # the LoRA adapter it runs with (the request's `model`); "": the base
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, Any]]:
