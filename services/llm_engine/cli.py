@@ -2,6 +2,7 @@
 
     llm-engine --checkpoint runs/demo --host 127.0.0.1 --port 50051 [--model-name NAME]
                [--adapter runs/sft/adapter [--no-merge-adapter]]
+               [--lora NAME=PATH ...] [--enable-lora] [--max-loras 4] [--max-lora-rank 16]
                [--slots 8] [--max-model-len N] [--kv-cache-gib G] [--prefill-chunk 512] [--compile] [--max-queue 64]
                [--metrics-port 0] [--device cpu] [--dtype auto] [--threads 0] [--no-engine-process]
 
@@ -90,6 +91,20 @@ def run(
         bool | None,
         typer.Option("--merge-adapter/--no-merge-adapter", help="fold the adapter in"),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=PATH: a LoRA adapter (PEFT dir) served beside the base; repeatable"
+        ),
+    ] = None,
+    enable_lora: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-lora/--no-enable-lora", help="serve LoRA adapters loaded at run time"
+        ),
+    ] = None,
+    max_loras: Annotated[int | None, typer.Option(help="LoRA adapters served at once")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="the highest LoRA rank served")] = None,
     host: Annotated[str | None, typer.Option(help="address to bind")] = None,
     port: Annotated[int | None, typer.Option(help="port to bind; 0 picks a free one")] = None,
     model_name: Annotated[
@@ -136,7 +151,8 @@ def run(
         checkpoint=checkpoint, adapter=adapter, merge_adapter=merge_adapter, host=host, port=port, model_name=model_name, max_queue=max_queue,
         slots=slots, prefill_chunk=prefill_chunk, compile=compile, metrics_port=metrics_port,
         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device, dtype=dtype, threads=threads, log_level=log_level,
-        engine_process=engine_process,
+        engine_process=engine_process, lora=lora or None, enable_lora=enable_lora,
+        max_loras=max_loras, max_lora_rank=max_lora_rank,
     )  # fmt: skip
     try:
         settings = EngineSettings(**{k: v for k, v in flags.items() if v is not None})

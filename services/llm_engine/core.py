@@ -7,9 +7,10 @@ keeps it in-process) and the server process keeps only the tokenizer, for valida
 
 IPC is one socket pair (`multiprocessing.connection` framing, pickled tuples). Down:
 `CoreOptions` first, then ("submit", key, request_id, spec, submitted_at), ("cancel", key),
-("stop",). Up: ("loaded", ModelFacts) or ("failed", exception) once, then one ("step",
-events, admitted keys, metric ops, active slots) per scheduler iteration: every event of
-the step in one message, not one per token. The server process replays the metric ops on
+("lora", key, "load" | "unload", name, path), ("stop",). Up: ("loaded", ModelFacts) or
+("failed", exception) once, then one ("step", events, admitted keys, metric ops, active
+slots) per scheduler iteration: every event of the step in one message, not one per
+token; and ("lora_done", key, AdapterError | None) per "lora". The server process replays the metric ops on
 its Prometheus metrics, so `/metrics` shows the same series. The child exits when the
 socket closes (the server process died); when the child dies, every request fails as
 unavailable and `on_death` is called (the engine then exits 1, to be restarted).
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -36,8 +38,10 @@ from llm import storage
 from llm.checkpoint import load_checkpoint
 from llm.config import ModelConfig
 from llm.data.tokenizers import BaseTokenizer
+from llm.inference.adapters import AdapterSet
 from llm_engine import metrics
 from llm_engine.scheduler import (
+    AdapterError,
     Event,
     Failed,
     Finished,
@@ -68,6 +72,10 @@ class CoreOptions:
     kv_cache_gib: float | None = None
     threads: int = 0  # torch intra-op threads of the engine-core process; 0: torch's default
     log_level: str = "INFO"
+    loras: tuple[tuple[str, str], ...] = ()  # (name, path) of LoRA adapters served at start
+    enable_lora: bool = False  # serve LoRA adapters (implied by `loras`)
+    max_loras: int = 4  # adapters served at once
+    max_lora_rank: int = 16  # the highest adapter rank served
 
 
 @dataclass
@@ -83,6 +91,7 @@ class ModelFacts:
     dtype: str
     context_length: int  # what a prompt plus its new tokens may take (--max-model-len)
     cache_bytes: int = 0
+    lora_adapters: dict[str, str] | None = None  # name -> path; None: no LoRA serving
 
 
 def build(options: CoreOptions) -> tuple[Scheduler, ModelFacts]:
@@ -93,13 +102,19 @@ def build(options: CoreOptions) -> tuple[Scheduler, ModelFacts]:
     loaded = load_checkpoint(options.checkpoint, device=options.device, dtype=options.dtype)
     if options.adapter is not None:
         _apply_adapter(loaded, options.adapter, options.merge_adapter)
+    adapters = None
+    if options.enable_lora or options.loras:
+        adapters = AdapterSet(loaded.model, options.max_loras, options.max_lora_rank)
     gib = options.kv_cache_gib
     budget = int(gib * 2**30) if gib else int(0.9 * free_memory(options.device))
     context = kv_cache_context(loaded.model, options.n_slots, options.max_model_len, budget)
     scheduler = Scheduler(
         loaded.model, loaded.tokenizer, max_queue=options.max_queue, n_slots=options.n_slots,
         prefill_chunk=options.prefill_chunk, compile=options.compile, max_seq_len=context,
+        adapters=adapters,
     )  # fmt: skip
+    for name, path in options.loras:
+        scheduler.load_lora(name, path)
     cache = loaded.model.cache_bytes()
     log.info(
         "kv_cache",
@@ -116,6 +131,7 @@ def build(options: CoreOptions) -> tuple[Scheduler, ModelFacts]:
         dtype=str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch."),
         context_length=context,
         cache_bytes=cache,
+        lora_adapters=scheduler.lora_adapters if adapters is not None else None,
     )
     return scheduler, facts
 
@@ -209,6 +225,20 @@ class _Child:
         with self._send_lock:
             self.up.send(message)
 
+    def _lora(self, key: int, op: str, name: str, path: str) -> None:
+        """A load or unload, off the reading thread (reading an adapter takes a while)."""
+        error = None
+        try:
+            if op == "load":
+                self.scheduler.load_lora(name, path)
+            else:
+                self.scheduler.unload_lora(name)
+        except AdapterError as e:
+            error = e
+        except Exception as e:  # a bug must answer the caller, not hang it
+            error = AdapterError("invalid", f"{type(e).__name__}: {e}")
+        self.send(("lora_done", key, error))
+
     def serve(self, down: Connection) -> None:
         """Take requests and cancels until told to stop; exit at once if the server
         process is gone (the pipe closed without a stop)."""
@@ -238,6 +268,8 @@ class _Child:
                 request = self.requests.pop(message[1], None)
                 if request is not None:
                     request.cancel()
+            elif kind == "lora":
+                threading.Thread(target=self._lora, args=message[1:], daemon=True).start()
             elif kind == "stop":
                 self.scheduler.stop()
                 self.flush()
@@ -308,6 +340,8 @@ class EngineCore:
         self._closed = False  # no new requests: stopping, or the child is gone
         self._stopping = False
         self._reader: threading.Thread | None = None
+        self._lora_calls: dict[int, Future] = {}
+        self._lora_adapters: dict[str, str] | None = None
 
     def load(self) -> ModelFacts:
         """Start the child and wait until it has loaded the model (blocking). Raises what
@@ -342,6 +376,7 @@ class EngineCore:
             self._wait(10)
             raise message[1]
         facts: ModelFacts = message[1]
+        self._lora_adapters = facts.lora_adapters
         self._reader = threading.Thread(target=self._read, name="llm-core-reader", daemon=True)
         self._reader.start()
         return facts
@@ -405,6 +440,39 @@ class EngineCore:
     def active_slots(self) -> int:
         return self._active
 
+    @property
+    def adapters(self) -> object | None:
+        return None if self._lora_adapters is None else self  # LoRA serving is on
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        return dict(self._lora_adapters or {})
+
+    def load_lora(self, name: str, path: str) -> None:
+        self._lora_call("load", name, path)
+        assert self._lora_adapters is not None
+        self._lora_adapters[name] = path
+
+    def unload_lora(self, name: str) -> None:
+        self._lora_call("unload", name, "")
+        assert self._lora_adapters is not None
+        self._lora_adapters.pop(name, None)
+
+    def _lora_call(self, op: str, name: str, path: str) -> None:
+        """Run a load/unload in the child; blocks; raises its `AdapterError`."""
+        if self._lora_adapters is None:
+            raise AdapterError("disabled", "this engine serves no LoRA adapters (--enable-lora)")
+        done: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise AdapterError("invalid", "the engine is shutting down")
+            key = next(self._keys)
+            self._lora_calls[key] = done
+            self._send(("lora", key, op, name, path))
+        error = done.result()
+        if error is not None:
+            raise error
+
     # -- the reader thread -----------------------------------------------------------------
 
     def _read(self) -> None:
@@ -415,6 +483,11 @@ class EngineCore:
                 break
             if message[0] == "step":
                 self._on_step(*message[1:])
+            elif message[0] == "lora_done":
+                with self._lock:
+                    call = self._lora_calls.pop(message[1], None)
+                if call is not None:
+                    call.set_result(message[2])
         code = self._wait(5)
         with self._lock:
             self._closed = True
@@ -451,7 +524,11 @@ class EngineCore:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             requests, self._requests = list(self._requests.values()), {}
+            calls, self._lora_calls = list(self._lora_calls.values()), {}
             self._waiting.clear()
+        for call in calls:
+            call.set_result(AdapterError("invalid", message))
+        with self._lock:
             self._active = 0
         for request in requests:
             _emit(request, Failed(message, unavailable=True))

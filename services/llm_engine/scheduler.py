@@ -9,6 +9,10 @@ every generating slot. Text, stop strings and events are per request, on the hos
 
 Events go back through `request.sink`, which must be thread-safe (the servicer uses
 `loop.call_soon_threadsafe` into an `asyncio.Queue`).
+
+With LoRA adapters (`AdapterSet`), a request names its adapter (`GenerationSpec.adapter`)
+and gets its index at admission. `load_lora`/`unload_lora`, from any thread, read the
+adapter there and change the served weights on the scheduler thread between two steps.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
+from llm.inference.adapters import AdapterSet
+from llm.inference.grammar import GrammarError, Matcher, grammar_tokenizer
 from llm.models.decoder import DecoderModel
 from llm_engine import metrics
 from llm_engine.validation import GenerationSpec
@@ -94,6 +101,18 @@ class QueueFull(Exception):
     pass
 
 
+class AdapterError(Exception):
+    """A LoRA adapter load or unload refused; `kind` says why: "disabled" (no LoRA
+    serving), "not_found", "exists", "full", "invalid" (unreadable or unservable), "busy"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(kind, message)
+        self.kind, self.message = kind, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(eq=False)
 class _Slot:
     request: GenerationRequest
@@ -115,19 +134,26 @@ class Scheduler:
         prefill_chunk: int = 512,
         compile: bool = False,
         max_seq_len: int | None = None,
+        adapters: AdapterSet | None = None,
     ) -> None:
         if max_queue < 1 or n_slots < 1:
             raise ValueError("max_queue and n_slots must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.n_slots = max_queue, n_slots
         self.batch = BatchGenerator(
-            model, n_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, compile=compile
-        )
+            model, n_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+            compile=compile, adapters=adapters,
+        )  # fmt: skip
+        self.adapters = adapters
+        self._controls: collections.deque[tuple[Callable[[], object], Future]] = (
+            collections.deque()
+        )  # run on the scheduler thread between steps
         self.batch.warmup()  # compiles now, not during the first requests
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._active: dict[int, _Slot] = {}  # id(work request) -> slot
         self._cond = threading.Condition()
         self._stopping = False
+        self._grammar_vocab = None  # the grammar engine's view of the tokenizer, when needed
         # Where the metrics go (`llm_engine.metrics`; in an engine-core process a recorder
         # that ships them to the server process) and hooks that process sets: a request
         # took a slot; one loop iteration ended (its events are out: send them as one).
@@ -170,6 +196,79 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def lora_adapters(self) -> dict[str, str]:
+        """name -> path of the LoRA adapters served (a copy; thread-safe enough to read)."""
+        return dict(self.adapters.paths) if self.adapters is not None else {}
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve one more adapter (PEFT directory, local or remote); blocks until done.
+        Raises `AdapterError`."""
+        from llm_engine.server import local_copy
+
+        adapters = self._lora_set()
+        if name in adapters.paths:
+            raise AdapterError("exists", f"a LoRA adapter named {name!r} is already loaded")
+        try:
+            with local_copy(path) as directory:
+                loras = adapters.read(name, directory)  # off the scheduler thread
+        except (OSError, ValueError, KeyError, NotImplementedError) as e:
+            raise AdapterError("invalid", f"cannot load LoRA adapter {name!r}: {e}") from None
+        self._control(lambda: self._install(name, loras, path))
+        log.info("lora_loaded", extra={"lora_name": name, "lora_path": path})
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter no queued or running request uses; blocks until done.
+        Raises `AdapterError`."""
+        self._lora_set()
+        self._control(lambda: self._uninstall(name))
+        log.info("lora_unloaded", extra={"lora_name": name})
+
+    def _lora_set(self) -> AdapterSet:
+        if self.adapters is None:
+            raise AdapterError("disabled", "this engine serves no LoRA adapters (--enable-lora)")
+        return self.adapters
+
+    def _control(self, fn: Callable[[], object]) -> object:
+        done: Future = Future()
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                done.set_result(fn())  # no step runs: nothing to wait for
+                return done.result()
+            self._controls.append((fn, done))
+            self._cond.notify()
+        return done.result()
+
+    def _install(self, name: str, loras: dict, path: str) -> None:
+        assert self.adapters is not None
+        if name in self.adapters.paths:
+            raise AdapterError("exists", f"a LoRA adapter named {name!r} is already loaded")
+        if len(self.adapters.paths) >= self.adapters.max_loras:
+            raise AdapterError("full", f"{self.adapters.max_loras} LoRA adapters are loaded "
+                               "already (--max-loras); unload one first")  # fmt: skip
+        self.adapters.install(name, loras, path)
+
+    def _uninstall(self, name: str) -> None:
+        assert self.adapters is not None
+        if name not in self.adapters.paths:
+            raise AdapterError("not_found", f"no LoRA adapter named {name!r} is loaded")
+        users = sum(s.request.spec.adapter == name for s in self._active.values())
+        with self._cond:
+            users += sum(r.spec.adapter == name for r in self._waiting)
+        if users:
+            raise AdapterError("busy", f"LoRA adapter {name!r} has {users} requests queued or "
+                               "running; unload it once they end")  # fmt: skip
+        self.batch.unload_adapter(name)
+
+    def _run_controls(self) -> None:
+        with self._cond:
+            controls, self._controls = list(self._controls), collections.deque()
+        for fn, done in controls:
+            try:
+                done.set_result(fn())
+            except Exception as e:
+                done.set_exception(e)
+
+    @property
     def active_slots(self) -> int:
         return self.batch.active
 
@@ -187,12 +286,13 @@ class Scheduler:
         log.info("scheduler_started", extra={"max_queue": self.max_queue, "slots": self.n_slots})
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or self._active or self._controls):
                     self._cond.wait()
                 if self._stopping:
                     break
                 admitted = self._take_admissible()
                 self.metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._run_controls()
             for slot in [s for s in self._active.values() if s.request.cancelled]:
                 self.batch.cancel(slot.work)
                 self._free(slot, "cancelled")
@@ -205,6 +305,7 @@ class Scheduler:
             if self.on_iteration is not None:
                 self.on_iteration()
         self._fail_all("the engine is shutting down")
+        self._run_controls()
         if self.on_iteration is not None:
             self.on_iteration()
         log.info("scheduler_stopped")
@@ -221,8 +322,26 @@ class Scheduler:
             taken.append(request)
         return taken
 
+    def _grammar(self, grammar: str) -> Matcher:
+        if self._grammar_vocab is None:
+            vocab, stops = self.model.config.vocab_size, self.tokenizer.stop_ids
+            self._grammar_vocab = grammar_tokenizer(self.tokenizer, vocab, stops)
+        return Matcher(self._grammar_vocab, grammar)
+
     def _admit(self, request: GenerationRequest) -> None:
         spec = request.spec
+        try:
+            grammar = self._grammar(spec.grammar) if spec.grammar is not None else None
+        except GrammarError as e:  # validated already: a grammar the tokenizer cannot spell
+            _emit(request, Failed(f"structured_output: {e}"))
+            return
+        adapter = 0
+        if spec.adapter:
+            try:
+                adapter = self._lora_set().index(spec.adapter)
+            except (AdapterError, KeyError):  # unloaded while it waited
+                _emit(request, Failed(f"the model {spec.adapter!r} does not exist"))
+                return
         work = Request(
             spec.prompt_ids,
             spec.sampling,
@@ -232,6 +351,8 @@ class Scheduler:
             top_logprobs=spec.top_logprobs,
             prompt_logprobs=spec.prompt_logprobs,
             min_tokens=spec.min_tokens,
+            grammar=grammar,
+            adapter=adapter,
         )
         self.batch.add(work)
         decoder = IncrementalDecoder(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from llm_engine.proto import MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.scheduler import (
+    AdapterError,
     Event,
     Failed,
     Finished,
@@ -48,6 +50,11 @@ log = logging.getLogger(__name__)
 ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
 LIVENESS = "liveness"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_ADAPTER_CODES = {
+    "disabled": grpc.StatusCode.FAILED_PRECONDITION, "not_found": grpc.StatusCode.NOT_FOUND,
+    "exists": grpc.StatusCode.ALREADY_EXISTS, "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.FAILED_PRECONDITION,
+}  # fmt: skip
 Metadata = Iterable[tuple[str, str | bytes]]
 
 
@@ -110,6 +117,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         sink: Callable[[Event], None],
     ) -> tuple[GenerationRequest, Span]:  # fmt: skip
         config = state.model.config
+        adapter = request.model if request.model != state.model_id else ""
+        if adapter and adapter not in state.scheduler.lora_adapters:
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"the model {adapter!r} does not exist")
         try:
             spec = await asyncio.to_thread(
                 validation.generation_spec,
@@ -120,6 +130,8 @@ class EngineServicer(pb_grpc.EngineServicer):
             )
         except validation.InvalidArgument as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if adapter:
+            spec = dataclasses.replace(spec, adapter=adapter)
         job = GenerationRequest(spec, sink)
         if request.request_id:
             job.request_id = request.request_id
@@ -313,7 +325,37 @@ class EngineServicer(pb_grpc.EngineServicer):
             created=state.created,
             generation_defaults=pb.GenerationDefaults(**model.generation_defaults),
             max_token_bytes=state.max_token_bytes,
+            lora_adapters=[
+                pb.LoRAAdapter(name=name, path=path)
+                for name, path in sorted(state.scheduler.lora_adapters.items())
+            ],
         )
+
+    async def LoadLoRAAdapter(
+        self, request: pb.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadLoRAAdapterResponse:
+        state = await self._ready(context)
+        if not request.lora_name or not request.lora_path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lora_name and lora_path are required")  # fmt: skip
+        if request.lora_name == state.model_id:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{request.lora_name!r} is the base model's name")  # fmt: skip
+        await self._adapter_call(context, state.scheduler.load_lora, request.lora_name, request.lora_path)  # fmt: skip
+        return pb.LoadLoRAAdapterResponse()
+
+    async def UnloadLoRAAdapter(
+        self, request: pb.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadLoRAAdapterResponse:
+        state = await self._ready(context)
+        await self._adapter_call(context, state.scheduler.unload_lora, request.lora_name)
+        return pb.UnloadLoRAAdapterResponse()
+
+    async def _adapter_call(
+        self, context: grpc.aio.ServicerContext, call: Callable[..., None], *args: str
+    ) -> None:
+        try:
+            await asyncio.to_thread(call, *args)
+        except AdapterError as e:
+            await context.abort(_ADAPTER_CODES[e.kind], e.message)
 
 
 def _merge(
@@ -372,14 +414,21 @@ def _finished(chunk: pb.GenerateChunk, span: Span) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def local_copy(directory: str) -> Iterator[str]:
+    """A local directory: `directory` itself, or a temporary copy of a remote one."""
+    if storage.is_local(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, root = storage.url_to_fs(directory)
+        fs.get(root.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+
+
 def _apply_adapter(loaded: LoadedModel, adapter: str, merge: bool) -> None:
     """Put a PEFT-layout LoRA adapter (local or remote directory) on the loaded base."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = adapter
-        if not storage.is_local(adapter):
-            fs, root = storage.url_to_fs(adapter)
-            fs.get(root.rstrip("/") + "/", tmp, recursive=True)
-            local = tmp
+    with local_copy(adapter) as local:
         load_with_adapter(loaded.model, local, merge=merge)
     loaded.model.eval()
     log.info("adapter_loaded", extra={"adapter": adapter, "merged": merge})
@@ -479,6 +528,10 @@ class RunningEngine:
         kv_cache_gib: float | None = None,
         engine_process: bool = True,
         threads: int = 0,
+        loras: tuple[tuple[str, str], ...] = (),
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> EngineState:
         """Load the checkpoint (and a LoRA adapter on it), size the KV cache
         (`kv_cache_context`), start the scheduler, go SERVING. With `engine_process` all
@@ -490,7 +543,8 @@ class RunningEngine:
             checkpoint, device=device, dtype=dtype, adapter=adapter, merge_adapter=merge_adapter,
             max_queue=max_queue, n_slots=n_slots, prefill_chunk=prefill_chunk, compile=compile,
             max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, threads=threads,
-            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            loras=tuple(loras), enable_lora=enable_lora, max_loras=max_loras,
+            max_lora_rank=max_lora_rank, log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         )  # fmt: skip
         scheduler: Scheduler | EngineCore
         if engine_process:

@@ -24,6 +24,16 @@ class EngineSettings(BaseSettings):
     merge_adapter: bool = Field(
         default=True, description="fold the adapter into the weights (faster decode)"
     )
+    lora: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters served beside the base, NAME=PATH each (PEFT directories);"
+        " a request's model picks one",
+    )
+    enable_lora: bool = Field(
+        default=False, description="serve LoRA adapters (implied by lora): load them at run time"
+    )
+    max_loras: int = Field(default=4, ge=1, description="LoRA adapters served at once")
+    max_lora_rank: int = Field(default=16, ge=1, description="the highest LoRA rank served")
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
     model_name: str | None = Field(default=None, description="served model id; default: run name")
@@ -71,6 +81,21 @@ class EngineSettings(BaseSettings):
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES.get(self.dtype)
 
+    @property
+    def loras(self) -> tuple[tuple[str, str], ...]:
+        return tuple(tuple(item.split("=", 1)) for item in self.lora)  # type: ignore[misc]
+
+    @model_validator(mode="after")
+    def _lora_names(self) -> EngineSettings:
+        names = [item.split("=", 1)[0] for item in self.lora]
+        if bad := [item for item in self.lora if "=" not in item or not item.split("=", 1)[0]]:
+            raise ValueError(f"lora: {bad} is not NAME=PATH")
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora: names {names} repeat")
+        if len(names) > self.max_loras:
+            raise ValueError(f"lora: {len(names)} adapters, more than max_loras={self.max_loras}")
+        return self
+
     @model_validator(mode="after")
     def _tls_pair(self) -> EngineSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -96,5 +121,7 @@ class EngineSettings(BaseSettings):
             adapter=self.adapter, merge_adapter=self.merge_adapter, max_queue=self.max_queue,
             n_slots=self.slots, prefill_chunk=self.prefill_chunk, compile=self.compile,
             max_model_len=self.max_model_len, kv_cache_gib=self.kv_cache_gib,
-            engine_process=self.engine_process, threads=self.threads,
+            engine_process=self.engine_process, threads=self.threads, loras=self.loras,
+            enable_lora=self.enable_lora, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
         )  # fmt: skip

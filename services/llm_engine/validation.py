@@ -8,12 +8,20 @@ and the gateway maps back to an OpenAI `param`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import SamplingParams, max_new_tokens_for
+from llm.inference.grammar import (
+    GrammarError,
+    json_object_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
 from llm_engine.proto import MAX_STOP_CHARS
 from llm_engine.proto.v1 import engine_pb2 as pb
 
@@ -44,9 +52,12 @@ class GenerationSpec:
     min_tokens: int = 0  # no stop before this many new tokens
     include_stop: bool = False  # the stop string or token's text ends the output
     skip_special_tokens: bool = True
+    grammar: str | None = None  # constrains the output (llm.inference.grammar); None: free
+    adapter: str = ""  # the LoRA adapter it runs with (the request's `model`); "": the base
 
 
-def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
+def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, Any]]:
+    """The messages as chat templates take them (tool calls in Hugging Face's shape)."""
     if not chat.messages:
         raise InvalidArgument(field, "at least one message is required")
     out = []
@@ -55,8 +66,40 @@ def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
             raise InvalidArgument(
                 f"{field}.messages[{i}].role", f"{m.role!r} is not one of {sorted(CHAT_ROLES)}"
             )
-        out.append({"role": m.role, "content": m.content})
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates render them: the JSON object, or the text if not."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def chat_tools(chat: pb.ChatMessages, field: str) -> list[dict[str, Any]]:
+    """The chat's tools, each an OpenAI `tools` entry with a named function."""
+    tools = []
+    for i, text in enumerate(chat.tools):
+        try:
+            tool = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{field}.tools[{i}]", f"not JSON: {e}") from None
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidArgument(f"{field}.tools[{i}]", 'must be {"function": {"name", ...}}')
+        tools.append(tool)
+    return tools
 
 
 def encode_chat(
@@ -64,8 +107,11 @@ def encode_chat(
     add_special_tokens: bool = False,
 ) -> list[int]:  # fmt: skip
     messages = chat_messages(chat, field)
+    tools = chat_tools(chat, field) or None
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
     except Exception as e:  # a template may raise anything (jinja, transformers)
         raise InvalidArgument(field, f"the chat template rejected the messages: {e}") from e
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -185,6 +231,7 @@ def generation_spec(
             "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
         )
 
+    grammar = structured_output(request)
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
         raise InvalidArgument("input", "the input encodes to no tokens")
@@ -212,7 +259,38 @@ def generation_spec(
         skip_special_tokens=(
             request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         ),
+        grammar=grammar,
     )
+
+
+def structured_output(request: pb.GenerateRequest) -> str | None:
+    """The grammar the output must follow, checked; None for free text."""
+    if not request.HasField("structured_output"):
+        return None
+    kind = request.structured_output.WhichOneof("kind")
+    field = f"structured_output.{kind}"
+    if kind == "json_schema":
+        try:
+            return json_schema_grammar(request.structured_output.json_schema)
+        except GrammarError as e:
+            raise InvalidArgument(field, f"unsupported JSON schema: {e}") from None
+    if kind == "json_object" and request.structured_output.json_object:
+        return json_object_grammar()
+    if kind == "tool_calls":
+        if request.WhichOneof("input") != "chat":
+            raise InvalidArgument(field, "tool calls need a chat input with tools")
+        functions = {t["function"]["name"]: t["function"] for t in chat_tools(request.chat, "chat")}
+        names = list(request.structured_output.tool_calls.names) or list(functions)
+        for name in names:
+            if name not in functions:
+                raise InvalidArgument(field, f"{name!r} is not one of the chat's tools")
+        try:
+            return tool_call_grammar(
+                [functions[n] for n in names], request.structured_output.tool_calls.parallel
+            )
+        except GrammarError as e:
+            raise InvalidArgument(field, f"unsupported parameters schema: {e}") from None
+    raise InvalidArgument("structured_output", "set json_schema, or json_object to true")
 
 
 def tokenize(request: pb.TokenizeRequest, tokenizer: BaseTokenizer) -> list[int]:

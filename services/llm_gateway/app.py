@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app: `create_app(settings)`.
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (`llm_gateway.lora`)
 (both with `"stream": true` as server-sent events ending in `data: [DONE]`), vLLM's POST
 /tokenize and /detokenize, GET /healthz
 (the process is up), GET /readyz (at least one engine is SERVING) and GET /metrics
@@ -32,6 +33,13 @@ from llm_gateway import best_of, errors
 from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
+from llm_gateway.lora import (
+    LoadLoRAAdapterRequest,
+    LoRAAdmin,
+    UnloadLoRAAdapterRequest,
+    adapter_of,
+    model_cards,
+)
 from llm_gateway.middleware import ApiKeys, GatewayMiddleware
 from llm_gateway.ratelimit import RateLimiter, hold_tokens
 from llm_gateway.responses import (
@@ -116,14 +124,11 @@ def create_app(
 
     async def check_model(name: str, metadata: Metadata = ()) -> pb.ModelInfoResponse:
         info = await model_info(metadata)
-        if name != info.model_id:
+        if adapter_of(name, info) is None:  # neither the base nor a LoRA adapter
             raise OpenAIError(
                 404, f"the model {name!r} does not exist", param="model", code="model_not_found"
             )
         return info
-
-    def model_card(info: pb.ModelInfoResponse) -> dict[str, Any]:
-        return {"id": info.model_id, "object": "model", "created": info.created, "owned_by": "llm"}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -146,11 +151,12 @@ def create_app(
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(await model_info(trace_metadata()))]}
+        return {"object": "list", "data": model_cards(await model_info(trace_metadata()))}
 
     @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> dict[str, Any]:
-        return model_card(await check_model(model_id, trace_metadata()))
+        cards = model_cards(await check_model(model_id, trace_metadata()))
+        return next(card for card in cards if card["id"] == model_id)
 
     async def encode_once(
         body: CompletionRequest | ChatCompletionRequest,
@@ -185,12 +191,14 @@ def create_app(
         body.check_supported()
         metadata = trace_metadata()
         info = await check_model(body.model, metadata)
-        g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", info.model_id, int(time.time()))
+        g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", body.model, int(time.time()))
         request.state.request_id = g.id
         body.check_size(info)  # before anything is tokenized or built
         param = fmt.input_param
         encoded = await encode_once(body, metadata, deadline, param)
         calls = body.engine_calls(g.id, info, encoded)
+        for call in calls:
+            call.request.model = adapter_of(body.model, info) or ""  # a LoRA adapter's name
         g.choices = [Choice.of(call) for call in calls]
         requests = [c.request for c in calls]
         echo = isinstance(body, CompletionRequest) and body.echo
@@ -316,7 +324,18 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-        return await run(request, body, ChatFormat(logprobs=body.logprobs))
+        fmt = ChatFormat(logprobs=body.logprobs, tool_calls=body.parses_tool_calls())
+        return await run(request, body, fmt)
+
+    lora = LoRAAdmin(engines, settings.load_admin_keys())
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+    async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> Response:
+        return await lora.load(request, body)
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)  # fmt: skip
+    async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) -> Response:
+        return await lora.unload(request, body)
 
     tokenization = Tokenization(
         engines, check_model, model_info, settings.request_timeout_s, settings.retry_after_s

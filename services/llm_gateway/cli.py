@@ -214,6 +214,10 @@ def run(
     api_keys_file: Annotated[
         str | None, typer.Option(help="file of accepted keys, one per line")
     ] = None,
+    admin_key: Annotated[
+        list[str] | None,
+        typer.Option(help="Bearer key of the admin routes (LoRA loads; repeatable)"),
+    ] = None,
     allow_unauthenticated: Annotated[
         bool | None,
         typer.Option("--allow-unauthenticated", help="serve a non-loopback address keyless"),
@@ -251,7 +255,7 @@ def run(
     """Serve the OpenAI API in front of one or more llm-engines."""
     flags = dict(
         engine=engine, host=host, port=port, api_keys=api_key or None, api_keys_file=api_keys_file,
-        allow_unauthenticated=allow_unauthenticated,
+        admin_keys=admin_key or None, allow_unauthenticated=allow_unauthenticated,
         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
         header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
         max_connections=max_connections, engine_keepalive_s=engine_keepalive_s,

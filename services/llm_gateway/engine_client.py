@@ -274,6 +274,19 @@ class EnginePool:
             self._info = (time.monotonic(), info)
             return info
 
+    async def on_every_engine(self, method: str, request: Any, timeout_s: float = 120.0) -> None:
+        """Run a unary Engine RPC (a LoRA load or unload) on every healthy engine, then
+        forget the cached ModelInfo. Raises the first engine's error."""
+        healthy = await self._healthy()
+        if not healthy:
+            raise NoEngine("no engine is ready")
+        try:
+            await asyncio.gather(
+                *(getattr(ep.stub, method)(request, timeout=timeout_s) for ep in healthy)
+            )
+        finally:
+            self._info = None
+
     async def tokenize(
         self, request: pb.TokenizeRequest, metadata: Metadata, timeout_s: float
     ) -> list[int]:

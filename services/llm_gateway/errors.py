@@ -37,6 +37,9 @@ _ENGINE_FIELDS = {
     "top_logprobs": "top_logprobs",
     "logprobs": "logprobs",
     "prompt_logprobs": "logprobs",
+    "structured_output": "response_format",
+    "structured_output.json_schema": "response_format",
+    "structured_output.json_object": "response_format",
 }
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 
@@ -138,6 +141,8 @@ def from_grpc(error: grpc.aio.AioRpcError, input_param: str, retry_after_s: int 
         )  # fmt: skip
         error.refused = True  # a full queue: nothing of the request ran there
         return error
+    if code == grpc.StatusCode.NOT_FOUND:  # a LoRA adapter unloaded since the gateway looked
+        return OpenAIError(404, details, param="model", code="model_not_found")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return OpenAIError(504, "the engine did not answer in time", type="timeout", code="timeout")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_gateway.errors import OpenAIError
+from llm_gateway.lora import ADMIN_PATHS
 from llm_gateway.ratelimit import Budget, RateLimiter
 from llm_gateway.settings import KeyLimits
 from llm_gateway.telemetry import REQUEST_SPAN, Metrics
@@ -126,8 +127,8 @@ class GatewayMiddleware:
     def _authenticate(self, scope: Scope) -> tuple[OpenAIError | None, Budget | None]:
         """The 401 to answer, or the caller's rate-limit budget (None: not limited)."""
         digests = self.api_keys.digests()
-        if scope["path"] in PUBLIC_PATHS:
-            return None, None
+        if scope["path"] in PUBLIC_PATHS or scope["path"] in ADMIN_PATHS:
+            return None, None  # the admin routes check admin keys themselves
         if not digests:  # no keys: every caller shares the default limits
             return None, self.limiter.budget(None, None) if self.limiter else None
         header = _header(scope, b"authorization") or b""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_gateway import tool_calls
 from llm_gateway.schemas import EngineCall, Prompt
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -173,8 +174,19 @@ class ChatFormat:
 
     id_prefix, input_param = "chatcmpl", "messages"
 
-    def __init__(self, logprobs: bool) -> None:
-        self.logprobs = logprobs
+    def __init__(self, logprobs: bool, tool_calls: bool = False) -> None:
+        # tool_calls: the answer's `<tool_call>` blocks are parsed into `tool_calls`; a
+        # stream then holds the text back until the choice ends.
+        self.logprobs, self.tool_calls = logprobs, tool_calls
+
+    def message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
+        """The choice's message (content and tool calls) and its finish reason."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        content, calls = tool_calls.parse(c.text)
+        if not calls:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     def opening(self, g: Generation, c: Choice) -> dict[str, Any] | None:
         delta = {"role": "assistant", "content": ""}  # the first delta announces the role
@@ -182,6 +194,8 @@ class ChatFormat:
         return g.envelope("chat.completion.chunk", [choice])
 
     def chunk(self, g: Generation, c: Choice, chunk: pb.GenerateChunk) -> dict[str, Any] | None:
+        if self.tool_calls:
+            return self._held_chunk(g, c, chunk)
         if not (chunk.text or chunk.logprobs or chunk.finish_reason):
             return None
         choice: dict[str, Any] = {
@@ -194,21 +208,31 @@ class ChatFormat:
             choice["logprobs"] = {"content": [chat_logprob(lp) for lp in chunk.logprobs]}
         return g.envelope("chat.completion.chunk", [choice])
 
+    def _held_chunk(
+        self, g: Generation, c: Choice, chunk: pb.GenerateChunk
+    ) -> dict[str, Any] | None:
+        """With tools, the whole answer at the end: content, or `tool_calls` deltas (each
+        call's index, id, name and its arguments as one fragment), as OpenAI streams them."""
+        if not chunk.finish_reason:
+            return None
+        message, finish = self.message(c)
+        delta: dict[str, Any] = {"content": message["content"]} if message["content"] else {}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]  # fmt: skip
+        choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}  # fmt: skip
+        if self.logprobs:
+            choice["logprobs"] = {"content": [chat_logprob(lp) for lp in c.logprobs]}
+        return g.envelope("chat.completion.chunk", [choice])
+
     def usage_chunk(self, g: Generation) -> dict[str, Any]:
         return {**g.envelope("chat.completion.chunk", []), "usage": g.usage()}
 
     def whole(self, g: Generation) -> dict[str, Any]:
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": [chat_logprob(lp) for lp in c.logprobs]}
-                if self.logprobs
-                else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in g.choices
-        ]
+        choices = []
+        for c in g.choices:
+            message, finish = self.message(c)
+            logprobs = {"content": [chat_logprob(lp) for lp in c.logprobs]} if self.logprobs else None  # fmt: skip
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish})  # fmt: skip
         return {**g.envelope("chat.completion", choices), "usage": g.usage()}
 
 

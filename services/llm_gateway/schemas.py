@@ -14,6 +14,7 @@ JSON `"\\ud800"` is valid JSON but no string protobuf can carry).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -120,6 +121,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's structured outputs. The schema is always
+    enforced (`strict` or not); a schema left out allows any JSON value."""
+
+    model_config = _STRICT
+
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatSpec(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_output(self) -> pb.StructuredOutput | None:
+        if self.type == "json_object":
+            return pb.StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise invalid("response_format", 'type "json_schema" needs a json_schema')
+            schema = self.json_schema.json_schema
+            return pb.StructuredOutput(json_schema=json.dumps({} if schema is None else schema))
+        return None
+
+
 class _Request(BaseModel):
     model_config = _STRICT
 
@@ -144,6 +174,7 @@ class _Request(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormatSpec | None = None
 
     def check_supported(self) -> None:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -200,6 +231,9 @@ class _Request(BaseModel):
             request.skip_special_tokens = False
         for token, bias in (self.logit_bias or {}).items():
             s.logit_bias[int(token)] = bias
+        structured = self.response_format and self.response_format.structured_output()
+        if structured:
+            request.structured_output.CopyFrom(structured)
 
     def _texts(self) -> tuple[str, list[str]]:
         """The request's input texts and the parameter that names them."""
@@ -374,23 +408,73 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: Text = Field(min_length=1)
+    arguments: Text  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Function(BaseModel):
+    model_config = _STRICT
+
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; enforced when a call is forced
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool's answer to that call
+
+    def proto(self) -> pb.ChatMessage:
+        calls = [
+            pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in self.tool_calls or []
+        ]
+        return pb.ChatMessage(
+            role=self.role, content=self.text(), tool_calls=calls,
+            tool_call_id=self.tool_call_id or "",
+        )  # fmt: skip
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
-
-
-class ResponseFormatSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: Literal["text", "json_object", "json_schema"]
 
 
 class ChatCompletionRequest(_Request):
@@ -399,23 +483,34 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    response_format: ResponseFormatSpec | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise invalid("tools", "tools are not supported", code="unsupported_value")
-        kind = self.response_format.type if self.response_format else "text"
-        if kind != "text":
-            raise invalid(
-                "response_format",
-                f"response_format type {kind!r} is not supported: this server has no "
-                'constrained (JSON) decoding yet; omit response_format or use {"type": "text"}',
-                code="unsupported_value",
-            )
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if choice not in (None, "none", "auto") and not names:
+            raise invalid("tool_choice", "tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise invalid("tool_choice", f"{choice.function.name!r} is not one of the tools")
+        fmt = self.response_format.type if self.response_format else "text"
+        if self.forced_calls() is not None and fmt != "text":
+            raise invalid("response_format", "response_format excludes a forced tool call")
+
+    def parses_tool_calls(self) -> bool:
+        """The answer's `<tool_call>` blocks come back as `tool_calls`."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_calls(self) -> pb.ToolCallConstraint | None:
+        """`required` or a named function: the engine's grammar writes only calls."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        names = [] if self.tool_choice == "required" else [self.tool_choice.function.name]
+        return pb.ToolCallConstraint(names=names, parallel=self.parallel_tool_calls)
 
     def _texts(self) -> tuple[str, list[str]]:
         return "messages", ["".join(m.text() for m in self.messages)]
@@ -424,9 +519,8 @@ class ChatCompletionRequest(_Request):
         return [None]  # the conversation is the one prompt
 
     def _chat(self) -> pb.ChatMessages:
-        return pb.ChatMessages(
-            messages=[pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
-        )
+        tools = [json.dumps(t.model_dump(exclude_none=True)) for t in self.tools or []]
+        return pb.ChatMessages(messages=[m.proto() for m in self.messages], tools=tools)
 
     def _tokenize_request(self, prompt: Any) -> pb.TokenizeRequest | None:
         return pb.TokenizeRequest(chat=self._chat(), add_generation_prompt=True)
@@ -439,6 +533,11 @@ class ChatCompletionRequest(_Request):
             request.chat.CopyFrom(self._chat())
         else:
             request.token_ids.ids.extend(ids)
+        forced = self.forced_calls()
+        if forced is not None:  # needs the chat's tools: never sent as token ids
+            request.ClearField("token_ids")
+            request.chat.CopyFrom(self._chat())
+            request.structured_output.tool_calls.CopyFrom(forced)
         return request
 
     def _max_tokens(self) -> int | None:

@@ -87,6 +87,11 @@ class GatewaySettings(BaseSettings):
         default_factory=list,
         description="accepted Bearer keys (each may set rpm=, tpm=); empty (and no file): no auth",
     )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys of the admin routes (runtime LoRA adapter loads); comma-"
+        "separated; empty: those routes are off",
+    )
     api_keys_file: Path | None = Field(
         default=None, description="file with more accepted keys (a mounted Secret)"
     )
@@ -183,6 +188,16 @@ class GatewaySettings(BaseSettings):
         if isinstance(value, list):  # --api-key flags, or keys given in code
             return [{"key": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _split_admin_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    def load_admin_keys(self) -> list[str]:
+        return [k.get_secret_value() for k in self.admin_keys]
 
     @field_validator("rate_limit_redis_url")
     @classmethod

@@ -269,6 +269,15 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
             {"text": "x", "sampling": pb.SamplingParams(logit_bias={5: float("inf")})},
             "sampling.logit_bias[5]",
         ),
+        (
+            {"text": "x", "structured_output": pb.StructuredOutput(json_schema="{")},
+            "structured_output.json_schema",
+        ),
+        (
+            {"text": "x", "structured_output": pb.StructuredOutput(json_schema='{"not": {}}')},
+            "structured_output.json_schema",
+        ),
+        ({"text": "x", "structured_output": pb.StructuredOutput()}, "structured_output"),
     ],
 )
 def test_invalid_arguments_name_the_field(engine: Engine, request_kwargs: dict, field: str) -> None:
@@ -276,6 +285,25 @@ def test_invalid_arguments_name_the_field(engine: Engine, request_kwargs: dict, 
         run(engine, **request_kwargs)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(f"{field}: ")
+
+
+def test_structured_output_is_schema_valid_json(engine: Engine, reference: LoadedModel) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    chunks = run(
+        engine, text="Answer: ", sampling=pb.SamplingParams(temperature=1.0, seed=3),
+        structured_output=pb.StructuredOutput(json_schema=json.dumps(schema)),
+    )  # fmt: skip
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    document = json.loads("".join(c.text for c in chunks))
+    assert set(document) == {"n", "ok"} and 0 <= document["n"] <= 9
 
 
 def test_cancel_frees_the_slot(engine: Engine) -> None:

@@ -83,7 +83,8 @@ def chat(**overrides: object) -> dict:
         ("/v1/chat/completions", chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content"),
         ("/v1/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens"),
-        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
+        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools[0].function"),
+        ("/v1/chat/completions", chat(tool_choice="required"), "tool_choice"),  # needs tools
         ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),  # needs logprobs
         ("/v1/chat/completions", chat(top_logprobs=21, logprobs=True), "top_logprobs"),
         ("/v1/chat/completions", chat(n=17), "n"),

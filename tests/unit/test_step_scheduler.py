@@ -228,4 +228,4 @@ def test_the_trie_forgets_blocks_no_slot_holds() -> None:
     other = cache.admit([7, 7, 7], free=[0], busy_width=0)
     cache.assign(other, [7, 7, 7])  # slot 0 is overwritten from position 0
     assert cache.admit([1, 2, 3, 4, 9], free=[0], busy_width=0).cached == 0
-    assert not cache._root.children  # nothing is left of the old blocks
+    assert not cache._root(0).children  # nothing is left of the old blocks

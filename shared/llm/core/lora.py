@@ -199,6 +199,10 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _is_wrapper(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "layout", None), tuple) and isinstance(m.base, nn.Module)
+
+
 def _is_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear or isinstance(m, NF4Linear)
 
@@ -211,9 +215,10 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[Part, ...]]]:
-    """(name, layer, parts) of every linear layer, a `LoRALinear` counting as its base."""
+    """(name, layer, parts) of every linear layer, a LoRA wrapper (`LoRALinear`,
+    `llm.core.multi_lora.MultiLoRALinear`: a `base` and its `layout`) counting as its base."""
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if _is_wrapper(m):
             yield name, m, m.layout
         elif _is_linear(m) and not name.endswith(".base"):
             parent_name, _, leaf = name.rpartition(".")
@@ -239,7 +244,7 @@ def apply_lora(
     used: set[str] = set()
     plan: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
     for name, m, layout in list(linear_layers(model)):
-        if isinstance(m, LoRALinear):
+        if _is_wrapper(m):
             continue
         parent = name.rpartition(".")[0]
         chosen = []

@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -78,18 +78,25 @@ class BaseTokenizer(Protocol):
         ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str: ...
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:  # fmt: skip
+        """The chat as the model's template renders it; `tools` (OpenAI `tools` entries)
+        are rendered by templates that support them."""
+        ...
 
     def save(self, directory: str | os.PathLike) -> None: ...
 
 
-def _render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render_chat(
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:  # fmt: skip
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt
+        messages=messages, add_generation_prompt=add_generation_prompt, tools=tools
     )
 
 
@@ -185,9 +192,10 @@ class SimpleCharacterTokenizer:
         return "".join(self._itos.get(int(i)) or specials.get(int(i), "") for i in ids)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str:
-        return _render_chat(self.chat_template, messages, add_generation_prompt)
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:  # fmt: skip
+        return _render_chat(self.chat_template, messages, add_generation_prompt, tools)
 
     def fingerprint(self) -> str:
         """Hash of what decides the ids (the unknown policy only decides whether to raise)."""
@@ -261,13 +269,15 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str:
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:  # fmt: skip
         if self.has_chat_template:
             return self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        return _render_chat(PLAIN_CHAT_TEMPLATE, messages, add_generation_prompt)
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=tools or None,
+            )  # fmt: skip
+        return _render_chat(PLAIN_CHAT_TEMPLATE, messages, add_generation_prompt, tools)
 
     def set_chat_template(self, template: str) -> None:
         """Install a template; `save` then writes it, so serving renders chats the same way."""

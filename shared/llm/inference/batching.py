@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm.inference.adapters import AdapterSet
 from llm.inference.detokenize import IncrementalDecoder
 from llm.inference.runner import FewRowLinears, ModelRunner
 from llm.inference.scheduler import Request, StepScheduler
@@ -48,14 +49,21 @@ class BatchGenerator:
         compile: bool = False,
         prefix_caching: bool = True,
         block_size: int = 16,
+        adapters: AdapterSet | None = None,
     ) -> None:
+        """`adapters`: LoRA adapters on the model (`AdapterSet`); a request picks one with
+        `Request.adapter`, and requests of different adapters share every step."""
         self.model, self.n_slots, self.prefill_chunk = model, n_slots, prefill_chunk
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         self.scheduler = StepScheduler(
             n_slots, self.max_seq_len, prefill_chunk, block_size=block_size,
             prefix_caching=prefix_caching,
         )  # fmt: skip
-        self.runner = ModelRunner(model, n_slots, self.max_seq_len, compile=compile)
+        self.adapters = adapters
+        self.runner = ModelRunner(
+            model, n_slots, self.max_seq_len, compile=compile,
+            adapter_rows=adapters.rows if adapters is not None else None,
+        )  # fmt: skip
 
     @property
     def free_slots(self) -> int:
@@ -76,6 +84,12 @@ class BatchGenerator:
         self.scheduler.cancel(request)
         if slot >= 0:
             self.runner.release(slot)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter no running request uses; its cached prefixes go too."""
+        if self.adapters is None:
+            raise KeyError(name)
+        self.scheduler.drop_adapter(self.adapters.unload(name))
 
     def warmup(self) -> None:
         """Compile what `compile=True` compiles before the first request."""

@@ -27,6 +27,10 @@ policy. Blocks are registered as requests
 compute them, generated tokens included, so a multi-turn conversation's next prompt
 reuses the previous turn's answer too.
 
+A request served with a LoRA adapter computes other keys and values for the same tokens:
+each adapter (index 0: the base) has a trie of its own, and `drop_adapter` forgets one
+whose index is about to be reused by another adapter.
+
 Memory: no more than the slots themselves; a paged block pool would hold memory per
 token instead of per slot, but on the CPU gathering a paged cache for every decode step
 costs several times the attention it feeds (see docs/architecture.md).
@@ -62,7 +66,8 @@ class PrefixCache:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.enabled = block_size, enabled
-        self._root = _Block(None, ())
+        self._roots: dict[int, _Block] = {}  # per adapter index
+        self._slot_roots = [self._root(0)] * n_slots  # the trie each slot's path is in
         self._paths: list[list[_Block]] = [[] for _ in range(n_slots)]  # per slot, in order
         self._last_used = [0] * n_slots  # a clock value per slot
         self._clock = 0
@@ -71,8 +76,9 @@ class PrefixCache:
         return len(self._paths[slot])
 
     def admit(
-        self, tokens: Sequence[int], free: Sequence[int], busy_width: int, reuse: bool = True
-    ) -> Placement:
+        self, tokens: Sequence[int], free: Sequence[int], busy_width: int, reuse: bool = True,
+        adapter: int = 0,
+    ) -> Placement:  # fmt: skip
         """Choose a free slot for a prompt and the prefix it reuses (see the module doc).
 
         Args:
@@ -80,10 +86,11 @@ class PrefixCache:
             free: the free slots (at least one).
             busy_width: 1 + the highest busy slot (0: none).
             reuse: False for a request that must compute every prompt token.
+            adapter: the LoRA adapter index the prompt is computed with (0: the base).
         """
         if not free:
             raise ValueError("no free slot")
-        path = self._match(tokens) if self.enabled and reuse else []
+        path = self._match(tokens, adapter) if self.enabled and reuse else []
         source = None
         if path:
             holders = path[-1].slots
@@ -100,10 +107,14 @@ class PrefixCache:
         slot = min(dense, key=lambda s: (self._lost_blocks(s), self._last_used[s], s))
         return Placement(slot, len(path) * self.block_size, source)
 
-    def assign(self, placement: Placement, tokens: Sequence[int]) -> None:
-        """`placement.slot` now holds `placement.cached` tokens of `tokens`, nothing after."""
+    def assign(self, placement: Placement, tokens: Sequence[int], adapter: int = 0) -> None:
+        """`placement.slot` now holds `placement.cached` tokens of `tokens` (computed with
+        `adapter`), nothing after."""
         slot, keep = placement.slot, placement.cached // self.block_size
+        if self._slot_roots[slot] is not self._root(adapter):
+            keep = 0  # what it holds was computed with another adapter: only a copy reuses
         self._truncate(slot, 0 if placement.copy_from is not None else keep)
+        self._slot_roots[slot] = self._root(adapter)
         if placement.copy_from is not None:
             self._paths[slot] = []
             self.extend(slot, tokens, placement.cached)
@@ -114,7 +125,7 @@ class PrefixCache:
         if not self.enabled:
             return
         path, bs = self._paths[slot], self.block_size
-        node = path[-1] if path else self._root
+        node = path[-1] if path else self._slot_roots[slot]
         for i in range(len(path), computed // bs):
             key = tuple(tokens[i * bs : (i + 1) * bs])
             child = node.children.get(key)
@@ -124,15 +135,26 @@ class PrefixCache:
             path.append(child)
             node = child
 
+    def drop_adapter(self, adapter: int) -> None:
+        """Forget every block computed with `adapter` (an unloaded adapter's index)."""
+        root = self._roots.pop(adapter, None)
+        for slot, slot_root in enumerate(self._slot_roots):
+            if slot_root is root:
+                self._truncate(slot, 0)
+                self._slot_roots[slot] = self._root(0)
+
     def touch(self, slot: int) -> None:
         self._clock += 1
         self._last_used[slot] = self._clock
 
     # -- internals -----------------------------------------------------------------------
 
-    def _match(self, tokens: Sequence[int]) -> list[_Block]:
+    def _root(self, adapter: int) -> _Block:
+        return self._roots.setdefault(adapter, _Block(None, ()))
+
+    def _match(self, tokens: Sequence[int], adapter: int) -> list[_Block]:
         """The trie path of the prompt's leading full blocks, leaving at least one token."""
-        bs, node, path = self.block_size, self._root, []
+        bs, node, path = self.block_size, self._root(adapter), []
         for i in range((len(tokens) - 1) // bs):
             node = node.children.get(tuple(tokens[i * bs : (i + 1) * bs]))
             if node is None or not node.slots:

@@ -29,6 +29,11 @@ that writes into a scratch cache row past the slots), so a single stream never n
 whole cache attended) before the first request, so none compiles mid-traffic. Eager on
 the CPU, decode steps and short prefill chunks compute their linear layers as `W @ x^T`
 (`FewRowLinears`).
+
+With several LoRA adapters on the model (`llm.core.multi_lora`, `adapter_rows`), every
+call also takes the adapter index of each of its rows, gathered from the index of each
+slot's request: requests of different adapters and of the base share every call, and the
+index tensor is one more input of the same compiled graphs.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from llm.core.multi_lora import AdapterRows
 from llm.inference.sampling import Sampler
 from llm.inference.scheduler import PrefillChunk, Request, SchedulerOutput
 from llm.models.decoder import DecoderModel
@@ -108,8 +114,9 @@ def _compiled(fn: Callable[..., torch.Tensor], cpu: bool) -> Callable[..., torch
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderModel, n_slots: int, max_seq_len: int, *, compile: bool = False
-    ) -> None:
+        self, model: DecoderModel, n_slots: int, max_seq_len: int, *, compile: bool = False,
+        adapter_rows: AdapterRows | None = None,
+    ) -> None:  # fmt: skip
         self.model, self.n_slots, self.max_seq_len = model, n_slots, max_seq_len
         self.scratch = n_slots  # the cache row that padding rows write to
         if model.cache_batch_size != n_slots + 1 or model.cache_max_seq_len != max_seq_len:
@@ -118,6 +125,8 @@ class ModelRunner:
         self.sampler = Sampler(n_slots, model.config.vocab_size, self.device)
         self.tokens = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
+        self.adapter_rows = adapter_rows
+        self.adapter_of = torch.zeros(n_slots + 1, dtype=torch.long, device=self.device)  # slot's
         self.compiled = compile
         self._decode = self._decode_eager
         self._prefill_call = self._prefill_eager
@@ -129,7 +138,9 @@ class ModelRunner:
     def assign(self, request: Request) -> None:
         """Load an admitted request's sampling parameters into its slot."""
         request.seed = self.sampler.assign(request.slot, request.sampling, request.prompt_ids)
+        self.sampler.constrain(request.slot, request.grammar)
         self.pos[request.slot] = request.prefilled  # idle decode rows write here (module doc)
+        self.adapter_of[request.slot] = request.adapter
 
     def release(self, slot: int) -> None:
         self.sampler.release(slot)
@@ -155,9 +166,10 @@ class ModelRunner:
         rows = torch.full((2,), self.scratch, device=self.device)
         ids = torch.zeros(2, 3, dtype=torch.long, device=self.device)
         for kv_len in dict.fromkeys((min(64, self.max_seq_len), self.max_seq_len)):
-            self._decode(self.tokens[:2], self.pos[:2], kv_len)
+            self._decode(self.tokens[:2], self.pos[:2], kv_len, self.adapter_of[:2])
             positions = torch.arange(kv_len - 3, kv_len, device=self.device).repeat(2, 1)
-            self._prefill_call(ids, positions, rows, torch.full_like(rows, 2), kv_len)
+            at = torch.full_like(rows, 2)
+            self._prefill_call(ids, positions, rows, at, kv_len, self.adapter_of[rows])
         self.pos.zero_()
 
     @torch.inference_mode()
@@ -194,12 +206,14 @@ class ModelRunner:
         if len(ids) < least:
             ids, positions = [*ids, [0] * P], [*positions, list(range(P))]
             slots, last = [*slots, self.scratch], [*last, 0]
+        slot_rows = torch.tensor(slots, device=self.device)
         logits = self._prefill_call(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
-            torch.tensor(slots, device=self.device),
+            slot_rows,
             torch.tensor(last, device=self.device),
             max(p[-1] for p in positions) + 1,
+            self.adapter_of[slot_rows],
         )  # (R, V)
         rows = torch.tensor([c.request.slot for c in chunks], device=self.device)
         self.pos.index_copy_(
@@ -218,6 +232,7 @@ class ModelRunner:
         ids = torch.tensor([request.prompt_ids[start : start + n]], device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
         rows = torch.tensor([request.slot], device=self.device)
+        self._use_adapters(self.adapter_of[rows])
         logits = self._forward(ids, positions, cache_rows=rows, kv_len=start + n)  # (1, n, V)
         self._score_prompt(request, logits[0], start)
         self.pos[request.slot] = start + n
@@ -233,7 +248,9 @@ class ModelRunner:
             width = max(width, 2)  # the scratch row at worst: see the module doc
         # This step's positions are prompt + generated - 1: attend below the longest.
         kv_len = max(len(r.prompt_ids) + r.generated for r in requests)
-        logits = self._decode(self.tokens[:width], self.pos[:width], kv_len)  # (width, V)
+        logits = self._decode(
+            self.tokens[:width], self.pos[:width], kv_len, self.adapter_of[:width]
+        )  # (width, V)
         rows = torch.tensor([r.slot for r in requests], device=self.device)
         return self._sample(logits[rows], requests, rows, advance=True)
 
@@ -243,23 +260,36 @@ class ModelRunner:
         with FewRowLinears():
             return self.model(*args, **kwargs)
 
-    def _decode_eager(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _use_adapters(self, adapters: torch.Tensor) -> None:
+        """The adapter index (B,) of each row of the next model call (module doc)."""
+        if self.adapter_rows is not None:
+            self.adapter_rows.ids = adapters
+
+    def _decode_eager(
+        self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, adapters: torch.Tensor
+    ) -> torch.Tensor:
+        self._use_adapters(adapters)
         return self._forward(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
 
-    def _decode_graph(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _decode_graph(
+        self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, adapters: torch.Tensor
+    ) -> torch.Tensor:
         # Compiled: inductor's packed GEMMs beat `FewRowLinears` at every width.
+        self._use_adapters(adapters)
         return self.model(tokens, pos, kv_len=kv_len)[:, -1]  # (B, V)
 
     def _prefill_eager(
         self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, at: torch.Tensor,
-        kv_len: int,
+        kv_len: int, adapters: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
+        self._use_adapters(adapters)
         return self._forward(ids, pos, cache_rows=rows, logits_at=at, kv_len=kv_len)[:, 0]
 
     def _prefill_graph(
         self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, at: torch.Tensor,
-        kv_len: int,
+        kv_len: int, adapters: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
+        self._use_adapters(adapters)
         return self.model(ids, pos, cache_rows=rows, logits_at=at, kv_len=kv_len)[:, 0]
 
     # -- sampling --------------------------------------------------------------------------
@@ -300,6 +330,7 @@ class ModelRunner:
             host = torch.cat([c.reshape(-1, len(requests)) for c in columns]).T.tolist()
         else:
             host = [[t] for t in token.tolist()]  # the step's one host sync
+        self.sampler.accept([int(values[0]) for values in host], slots)
 
         out = []
         for request, values in zip(requests, host, strict=True):

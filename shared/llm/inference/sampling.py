@@ -18,6 +18,10 @@ logits' device, without a host sync per request:
   state. A seeded request therefore draws the same numbers whatever else is in the batch,
   and an unseeded one gets a random seed when it is admitted.
 
+A slot may also hold a grammar (`llm.inference.grammar.Matcher`): its rows' tokens that
+the grammar does not allow next get -inf before anything else, so greedy and drawn tokens
+alike keep the output valid; rows without one are untouched.
+
 Temperature 0 is greedy: argmax of the biased, penalised logits. Logprobs are reported from
 the raw model distribution (before bias, penalties, temperature and filters), as the OpenAI
 API does.
@@ -31,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from llm.inference.grammar import Matcher, allowed, bitmask_words
 
 _MASK32 = 0xFFFFFFFF
 
@@ -259,6 +265,7 @@ class Sampler:
         self._filtering: set[int] = set()
         self._penalising: set[int] = set()
         self._biasing: set[int] = set()
+        self._grammars: dict[int, Matcher] = {}  # slot -> its grammar, if constrained
 
     def assign(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int]) -> int:
         """Load a request into `slot`; returns the seed it samples with."""
@@ -293,7 +300,22 @@ class Sampler:
         (self._penalising.add if params.penalties else self._penalising.discard)(slot)
         return seed
 
+    def constrain(self, slot: int, grammar: Matcher | None) -> None:
+        """Mask `slot`'s tokens by `grammar` from its next token on (None: free text)."""
+        if grammar is None:
+            self._grammars.pop(slot, None)
+        else:
+            self._grammars[slot] = grammar
+
+    def accept(self, tokens: Sequence[int], slots: Sequence[int]) -> None:
+        """Advance the grammars of `slots` past their sampled `tokens` (host ints)."""
+        for slot, token in zip(slots, tokens, strict=True):
+            grammar = self._grammars.get(slot)
+            if grammar is not None:
+                grammar.accept(token)
+
     def release(self, slot: int) -> None:
+        self._grammars.pop(slot, None)
         self._drawing.discard(slot)
         self._filtering.discard(slot)
         self._penalising.discard(slot)
@@ -312,6 +334,8 @@ class Sampler:
         """Sample one token for each of `logits`' rows (B, V), row b belonging to slot
         `rows[b]` ((B,) on the device; `slots` is the same on the host). Returns (B,)."""
         logits = logits.float()
+        if self._grammars.keys() & set(slots):
+            logits = self._constrained(logits, slots)  # a new tensor
         if self._biasing.intersection(slots):
             logits = logits + self.bias[rows]  # a new tensor: the caller's logits stay raw
         if self._penalising.intersection(slots):
@@ -328,6 +352,18 @@ class Sampler:
         )
         noise = exponential_noise(self.seed[rows], self.step[rows], logits.shape[-1])
         return sample(logits, self.temperature[rows], noise, *filters)
+
+    def _constrained(self, logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """`logits` (B, V) with the tokens each row's grammar forbids at -inf; the masks
+        are computed on the host and sent as one (B, V/32) bitmask."""
+        V = logits.shape[-1]
+        bitmask = torch.full((len(slots), bitmask_words(V)), -1, dtype=torch.int32)
+        for row, slot in enumerate(slots):
+            grammar = self._grammars.get(slot)
+            if grammar is not None:
+                grammar.fill(bitmask, row)
+        mask = allowed(bitmask.to(logits.device, non_blocking=True), V)  # (B, V)
+        return logits.masked_fill(~mask, float("-inf"))
 
     def record(self, tokens: torch.Tensor, rows: torch.Tensor, slots: Sequence[int]) -> None:
         """Count the sampled `tokens` (B,) of slots `rows` (B,) (`slots` on the host): the

@@ -20,6 +20,7 @@ import collections
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from llm.inference.grammar import Matcher
 from llm.inference.prefix_cache import PrefixCache
 from llm.inference.sampling import SamplingParams
 
@@ -36,6 +37,8 @@ class Request:
     top_logprobs: int = 0  # and this many most likely alternatives
     prompt_logprobs: int | None = None  # score prompt tokens 1..P-1, with N alternatives
     min_tokens: int = 0  # stop tokens are not sampled, nor stop, before this many new tokens
+    grammar: Matcher | None = None  # constrains every new token (structured outputs)
+    adapter: int = 0  # the LoRA adapter index its rows use (`llm.core.multi_lora`); 0: the base
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache (computed, or reused from the prefix cache)
     cached: int = 0  # of those, reused from the prefix cache
@@ -120,9 +123,9 @@ class StepScheduler:
         width = 1 + max(set(range(self.n_slots)) - self._free, default=-1)  # of decode steps
         placement = self.prefix_cache.admit(
             request.prompt_ids, sorted(self._free), width,
-            reuse=request.prompt_logprobs is None,
+            reuse=request.prompt_logprobs is None, adapter=request.adapter,
         )  # fmt: skip
-        self.prefix_cache.assign(placement, request.prompt_ids)
+        self.prefix_cache.assign(placement, request.prompt_ids, request.adapter)
         self._free.remove(placement.slot)
         request.slot, request.prefilled = placement.slot, placement.cached
         request.cached, request.generated = placement.cached, 0
@@ -139,6 +142,11 @@ class StepScheduler:
             self._prefilling.remove(request)
         self._decoding.pop(request.slot, None)
         self.release(request)
+
+    def drop_adapter(self, adapter: int) -> None:
+        """Forget the cached prefixes computed with an adapter index no request uses any
+        more (it is unloaded; another adapter may take the index)."""
+        self.prefix_cache.drop_adapter(adapter)
 
     def release(self, request: Request) -> None:
         self.prefix_cache.touch(request.slot)

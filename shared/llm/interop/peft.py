@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from llm.core.lora import LoRALinear, Part, apply_lora, linear_layers, lora_modules, merge_lora
 from llm.interop._common import Family, param_names
@@ -308,6 +309,36 @@ def load_adapter(
         raise ValueError(f"adapter has weights for modules without LoRA in the model: {extra}")
 
 
+def _plan(
+    model: DecoderModel, cfg: dict[str, Any], family: Family, tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[nn.Module, tuple[int, float], tuple[Part, ...], tuple[Part, ...]]]:
+    """Per linear layer of `model` the adapter touches: (layer, (r, alpha), adapted parts,
+    layout). A LoRA wrapper counts as its base (`linear_layers`)."""
+    adapted = _adapted_modules(tensors)
+    plan: dict[str, tuple[nn.Module, tuple[int, float], tuple[Part, ...], tuple[Part, ...]]] = {}
+    seen: set[str] = set()
+    for name, layer, layout in linear_layers(model):
+        parts: list[Part] = []
+        for hf in hf_modules(name, layer.out_features, model, family):
+            if hf.name not in adapted:
+                continue
+            over = _overlapping(hf, layout)
+            r_k = tensors[f"{PREFIX}{hf.name}.lora_A.weight"].shape[0]
+            _, alpha_k = _module_rank_alpha(cfg, hf.name)
+            if r_k % len(over):
+                raise ValueError(f"adapter {hf.name}: rank {r_k} is not a multiple of {len(over)}")
+            group = (r_k // len(over), alpha_k / len(over))
+            if plan.setdefault(name, (layer, group, (), layout))[1] != group:
+                raise ValueError(f"adapter gives the parts of our {name} different ranks/alphas")
+            parts += [p for p in over if p not in parts]
+            seen.add(hf.name)
+        if parts:
+            plan[name] = (layer, plan[name][1], tuple(sorted(parts, key=lambda p: p.start)), layout)
+    if unknown := sorted(adapted - seen):
+        raise ValueError(f"adapter adapts modules the model does not have: {unknown}")
+    return plan
+
+
 def load_with_adapter(
     model: DecoderModel,
     adapter_dir: str | os.PathLike[str],
@@ -321,33 +352,38 @@ def load_with_adapter(
     """
     cfg = read_adapter_config(adapter_dir)
     family = _resolve_family(model, model_type)
-    tensors = _read_tensors(adapter_dir)
-    adapted = _adapted_modules(tensors)
+    plan = _plan(model, cfg, family, _read_tensors(adapter_dir))
     groups: dict[tuple[int, float], list[str]] = defaultdict(list)
-    layer_group: dict[str, tuple[int, float]] = {}
-    seen: set[str] = set()
-    for name, layer, layout in linear_layers(model):
+    for name, (layer, group, parts, _) in plan.items():
         if isinstance(layer, LoRALinear):
             raise ValueError(f"{name} already has LoRA; load_with_adapter takes the plain base")
         parent = name.rpartition(".")[0]
-        for hf in hf_modules(name, layer.out_features, model, family):
-            if hf.name not in adapted:
-                continue
-            over = _overlapping(hf, layout)
-            r_k = tensors[f"{PREFIX}{hf.name}.lora_A.weight"].shape[0]
-            _, alpha_k = _module_rank_alpha(cfg, hf.name)
-            if r_k % len(over):
-                raise ValueError(f"adapter {hf.name}: rank {r_k} is not a multiple of {len(over)}")
-            group = (r_k // len(over), alpha_k / len(over))
-            if layer_group.setdefault(name, group) != group:
-                raise ValueError(f"adapter gives the parts of our {name} different ranks/alphas")
-            groups[group] += [f"{parent}.{p.name}" if parent else p.name for p in over]
-            seen.add(hf.name)
-    if unknown := sorted(adapted - seen):
-        raise ValueError(f"adapter adapts modules the model does not have: {unknown}")
+        groups[group] += [f"{parent}.{p.name}" if parent else p.name for p in parts]
     for (r, alpha), targets in groups.items():
         apply_lora(model, sorted(set(targets)), r=r, alpha=alpha, dropout=cfg["lora_dropout"])
     load_adapter(model, adapter_dir, family.model_type)
     if merge:
         merge_lora(model)
     return model
+
+
+def adapter_layers(
+    model: DecoderModel, adapter_dir: str | os.PathLike[str], model_type: str | None = None
+) -> dict[str, LoRALinear]:
+    """A PEFT adapter directory as one standalone `LoRALinear` per layer of `model` it
+    adapts (by our layer name), each around the model's layer but not put in the model:
+    what serving several adapters at once (`llm.core.multi_lora`) stacks. The model is not
+    changed; checks as `load_adapter`."""
+    cfg = read_adapter_config(adapter_dir)
+    family = _resolve_family(model, model_type)
+    tensors = _read_tensors(adapter_dir)
+    out, used = {}, set()
+    for name, (layer, (r, alpha), parts, layout) in _plan(model, cfg, family, tensors).items():
+        base = getattr(layer, "base", layer)  # a LoRA wrapper's base
+        lora = LoRALinear(base, r, alpha, parts=parts, layout=layout)
+        mods = hf_modules(name, lora.out_features, model, family)
+        used |= _load_layer(name, lora, mods, tensors, cfg)
+        out[name] = lora.requires_grad_(False)
+    if extra := sorted(_adapted_modules(tensors) - used):
+        raise ValueError(f"adapter has weights for modules without LoRA in the model: {extra}")
+    return out

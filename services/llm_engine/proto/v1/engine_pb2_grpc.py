@@ -59,6 +59,16 @@ class EngineStub:
                 request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
                 response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/llm.engine.v1.Engine/LoadLoRAAdapter',
+                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/llm.engine.v1.Engine/UnloadLoRAAdapter',
+                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -104,6 +114,25 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """LoadLoRAAdapter serves one more LoRA adapter (a PEFT directory) beside the base, under
+        its name; requests pick it with GenerateRequest.model. ALREADY_EXISTS: the name is
+        taken; RESOURCE_EXHAUSTED: the engine holds as many as it serves; INVALID_ARGUMENT:
+        no such adapter, or one the engine cannot serve; FAILED_PRECONDITION: an engine
+        started without LoRA serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """UnloadLoRAAdapter stops serving an adapter. NOT_FOUND: no adapter of that name;
+        FAILED_PRECONDITION: requests for it are still queued or running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +160,16 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GenerateMany,
                     request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.FromString,
                     response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +307,60 @@ class Engine:
             '/llm.engine.v1.Engine/GenerateMany',
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
             llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm.engine.v1.Engine/LoadLoRAAdapter',
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm.engine.v1.Engine/UnloadLoRAAdapter',
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

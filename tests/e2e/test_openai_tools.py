@@ -1,0 +1,164 @@
+"""Tool calling through the official openai client against `llm-serve` on a random Hugging
+Face model with a Qwen-style chat template: the tools go through the template, a forced
+call is written by the engine's grammar (so its arguments match the function's schema
+even from random weights), and the tool's answer goes back through the template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import jsonschema
+import openai
+import pytest
+import torch
+import transformers
+from e2e_services import Service, start, stop, wait_ready
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm.data.corpus import default_corpus
+
+NAME = "tiny-qwen"
+# Qwen2.5's template, cut to what tools need: tools in the system turn, calls as
+# <tool_call> JSON, tool answers as <tool_response> in a user turn.
+TEMPLATE = """{%- if tools %}<|im_start|>system
+{{ messages[0]['content'] if messages[0]['role'] == 'system' else 'You are helpful.' }}
+
+# Tools
+
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object within <tool_call></tool_call> tags.<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m['role'] == 'system' and tools %}
+{%- elif m['role'] == 'assistant' and m['tool_calls'] %}<|im_start|>assistant
+{%- for c in m['tool_calls'] %}
+<tool_call>
+{"name": "{{ c['function']['name'] }}", "arguments": {{ c['function']['arguments'] | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m['role'] == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m['content'] }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m['role'] }}
+{{ m['content'] }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGUMENTS}}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    out = tmp_path_factory.mktemp("hf") / NAME
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator(default_corpus()[:60], trainer)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    service = start(
+        "llm_gateway.serve", ["--checkpoint", str(out), "--port", "0", "--threads", "1"],
+        log, "gateway_listening",
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{service.port}")
+        yield service
+    finally:
+        stop(service)
+
+
+@pytest.fixture(scope="module")
+def client(served: Service) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{served.port}/v1", api_key="x", max_retries=0, timeout=60
+    )
+
+
+def test_call_tool_result_and_final_answer(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=80, temperature=0.9,
+        seed=1, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    history = [
+        *MESSAGES,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
+    final = client.chat.completions.create(
+        model=NAME, messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=8,
+        temperature=0,
+    )  # fmt: skip
+    assert final.choices[0].message.tool_calls is None
+    assert final.choices[0].message.content
+    # The tool's answer went through the template: the prompt grew by it.
+    assert final.usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+def test_required_may_call_any_tool_and_streams_tool_call_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required",
+        max_tokens=120, temperature=0.9, seed=2, stream=True, parallel_tool_calls=False,
+    )  # fmt: skip
+    deltas = [c.choices[0] for c in stream if c.choices]
+    assert deltas[-1].finish_reason == "tool_calls"
+    calls = [t for d in deltas for t in d.delta.tool_calls or []]
+    assert calls and calls[0].index == 0
+    assert calls[0].function.name in {"get_weather", "get_time"}
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
+def test_unknown_named_tool_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=NAME, messages=MESSAGES, tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )  # fmt: skip
+    assert e.value.body["param"] == "tool_choice"
