@@ -201,3 +201,27 @@ def require_binary(name: str, install: str) -> str:
             pytest.fail(f"{message}; CI must run this test")
         pytest.skip(message)
     return path
+
+
+def chat_tokenizer(chat_template: str) -> Any:
+    """A byte-level BPE (384 tokens, trained on the built-in corpus) with ChatML's special
+    tokens, `<|im_end|>` as EOS, and `chat_template`: the tokenizer of the random Hugging
+    Face models the end-to-end tests serve."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llm.data.corpus import default_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator(default_corpus()[:60], trainer)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = chat_template
+    return tok

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from e2e_services import Service, start, stop, wait_ready
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from support import chat_tokenizer
 
 from llm.data.corpus import default_corpus
 
@@ -35,18 +35,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Llama saved by `save_pretrained` in two safetensors shards, with a
     byte-level BPE tokenizer, a ChatML template and a generation config."""
     out = tmp_path_factory.mktemp("hf") / NAME
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    bpe.train_from_iterator(default_corpus()[:60], trainer)
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tok.chat_template = CHATML
+    tok = chat_tokenizer(CHATML)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -14,9 +14,7 @@ import pytest
 import torch
 import transformers
 from e2e_services import Service, start, stop, wait_ready
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from llm.data.corpus import default_corpus
+from support import chat_tokenizer
 
 NAME = "tiny-qwen"
 # Qwen2.5's template, cut to what tools need: tools in the system turn, calls as
@@ -76,18 +74,7 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     out = tmp_path_factory.mktemp("hf") / NAME
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    bpe.train_from_iterator(default_corpus()[:60], trainer)
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tok.chat_template = TEMPLATE
+    tok = chat_tokenizer(TEMPLATE)
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -220,7 +221,10 @@ class FakeApiServer(BaseHTTPRequestHandler):
         pass
 
 
-def test_submit_creates_the_job_through_the_kubeconfig(capsys, monkeypatch, tmp_path):
+@pytest.fixture
+def kube_api(monkeypatch, tmp_path) -> Iterator[list[tuple[str, dict]]]:
+    """A `FakeApiServer` on 127.0.0.1 that the kubeconfig (namespace "team") points at;
+    yields the (path, body) of each object created."""
     FakeApiServer.received.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -234,14 +238,18 @@ def test_submit_creates_the_job_through_the_kubeconfig(capsys, monkeypatch, tmp_
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     monkeypatch.setattr(submit, "IN_CLUSTER_NAMESPACE", tmp_path / "absent")
     try:
-        code = submit.main(["--image", "img:1", *SETTINGS])
+        yield FakeApiServer.received
     finally:
         server.shutdown()
+
+
+def test_submit_creates_the_job_through_the_kubeconfig(capsys, kube_api):
+    code = submit.main(["--image", "img:1", *SETTINGS])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out) == {
         "event": "job_created", "name": "llm-train", "namespace": "team"
     }  # fmt: skip
-    ((path, body),) = FakeApiServer.received
+    ((path, body),) = kube_api
     assert path == "/apis/kubeflow.org/v1/namespaces/team/pytorchjobs"
     assert body["kind"] == "PyTorchJob"
 

@@ -10,10 +10,6 @@ secret, image, command, resources and node count. Creation goes through the real
 
 from __future__ import annotations
 
-import threading
-from http.server import ThreadingHTTPServer
-from pathlib import Path
-
 import pytest
 import yaml
 from crds import CRD, CRD_DIR
@@ -21,8 +17,8 @@ from tests.integration.test_pytorchjob import (
     KUBEFLOW,
     SETTINGS,
     SUBMIT,
-    FakeApiServer,
     clean_env,  # noqa: F401 (an autouse fixture)
+    kube_api,  # noqa: F401 (a fixture)
     kustomize,
 )
 
@@ -176,24 +172,9 @@ def test_deploy_kubeflow_trainjob_is_valid(monkeypatch, trainjob_crd, runtime):
         assert settings.training.sequences_per_step(nodes) == settings.training.global_batch_size
 
 
-def test_submit_creates_the_trainjob_through_the_kubeconfig(capsys, monkeypatch, tmp_path: Path):
-    FakeApiServer.received.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u", "namespace": "team"}}],
-    }  # fmt: skip
-    (tmp_path / "config").write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
-    monkeypatch.setattr(submit, "IN_CLUSTER_NAMESPACE", tmp_path / "absent")
-    try:
-        code = submit.main(["--image", "img:1", "--api", "trainjob", *SETTINGS])
-    finally:
-        server.shutdown()
+def test_submit_creates_the_trainjob_through_the_kubeconfig(capsys, kube_api):  # noqa: F811
+    code = submit.main(["--image", "img:1", "--api", "trainjob", *SETTINGS])
     assert code == 0, capsys.readouterr().err
-    ((path, body),) = FakeApiServer.received
+    ((path, body),) = kube_api
     assert path == "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team/trainjobs"
     assert body["kind"] == "TrainJob" and body["spec"]["trainer"]["image"] == "img:1"
