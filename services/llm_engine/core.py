@@ -1,7 +1,8 @@
 """The engine core: the model and the `Scheduler` loop, in this process or its own.
 
 Served, the scheduler thread (model steps, sampling, detokenizing) shared one GIL with the
-grpc.aio event loop that relays tokens: a 12 ms model step took 15-25 ms. As in vLLM v1,
+grpc.aio event loop that relays tokens, and a model step took up to twice as long served
+as alone (docs/benchmarks.md). As in vLLM v1,
 the engine core runs in a child process (`EngineCore`, the default; `--no-engine-process`
 keeps it in-process) and the server process keeps only the tokenizer, for validation.
 

@@ -167,8 +167,8 @@ class Scheduler:
     def start(self) -> None:
         # The model's thread shares the GIL with the gRPC server's event loop: a thread
         # that wants the GIL waits up to the switch interval for the other to yield it.
-        # 0.5 ms instead of 5 ms cut a served 8-stream decode step of a 12.6M model from
-        # 25 to 17 ms (the step's Python between model calls waited on the event loop).
+        # A shorter interval than Python's 5 ms keeps the step's Python between model calls
+        # from waiting on the event loop (docs/benchmarks.md has the measurement).
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread.start()
 

@@ -353,7 +353,7 @@ def _unsupported(e: grpc.aio.AioRpcError) -> bool:
 class Multiplexer:
     """One `GenerateMany` stream to one engine, shared by every generation this gateway
     runs there: one gRPC message per engine step instead of one per token per request
-    (Python gRPC costs ~0.2 ms of CPU a message on each side). Opened on first use and
+    (each Python gRPC message costs CPU on both sides; see docs/benchmarks.md). Opened on first use and
     again after it breaks; a break fails the generations on it with UNAVAILABLE. An
     engine without GenerateMany (UNIMPLEMENTED) gets a Generate call per generation."""
 

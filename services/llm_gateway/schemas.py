@@ -66,8 +66,8 @@ def _logit_bias(bias: dict[str, float]) -> dict[str, float]:
 LogitBias = Annotated[dict[str, float], AfterValidator(_logit_bias)]
 StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 # By shape, failing at the first bad item: pydantic's smart union validates the value
-# against every member and keeps an error per item of each, which cost a 2M-token prompt
-# 226 MiB and 1.7 s of the event loop.
+# against every member and keeps an error per item of each: hundreds of MiB and seconds of
+# the event loop for a prompt of millions of tokens.
 _Ids = Annotated[list[TokenId], Field(fail_fast=True)]
 _PROMPT_SHAPES = {
     str: TypeAdapter(Text),

@@ -99,8 +99,8 @@ def _compiled(fn: Callable[..., torch.Tensor], cpu: bool) -> Callable[..., torch
     """`fn` compiled with dynamic shapes. On the CPU with inductor's freezing, which treats
     the weights as constants and packs them for its GEMMs, and its C++ wrapper, which runs
     the whole graph without the GIL (the Python wrapper calls each kernel holding it, so
-    the engine's gRPC thread and the model stalled each other: a 12.6M model's 8-row
-    decode step took 25 ms served, 12 ms alone; 15 ms with the C++ wrapper). The flags
+    the engine's gRPC thread and the model stalled each other; docs/benchmarks.md has the
+    measurement). The flags
     must be set while each call runs (`torch.compile(options=...)` leaves the
     weight-packing passes off)."""
     compiled = torch.compile(fn, dynamic=True)
