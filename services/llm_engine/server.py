@@ -156,48 +156,20 @@ class EngineServicer(pb_grpc.EngineServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
+        """A `GenerateMany` of one: its chunks, and its status as the call's."""
         state = await self._ready(context)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
-        def sink(event: Event) -> None:  # called on the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        async def one() -> AsyncIterator[pb.GenerateManyRequest]:
+            yield pb.GenerateManyRequest(id=1, generate=request, metadata=metadata)
 
-        try:
-            job, span = await self._start(state, request, context.invocation_metadata(), sink)
-        except _Refused as e:
-            await context.abort(e.code, e.message)
-        decode = state.model.tokenizer.decode
-        done = False
-        held: list[Event] = []
-        try:
-            while not done:
-                # Relay everything that is ready as one chunk: a slow reader gets fewer,
-                # larger chunks instead of an ever longer backlog.
-                batch = [*held, await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                if request.whole and not isinstance(batch[-1], (Finished, Failed)):
-                    held = batch  # sent as one chunk at the end
-                    continue
-                held = []
-                chunk, failure = _merge(batch, decode)
-                done = failure is not None or _finished(chunk, span)
-                if failure is None or chunk.token_ids:
-                    yield chunk
-                if failure is not None:
-                    await context.abort(_failure_code(failure), failure.message)
-        except asyncio.CancelledError:
-            # The client went away or the deadline passed (context.cancelled() stays False
-            # in grpc.aio, so the exception is the signal): free the slot at the next token.
-            log.info("request_cancel_requested", extra={"request_id": job.request_id})
-            span.set_attribute("llm.cancelled", True)
-            raise
-        finally:
-            self.in_flight -= 1
-            if not done:
-                job.cancel()
-            span.end()
+        async with contextlib.aclosing(self._relay(state, one())) as messages:
+            async for message in messages:
+                for item in message.chunks:
+                    if not item.code or item.chunk.token_ids:
+                        yield item.chunk
+                    if item.code:
+                        await context.abort(_STATUS[item.code], item.message)
 
     async def GenerateMany(
         self,
@@ -208,11 +180,20 @@ class EngineServicer(pb_grpc.EngineServicer):
         generation produced since the last one, so a gateway pays one message per step
         instead of one per token per request."""
         state = await self._ready(context)
+        async with contextlib.aclosing(self._relay(state, request_iterator)) as messages:
+            async for message in messages:
+                yield message
+
+    async def _relay(
+        self, state: EngineState, requests: AsyncIterator[pb.GenerateManyRequest]
+    ) -> AsyncIterator[pb.GenerateManyResponse]:
+        """Start and cancel generations as `requests` say; one message per batch of events
+        that arrived together (a slow reader gets fewer, larger messages instead of an ever
+        longer backlog). Ends once `requests` ended and every generation did; a generation
+        still running when the caller goes away is cancelled."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event | _Refused | None]] = asyncio.Queue()
-        running: dict[int, tuple[GenerationRequest, Span]] = {}
-        whole: set[int] = set()  # generations sent as one chunk at their end
-        held: dict[int, list[Event]] = {}  # their events so far
+        running: dict[int, _Stream] = {}
 
         async def start(item: pb.GenerateManyRequest) -> None:
             def sink(event: Event, i: int = item.id) -> None:  # on the scheduler thread
@@ -222,27 +203,18 @@ class EngineServicer(pb_grpc.EngineServicer):
                 events.put_nowait((item.id, _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"id {item.id} is already running")))  # fmt: skip
                 return
             try:
-                started = await self._start(state, item.generate, item.metadata.items(), sink)
+                job, span = await self._start(state, item.generate, item.metadata.items(), sink)
             except _Refused as e:
                 events.put_nowait((item.id, e))
                 return
-            running[item.id] = started
-            if item.generate.whole:
-                whole.add(item.id)
+            running[item.id] = _Stream(job, span, item.generate.whole)
 
         def end(i: int, cancelled: bool) -> None:
-            held.pop(i, None)
-            whole.discard(i)
-            job, span = running.pop(i)
+            running.pop(i).end(cancelled)
             self.in_flight -= 1
-            if cancelled:
-                job.cancel()
-                span.set_attribute("llm.cancelled", True)
-                log.info("request_cancel_requested", extra={"request_id": job.request_id})
-            span.end()
 
         async def read() -> None:
-            async for item in request_iterator:
+            async for item in requests:
                 if not item.cancel:
                     await start(item)
                 elif item.id in running:
@@ -266,17 +238,15 @@ class EngineServicer(pb_grpc.EngineServicer):
                         out.chunks.add(id=i, code=event.code.value[0], message=event.message)
                     elif i in running:  # else cancelled meanwhile: nothing more is sent
                         per_id.setdefault(i, []).append(event)
-                for i in [i for i in per_id if i in whole]:
-                    held.setdefault(i, []).extend(per_id.pop(i))
-                    if isinstance(held[i][-1], (Finished, Failed)):
-                        per_id[i] = held.pop(i)  # a whole generation goes in one chunk
                 for i, evs in per_id.items():
-                    chunk, failure = _merge(evs, decode)
+                    sent = running[i].take(evs, decode)
+                    if sent is None:
+                        continue  # a whole generation: held until its end
+                    chunk, failure, ended = sent
                     item = out.chunks.add(id=i, chunk=chunk)
                     if failure is not None:
                         item.code, item.message = _failure_code(failure).value[0], failure.message
-                        end(i, cancelled=False)
-                    elif _finished(chunk, running[i][1]):
+                    if ended:
                         end(i, cancelled=False)
                 if out.chunks:
                     yield out
@@ -391,6 +361,40 @@ def _merge(
                 lp.top.add(token_id=token_id, token=decode([token_id]), logprob=logprob)
             chunk.logprobs.append(lp)
     return chunk, None
+
+
+class _Stream:
+    """One running generation as a stream relays it: its scheduler job, its span, and (sent
+    `whole`) the events held until its end."""
+
+    def __init__(self, job: GenerationRequest, span: Span, whole: bool) -> None:
+        self.job, self.span, self.whole = job, span, whole
+        self.held: list[Event] = []
+
+    def take(
+        self, events: list[Event], decode: Callable[[list[int]], str]
+    ) -> tuple[pb.GenerateChunk, Failed | None, bool] | None:
+        """The chunk these events make, the failure it ends with, and whether the
+        generation ended; None while a whole generation is held."""
+        if self.whole:
+            self.held.extend(events)
+            if not isinstance(self.held[-1], (Finished, Failed)):
+                return None
+            events, self.held = self.held, []
+        chunk, failure = _merge(events, decode)
+        return chunk, failure, failure is not None or _finished(chunk, self.span)
+
+    def end(self, cancelled: bool) -> None:
+        if cancelled:
+            # The client went away, the deadline passed, or the caller cancelled it: the
+            # slot is freed at the next step.
+            self.job.cancel()
+            self.span.set_attribute("llm.cancelled", True)
+            log.info("request_cancel_requested", extra={"request_id": self.job.request_id})
+        self.span.end()
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Refused(Exception):
