@@ -7,7 +7,8 @@ TORCH := torch==2.13.0
 
 .PHONY: install demo test test-fast lint format proto clean
 
-$(STAMP): pyproject.toml
+# A new top-level package needs a reinstall too: the editable install maps packages by name.
+$(STAMP): pyproject.toml $(wildcard shared/*/__init__.py services/*/__init__.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# Pin torch first: an unpinned resolve pulls a multi-GB CUDA build.

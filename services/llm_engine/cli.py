@@ -27,11 +27,11 @@ import torch
 import typer
 from pydantic import ValidationError
 
+from llm_common.logs import announce, setup_logging
+from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
 from llm_engine.exposition import serve_metrics
-from llm_engine.jsonlog import announce, setup_logging
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
-from llm_engine.tracing import setup_tracing
 
 log = logging.getLogger("llm_engine")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -160,6 +160,7 @@ def run(
         typer.echo(f"llm-engine: invalid settings:\n{e}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
+    add_trace_ids_to_logs()
     setup_tracing("llm-engine")
     if settings.threads and not settings.engine_process:  # else the engine core's
         torch.set_num_threads(settings.threads)

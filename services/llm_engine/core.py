@@ -289,7 +289,7 @@ def _child_main(fd: int) -> None:
     """The engine-core process: `python -c ... _child_main(FD)`, FD its end of the socket."""
     import signal
 
-    from llm_engine.jsonlog import setup_logging
+    from llm_common.logs import setup_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server process's to handle
     conn = Connection(fd)

@@ -30,7 +30,7 @@ from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
 from llm_engine import metrics, tracing, validation
 from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
-from llm_engine.proto import MAX_MESSAGE_BYTES
+from llm_engine.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.scheduler import (
@@ -47,7 +47,6 @@ from llm_engine.security import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
-ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
 LIVENESS = "liveness"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 _ADAPTER_CODES = {

@@ -28,11 +28,11 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from llm_common.logs import announce, setup_logging
+from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
 from llm_engine.exposition import serve_metrics as serve_prometheus
-from llm_engine.jsonlog import announce, setup_logging
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
-from llm_gateway.telemetry import add_trace_ids_to_logs, setup_tracing
 
 log = logging.getLogger("llm_gateway")
 T = TypeVar("T")
@@ -265,7 +265,7 @@ def run(
     assert isinstance(settings, GatewaySettings)
     setup_logging(settings.log_level)
     add_trace_ids_to_logs()
-    setup_tracing()
+    setup_tracing("llm-gateway")
     load_keys(settings)
     try:
         http_app = create_app(settings)

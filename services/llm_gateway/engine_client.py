@@ -24,14 +24,13 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llm_engine.proto import MAX_MESSAGE_BYTES
+from llm_engine.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.security import bearer
 
 log = logging.getLogger(__name__)
 
-ENGINE_SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name  # "llm.engine.v1.Engine"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Reconnect soon after an engine restarts (gRPC's default backoff grows to 120 s).
 _CHANNEL_OPTIONS = [

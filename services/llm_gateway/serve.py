@@ -21,13 +21,13 @@ import torch
 import typer
 from pydantic import SecretStr
 
-from llm_engine.jsonlog import setup_logging
+from llm_common.logs import setup_logging
+from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
 from llm_gateway.app import create_app
 from llm_gateway.cli import HttpServer, load_keys, run_loop, serve_metrics, settings_from_flags
 from llm_gateway.settings import GatewaySettings
-from llm_gateway.telemetry import add_trace_ids_to_logs, setup_tracing
 
 log = logging.getLogger("llm_gateway.serve")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -9,16 +9,11 @@ request carries its trace id and the engine's span continues the gateway's trace
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.trace import format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -82,28 +77,6 @@ class _PoolCollector(Collector):
         yield in_flight
 
 
-def setup_tracing(service_name: str = "llm-gateway") -> TracerProvider:
-    """Install the process's SDK TracerProvider (spans, hence trace ids in the logs, even
-    when nothing exports them). Export follows `OTEL_TRACES_EXPORTER` (`otlp`, `console`,
-    `none`) as the engine does; unset, spans go over OTLP when an endpoint is configured."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    )
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if endpoint else "none")
-    exporter = exporter.strip().lower()
-    if exporter == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    elif exporter == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif exporter not in ("", "none"):
-        log.warning("otel_exporter_unknown", extra={"exporter": exporter})
-    trace.set_tracer_provider(provider)
-    return provider
-
-
 # The request's gateway span, set by the middleware: the engine call's parent even when
 # spans opened in between (FastAPI's own, under the global provider) are current.
 REQUEST_SPAN: ContextVar[trace.Span | None] = ContextVar("llm_gateway_request_span", default=None)
@@ -115,21 +88,3 @@ def trace_metadata() -> Sequence[tuple[str, str]]:
     span = REQUEST_SPAN.get()
     propagate.inject(carrier, context=trace.set_span_in_context(span) if span else None)
     return tuple(carrier.items())
-
-
-class TraceContextFilter(logging.Filter):
-    """Adds `trace_id`/`span_id` of the current span to every record (JSON fields)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ctx = trace.get_current_span().get_span_context()
-        if ctx.is_valid and not hasattr(record, "trace_id"):
-            record.trace_id = format_trace_id(ctx.trace_id)
-            record.span_id = format_span_id(ctx.span_id)
-        return True
-
-
-def add_trace_ids_to_logs() -> None:
-    """Put the filter on the root handlers (call after `setup_logging`)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, TraceContextFilter) for f in handler.filters):
-            handler.addFilter(TraceContextFilter())

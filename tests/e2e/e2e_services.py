@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from support import stop_process
 
-from llm_engine.jsonlog import read_announcement
+from llm_common.logs import read_announcement
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}

@@ -23,7 +23,7 @@ from tests.support import free_port, stop_process
 
 from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.inference import SamplingParams, generate, stream_generate
-from llm_engine.jsonlog import read_announcement
+from llm_common.logs import read_announcement
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 

@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_engine.jsonlog import JsonFormatter
+from llm_common.logs import JsonFormatter
+from llm_common.tracing import TraceContextFilter
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
-from llm_gateway.telemetry import TraceContextFilter
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"

@@ -23,7 +23,7 @@ from fake_engine import MODEL, FakeEngine, FakeServer, PerCallFakeEngine, serve_
 from fastapi.testclient import TestClient
 from support import free_port, stop_process
 
-from llm_engine.jsonlog import read_announcement
+from llm_common.logs import read_announcement
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
 

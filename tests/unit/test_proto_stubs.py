@@ -23,3 +23,10 @@ def test_stubs_are_current(tmp_path: Path) -> None:
     for name in ("engine_pb2.py", "engine_pb2.pyi", "engine_pb2_grpc.py"):
         fresh = (tmp_path / "llm_engine" / "proto" / "v1" / name).read_text()
         assert (STUBS / name).read_text() == fresh, f"{name} is stale: run `make proto`"
+
+
+def test_the_engine_service_name_is_the_protos() -> None:
+    from llm_engine.proto import ENGINE_SERVICE
+    from llm_engine.proto.v1 import engine_pb2 as pb
+
+    assert pb.DESCRIPTOR.services_by_name["Engine"].full_name == ENGINE_SERVICE

@@ -5,3 +5,7 @@ MAX_MESSAGE_BYTES = 64 << 20
 # The longest stop string either side accepts (the detokenizer holds back up to a stop
 # string's length of text, and searches each one on every token).
 MAX_STOP_CHARS = 1024
+
+# The Engine service's full name ("llm.engine.v1.Engine"): health checks and the
+# handlers of engines from before a method name it.
+ENGINE_SERVICE = "llm.engine.v1.Engine"

@@ -1,0 +1,1 @@
+"""What every service process sets up the same way: JSON logs and OpenTelemetry tracing."""
