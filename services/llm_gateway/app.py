@@ -324,7 +324,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-        fmt = ChatFormat(logprobs=body.logprobs, tool_calls=body.parses_tool_calls())
+        fmt = ChatFormat(body.logprobs, "hermes" if body.parses_tool_calls() else None)
         return await run(request, body, fmt)
 
     lora = LoRAAdmin(engines, settings.load_admin_keys())
