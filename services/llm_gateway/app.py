@@ -191,6 +191,8 @@ def create_app(
         body.check_supported()
         metadata = trace_metadata()
         info = await check_model(body.model, metadata)
+        if isinstance(fmt, ChatFormat) and fmt.tool_calls:  # calls in the template's format
+            fmt.tool_calls = info.tool_call_format or "hermes"
         g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", body.model, int(time.time()))
         request.state.request_id = g.id
         body.check_size(info)  # before anything is tokenized or built

@@ -21,20 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("hermes", "mistral", "llama3")
-
-
-def detect_format(chat_template: str) -> str | None:
-    """The tool call format a chat template teaches, from its text (first rule that
-    matches): `[TOOL_CALLS]` -> mistral, `<tool_call>` -> hermes, `<|python_tag|>` or a
-    `"parameters"` JSON call -> llama3; None when it shows no tool calls."""
-    if "[TOOL_CALLS]" in chat_template:
-        return "mistral"
-    if "<tool_call>" in chat_template:
-        return "hermes"
-    if "<|python_tag|>" in chat_template or '"parameters": ' in chat_template:
-        return "llama3"
-    return None
+FORMATS = ("hermes", "mistral", "llama3")  # the engine's `ModelInfo.tool_call_format`
 
 
 @dataclass

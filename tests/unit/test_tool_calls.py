@@ -4,12 +4,20 @@ sends must add up to the whole answer's message)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import jsonschema
 import pytest
+import torch
 
+from llm.config import ModelConfig
+from llm.data.tokenizers import SimpleCharacterTokenizer
+from llm.inference import BatchGenerator, Request, SamplingParams
+from llm.inference.grammar import Matcher, grammar_tokenizer, tool_call_format, tool_call_grammar
+from llm.models.decoder import DecoderModel
 from llm_gateway import tool_calls
-from llm_gateway.tool_calls import Parser, accumulate, detect_format, parse
+from llm_gateway.tool_calls import Parser, accumulate, parse
 
 WEATHER = ("get_weather", '{"city": "Paris", "unit": "C"}')
 TIME = ("get_time", "{}")
@@ -111,8 +119,68 @@ def test_content_holds_back_only_a_possible_marker() -> None:
         ("return a json object within <tool_call></tool_call> tags", "hermes"),
         ("{{- '<|python_tag|>' + tool_call.name }}", "llama3"),
         ('Respond in the format {"name": function name, "parameters": dictionary}', "llama3"),
-        ("{% for m in messages %}{{ m['content'] }}{% endfor %}", None),
+        ("{% for m in messages %}{{ m['content'] }}{% endfor %}", ""),
     ],
 )
-def test_format_from_chat_template(template: str, fmt: str | None) -> None:
-    assert detect_format(template) == fmt
+def test_format_from_chat_template(template: str, fmt: str) -> None:
+    assert tool_call_format(template) == fmt
+
+
+WEATHER_FN = {
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+}
+TIME_FN = {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3"])
+def test_forced_calls_in_each_format_parse_back(fmt: str) -> None:
+    """What the engine's grammar makes a random model write under `required` is calls the
+    gateway's parser for the same format reads back, arguments valid against the schema."""
+    tok = SimpleCharacterTokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.2)
+    model = DecoderModel(config).eval()
+    vocab = grammar_tokenizer(tok, 128, tok.stop_ids)
+    grammar = tool_call_grammar([WEATHER_FN, TIME_FN], parallel=False, fmt=fmt)
+    eos = frozenset(tok.stop_ids)
+    texts = []
+    for seed in (1, 2, 3):
+        request = Request(tok.encode("Call: "), SamplingParams(temperature=1.0, seed=seed), 200, eos, grammar=Matcher(vocab, grammar))  # fmt: skip
+        batch = BatchGenerator(model, n_slots=1)
+        batch.add(request)
+        tokens = []
+        while batch.active:
+            tokens += [e.token_id for e in batch.step()]
+        assert tokens[-1] in eos  # the grammar completed
+        texts.append(tok.decode(tokens[:-1]))
+    for text in texts:
+        content, calls = parse(text, fmt)
+        assert content is None and calls, text
+        for call in calls:
+            function = {"get_weather": WEATHER_FN, "get_time": TIME_FN}[call["function"]["name"]]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), function["parameters"])
+
+
+PARALLEL = {
+    "hermes": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris","unit":"C"}}\n</tool_call>\n<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>',
+    "mistral": '[TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Paris","unit":"C"}},{"name":"get_time","arguments":{}}]',
+    "llama3": '{"name":"get_weather","parameters":{"city":"Paris","unit":"C"}}; {"name":"get_time","parameters":{}}',
+}
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3"])
+def test_parallel_calls_grammar_takes_the_format(fmt: str) -> None:
+    tok = SimpleCharacterTokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    vocab = grammar_tokenizer(tok, 128, tok.stop_ids)
+    matcher = Matcher(vocab, tool_call_grammar([WEATHER_FN, TIME_FN], parallel=True, fmt=fmt))
+    assert all(matcher.accept(t) for t in tok.encode(PARALLEL[fmt]))
+    assert matcher.accept(tok.stop_ids[0]) and matcher.error is None
+    _, calls = parse(PARALLEL[fmt], fmt)
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
