@@ -71,10 +71,29 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": NO_AR
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+# Llama 3.1's JSON tool calling, cut the same way: the engine reads the format off the
+# template (`"parameters": `), forces calls in it, and the gateway parses them back.
+LLAMA3_TEMPLATE = """{%- for m in messages %}<|im_start|>{{ m['role'] }}
+{%- if tools and loop.last %}
+Respond with a JSON call in the format {"name": function name, "parameters": dictionary of argument name and its value}.
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+{%- endif %}
+{%- if m['tool_calls'] %}
+{%- for c in m['tool_calls'] %}{"name": "{{ c['function']['name'] }}", "parameters": {{ c['function']['arguments'] }}}{%- endfor %}
+{%- else %}
+{{ m['content'] }}
+{%- endif %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module", params=[TEMPLATE, LLAMA3_TEMPLATE], ids=["hermes", "llama3"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:  # fmt: skip
     out = tmp_path_factory.mktemp("hf") / NAME
-    tok = chat_tokenizer(TEMPLATE)
+    tok = chat_tokenizer(request.param)
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
