@@ -7,6 +7,10 @@ template:
 - `llama3` (Llama 3.1+ JSON tool calling): an answer that is `{"name": ..., "parameters":
   {...}}` objects (separated by `;`), optionally after `<|python_tag|>`.
 
+The Mistral and Llama markers are special tokens the engine's decoding drops: an answer
+that opens with `[` (mistral) or `{` (llama3) is read as calls too, and is content again
+if it turns out not to be.
+
 `Parser.feed` takes the text as it is generated and returns what can be sent already:
 content (only text that could start a call marker, and whitespace, is held back), each
 call's name as soon as it is read, then its arguments piece by piece as the JSON arrives,
@@ -50,6 +54,9 @@ _HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments
 _START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
 _SEPARATORS = {"hermes": " \t\r\n", "mistral": " \t\r\n[,", "llama3": " \t\r\n;"}
 _END = {"hermes": "</tool_call>", "mistral": "]", "llama3": None}
+# An answer that opens with this is calls even without the marker: the marker is a special
+# token in Llama 3 and Mistral vocabularies, which the engine's decoding drops.
+_OPENS = {"mistral": "[", "llama3": "{"}
 
 
 class _Object:
@@ -111,7 +118,7 @@ class Parser:
         self.block_calls = 0
         self.obj: _Object | None = None
         self.calls = 0
-        self.at_start = True  # llama3: an answer that opens with `{` is calls
+        self.at_start = True  # an answer that opens with `_OPENS[fmt]` is calls
         self.marker = ""  # what opened the current calls block
         self.after_call = False  # whitespace right after a call is dropped
 
@@ -140,14 +147,15 @@ class Parser:
     # -- content --------------------------------------------------------------------
 
     def _content(self, events: list[Event]) -> bool:
-        if self.fmt == "llama3" and self.at_start:
+        if self.fmt in _OPENS and self.at_start:
             stripped = self.buf.lstrip()
-            if not stripped:
-                return False
+            if len(stripped) < len(self.start) and self.start.startswith(stripped):
+                return False  # nothing yet, or maybe the marker
             self.at_start = False
-            if stripped[0] == "{":
-                self.held, self.buf = "", stripped
-                self._open_calls("")
+            if stripped[0] == _OPENS[self.fmt] and not stripped.startswith(self.start):
+                # the leading whitespace goes back with the block if it is not calls
+                self._open_calls(self.buf[: len(self.buf) - len(stripped)])
+                self.buf = stripped
                 return True
         i = self.buf.find(self.start)
         if i >= 0:

@@ -58,6 +58,10 @@ SAMPLES: list[tuple[str, str, str | None, list[tuple[str, str]]]] = [
         [WEATHER, TIME],
     ),
     ("mistral", "Sure: [TOOL is not a call", "Sure: [TOOL is not a call", []),
+    # the marker is a special token, dropped when the engine decodes
+    ("mistral", '[{"name": "get_time", "arguments": {}}]', None, [TIME]),
+    ("mistral", "[1] is a footnote, [{x}] too", "[1] is a footnote, [{x}] too", []),
+    ("mistral", '[{"not": "a call"}] text', '[{"not": "a call"}] text', []),
     # Llama 3.1 / 3.2 JSON tool calling
     (
         "llama3",
@@ -72,6 +76,7 @@ SAMPLES: list[tuple[str, str, str | None, list[tuple[str, str]]]] = [
         [WEATHER, TIME],
     ),
     ("llama3", "It is {sunny} today.", "It is {sunny} today.", []),
+    ("llama3", " {sunny} today. ", " {sunny} today. ", []),
 ]
 
 
