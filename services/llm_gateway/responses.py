@@ -181,10 +181,15 @@ class ChatFormat:
 
     id_prefix, input_param = "chatcmpl", "messages"
 
-    def __init__(self, logprobs: bool, tool_calls: str | None = None) -> None:
-        # tool_calls: the format (`tool_calls.FORMATS`) whose calls in the answer are parsed
-        # into `tool_calls`; None: the answer is all content.
-        self.logprobs, self.tool_calls = logprobs, tool_calls
+    def __init__(self, logprobs: bool, tools: bool = False) -> None:
+        # tools: the answer's calls are parsed into `tool_calls`, in the format the model's
+        # chat template teaches (`use_model`).
+        self.logprobs, self.tools = logprobs, tools
+        self.tool_calls: str | None = "hermes" if tools else None  # a `tool_calls.FORMATS`
+
+    def use_model(self, info: pb.ModelInfoResponse) -> None:
+        if self.tools:
+            self.tool_calls = info.tool_call_format or "hermes"
 
     def message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
         """The choice's message (content and tool calls) and its finish reason."""
