@@ -139,8 +139,8 @@ class Parser:
             self._text(events, self.marker + self.block + self.buf)
         elif not self.in_calls:
             self._text(events, self.buf)
-        if not self.calls:
-            events.append(Content(self.held)) if self.held else None
+        if self.held and not self.calls:  # trailing whitespace stays only in a plain answer
+            events.append(Content(self.held))
         self.buf = self.held = ""
         return [e for e in events if not (isinstance(e, Content) and not e.text)]
 
