@@ -26,6 +26,7 @@ from opentelemetry.trace import Span
 
 from llm import storage
 from llm.checkpoint import LoadedModel
+from llm.inference.grammar import tool_call_format
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
 from llm_engine import metrics, tracing, validation
@@ -290,6 +291,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             slots=state.scheduler.n_slots,
             dtype=state.dtype,
             has_chat_template=model.tokenizer.has_chat_template,
+            tool_call_format=tool_call_format(validation.chat_template(model.tokenizer)),
             n_params=model.n_params,
             created=state.created,
             generation_defaults=pb.GenerationDefaults(**model.generation_defaults),

@@ -20,6 +20,7 @@ from llm.inference.grammar import (
     GrammarError,
     json_object_grammar,
     json_schema_grammar,
+    tool_call_format,
     tool_call_grammar,
 )
 from llm_engine.proto import MAX_STOP_CHARS
@@ -190,6 +191,14 @@ def sampling_params(s: pb.SamplingParams, vocab_size: int) -> SamplingParams:
     )
 
 
+def chat_template(tokenizer: BaseTokenizer) -> str:
+    """The chat template's text: a Hugging Face tokenizer's (`tok.chat_template`, a text or
+    named texts) or our own tokenizer's."""
+    template = getattr(getattr(tokenizer, "tok", None), "chat_template", None)
+    template = template or getattr(tokenizer, "chat_template", None) or ""
+    return "\n".join(template.values()) if isinstance(template, dict) else str(template)
+
+
 def generation_spec(
     request: pb.GenerateRequest,
     tokenizer: BaseTokenizer,
@@ -231,7 +240,7 @@ def generation_spec(
             "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
         )
 
-    grammar = structured_output(request)
+    grammar = structured_output(request, tool_call_format(chat_template(tokenizer)) or "hermes")
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
         raise InvalidArgument("input", "the input encodes to no tokens")
@@ -263,7 +272,7 @@ def generation_spec(
     )
 
 
-def structured_output(request: pb.GenerateRequest) -> str | None:
+def structured_output(request: pb.GenerateRequest, tool_format: str = "hermes") -> str | None:
     """The grammar the output must follow, checked; None for free text."""
     if not request.HasField("structured_output"):
         return None
@@ -286,7 +295,9 @@ def structured_output(request: pb.GenerateRequest) -> str | None:
                 raise InvalidArgument(field, f"{name!r} is not one of the chat's tools")
         try:
             return tool_call_grammar(
-                [functions[n] for n in names], request.structured_output.tool_calls.parallel
+                [functions[n] for n in names],
+                request.structured_output.tool_calls.parallel,
+                tool_format,
             )
         except GrammarError as e:
             raise InvalidArgument(field, f"unsupported parameters schema: {e}") from None

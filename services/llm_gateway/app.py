@@ -191,6 +191,8 @@ def create_app(
         body.check_supported()
         metadata = trace_metadata()
         info = await check_model(body.model, metadata)
+        if isinstance(fmt, ChatFormat):
+            fmt.use_model(info)  # tool calls in the format of the model's chat template
         g = Generation(f"{fmt.id_prefix}-{uuid.uuid4().hex}", body.model, int(time.time()))
         request.state.request_id = g.id
         body.check_size(info)  # before anything is tokenized or built
@@ -324,7 +326,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-        fmt = ChatFormat(logprobs=body.logprobs, tool_calls=body.parses_tool_calls())
+        fmt = ChatFormat(logprobs=body.logprobs, tools=body.parses_tool_calls())
         return await run(request, body, fmt)
 
     lora = LoRAAdmin(engines, settings.load_admin_keys())

@@ -30,6 +30,8 @@ class Choice:
     first_token: str = ""
     sent: bool = False  # streaming: the first chunk (with the echo) went out
     offset: int = 0  # streaming, legacy logprobs: text offset of the next token
+    tool_parser: tool_calls.Parser | None = None  # streaming with tools
+    tool_calls_sent: int = 0  # streaming with tools: calls announced so far
 
     @classmethod
     def of(cls, call: EngineCall) -> Choice:
@@ -125,6 +127,11 @@ def chat_logprob(lp: pb.TokenLogprob) -> dict[str, Any]:
     return {**_alternative(lp.token, lp.logprob), "top_logprobs": alternatives}
 
 
+def _finish(c: Choice, calls: list[Any]) -> str | None:
+    """`tool_calls` for an answer with calls, unless `max_tokens` cut it (`length`)."""
+    return "tool_calls" if calls and c.finish_reason != "length" else c.finish_reason
+
+
 # -- formats ----------------------------------------------------------------------------
 
 
@@ -174,19 +181,24 @@ class ChatFormat:
 
     id_prefix, input_param = "chatcmpl", "messages"
 
-    def __init__(self, logprobs: bool, tool_calls: bool = False) -> None:
-        # tool_calls: the answer's `<tool_call>` blocks are parsed into `tool_calls`; a
-        # stream then holds the text back until the choice ends.
-        self.logprobs, self.tool_calls = logprobs, tool_calls
+    def __init__(self, logprobs: bool, tools: bool = False) -> None:
+        # tools: the answer's calls are parsed into `tool_calls`, in the format the model's
+        # chat template teaches (`use_model`).
+        self.logprobs, self.tools = logprobs, tools
+        self.tool_calls: str | None = "hermes" if tools else None  # a `tool_calls.FORMATS`
+
+    def use_model(self, info: pb.ModelInfoResponse) -> None:
+        if self.tools:
+            self.tool_calls = info.tool_call_format or "hermes"
 
     def message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
         """The choice's message (content and tool calls) and its finish reason."""
         if not self.tool_calls:
             return {"role": "assistant", "content": c.text}, c.finish_reason
-        content, calls = tool_calls.parse(c.text)
+        content, calls = tool_calls.parse(c.text, self.tool_calls)
         if not calls:
             return {"role": "assistant", "content": c.text}, c.finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": content, "tool_calls": calls}, _finish(c, calls)
 
     def opening(self, g: Generation, c: Choice) -> dict[str, Any] | None:
         delta = {"role": "assistant", "content": ""}  # the first delta announces the role
@@ -195,7 +207,7 @@ class ChatFormat:
 
     def chunk(self, g: Generation, c: Choice, chunk: pb.GenerateChunk) -> dict[str, Any] | None:
         if self.tool_calls:
-            return self._held_chunk(g, c, chunk)
+            return self._tool_chunk(g, c, chunk)
         if not (chunk.text or chunk.logprobs or chunk.finish_reason):
             return None
         choice: dict[str, Any] = {
@@ -208,20 +220,37 @@ class ChatFormat:
             choice["logprobs"] = {"content": [chat_logprob(lp) for lp in chunk.logprobs]}
         return g.envelope("chat.completion.chunk", [choice])
 
-    def _held_chunk(
+    def _tool_chunk(
         self, g: Generation, c: Choice, chunk: pb.GenerateChunk
     ) -> dict[str, Any] | None:
-        """With tools, the whole answer at the end: content, or `tool_calls` deltas (each
-        call's index, id, name and its arguments as one fragment), as OpenAI streams them."""
-        if not chunk.finish_reason:
+        """With tools, as OpenAI streams them: content as it comes (holding back only what
+        could start a call), then per call a `tool_calls` delta with its index, id and name,
+        then its arguments in pieces as the JSON arrives."""
+        if c.tool_parser is None:
+            c.tool_parser = tool_calls.Parser(self.tool_calls or "hermes")
+        events = c.tool_parser.feed(chunk.text)
+        if chunk.finish_reason:
+            events += c.tool_parser.finish()
+        content = "".join(e.text for e in events if isinstance(e, tool_calls.Content))
+        delta: dict[str, Any] = {"content": content} if content else {}
+        calls = []
+        for e in events:
+            if isinstance(e, tool_calls.CallStart):
+                c.tool_calls_sent += 1
+                function = {"name": e.name, "arguments": ""}
+                calls.append({"index": e.index, "id": e.id, "type": "function", "function": function})  # fmt: skip
+            elif isinstance(e, tool_calls.Arguments):
+                calls.append({"index": e.index, "function": {"arguments": e.text}})
+        if calls:
+            delta["tool_calls"] = calls
+        finish = None
+        if chunk.finish_reason:
+            finish = _finish(c, [None] * c.tool_calls_sent) if c.tool_calls_sent else c.finish_reason  # fmt: skip
+        if not (delta or chunk.logprobs or finish):
             return None
-        message, finish = self.message(c)
-        delta: dict[str, Any] = {"content": message["content"]} if message["content"] else {}
-        if "tool_calls" in message:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]  # fmt: skip
         choice: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}  # fmt: skip
         if self.logprobs:
-            choice["logprobs"] = {"content": [chat_logprob(lp) for lp in c.logprobs]}
+            choice["logprobs"] = {"content": [chat_logprob(lp) for lp in chunk.logprobs]}
         return g.envelope("chat.completion.chunk", [choice])
 
     def usage_chunk(self, g: Generation) -> dict[str, Any]:

@@ -502,7 +502,7 @@ class ChatCompletionRequest(_Request):
             raise invalid("response_format", "response_format excludes a forced tool call")
 
     def parses_tool_calls(self) -> bool:
-        """The answer's `<tool_call>` blocks come back as `tool_calls`."""
+        """The answer's tool calls come back as `tool_calls`."""
         return bool(self.tools) and self.tool_choice != "none"
 
     def forced_calls(self) -> pb.ToolCallConstraint | None:

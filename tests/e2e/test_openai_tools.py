@@ -71,10 +71,29 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": NO_AR
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+# Llama 3.1's JSON tool calling, cut the same way: the engine reads the format off the
+# template (`"parameters": `), forces calls in it, and the gateway parses them back.
+LLAMA3_TEMPLATE = """{%- for m in messages %}<|im_start|>{{ m['role'] }}
+{%- if tools and loop.last %}
+Respond with a JSON call in the format {"name": function name, "parameters": dictionary of argument name and its value}.
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+{%- endif %}
+{%- if m['tool_calls'] %}
+{%- for c in m['tool_calls'] %}{"name": "{{ c['function']['name'] }}", "parameters": {{ c['function']['arguments'] }}}{%- endfor %}
+{%- else %}
+{{ m['content'] }}
+{%- endif %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module", params=[TEMPLATE, LLAMA3_TEMPLATE], ids=["hermes", "llama3"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:  # fmt: skip
     out = tmp_path_factory.mktemp("hf") / NAME
-    tok = chat_tokenizer(TEMPLATE)
+    tok = chat_tokenizer(request.param)
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -130,16 +149,26 @@ def test_call_tool_result_and_final_answer(client: openai.OpenAI) -> None:
 
 
 def test_required_may_call_any_tool_and_streams_tool_call_deltas(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
+    request = dict(
         model=NAME, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required",
-        max_tokens=120, temperature=0.9, seed=2, stream=True, parallel_tool_calls=False,
+        max_tokens=120, temperature=0.9, seed=2, parallel_tool_calls=True,
     )  # fmt: skip
-    deltas = [c.choices[0] for c in stream if c.choices]
-    assert deltas[-1].finish_reason == "tool_calls"
-    calls = [t for d in deltas for t in d.delta.tool_calls or []]
-    assert calls and calls[0].index == 0
-    assert calls[0].function.name in {"get_weather", "get_time"}
-    assert isinstance(json.loads(calls[0].function.arguments), dict)
+    whole = client.chat.completions.create(**request).choices[0]
+    deltas = [c.choices[0] for c in client.chat.completions.create(**request, stream=True) if c.choices]  # fmt: skip
+    assert deltas[-1].finish_reason == whole.finish_reason == "tool_calls"
+    pieces = [t for d in deltas for t in d.delta.tool_calls or []]
+    # Each call opens with its index, id and name, and empty arguments that then arrive in
+    # pieces: the deltas add up to the calls of the same request answered whole.
+    calls: dict[int, dict[str, str]] = {}
+    for t in pieces:
+        if t.id is not None:
+            assert t.index not in calls and t.function.name and t.function.arguments == ""
+            calls[t.index] = {"name": t.function.name, "arguments": ""}
+        calls[t.index]["arguments"] += t.function.arguments or ""
+    assert len(pieces) > len(calls)
+    expected = [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls]  # fmt: skip
+    assert [calls[i] for i in sorted(calls)] == expected
+    assert all(isinstance(json.loads(c["arguments"]), dict) for c in expected)
 
 
 def test_unknown_named_tool_is_a_400(client: openai.OpenAI) -> None:

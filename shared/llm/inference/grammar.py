@@ -58,20 +58,51 @@ def json_object_grammar() -> str:
     return json_schema_grammar({"type": "object"})
 
 
-def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> str:
-    """Calls of `functions` (OpenAI `function` objects: name, parameters) in the Hermes/Qwen
-    format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one or (with
-    `parallel`) several, each call's arguments valid against its function's schema."""
+def tool_call_format(chat_template: str) -> str:
+    """The tool call format a chat template teaches, from its text (the first rule that
+    matches): `[TOOL_CALLS]` -> `mistral`, `<tool_call>` -> `hermes`, `<|python_tag|>` or a
+    `"parameters": ` JSON call -> `llama3`; "" when it shows none. The gateway parses a
+    chat answer's calls in this format."""
+    if "[TOOL_CALLS]" in chat_template:
+        return "mistral"
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    if "<|python_tag|>" in chat_template or '"parameters": ' in chat_template:
+        return "llama3"
+    return ""
+
+
+# Per format (`tool_call_format`): the key of a call's arguments, and the Lark rules that
+# wrap one call (`body`, a JSON object) and join several.
+_TOOL_CALL_SHAPES = {
+    "hermes": ("arguments", '"<tool_call>\\n" body "\\n</tool_call>"', '"\\n"', None),
+    "mistral": ("arguments", "body", '","', ('"[TOOL_CALLS]["', '"]"')),
+    "llama3": ("parameters", "body", '"; "', None),
+}
+
+
+def tool_call_grammar(
+    functions: Sequence[dict[str, Any]], parallel: bool, fmt: str = "hermes"
+) -> str:
+    """Calls of `functions` (OpenAI `function` objects: name, parameters) in the chat
+    template's format `fmt` (`tool_call_format`), one or (with `parallel`) several, each
+    call's arguments valid against its function's schema:
+    hermes `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (newline-joined),
+    mistral `[TOOL_CALLS][{"name": ..., "arguments": {...}},...]`, llama3
+    `{"name": ..., "parameters": {...}}` (joined by `; `)."""
     if not functions:
         raise GrammarError("no function to call")
+    if fmt not in _TOOL_CALL_SHAPES:
+        raise GrammarError(f"no tool call format {fmt!r}")
+    key, call, joiner, around = _TOOL_CALL_SHAPES[fmt]
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
+                key: f.get("parameters") or {"type": "object"},
             },
-            "required": ["name", "arguments"],
+            "required": ["name", key],
             "additionalProperties": False,
         }
         for f in functions
@@ -79,8 +110,10 @@ def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> st
     schema = {"anyOf": options, "x-guidance": _COMPACT}
     for option in options:  # each function's own keywords are checked (and named) here
         json_schema_grammar(option)
-    calls = 'call ("\\n" call)*' if parallel else "call"
-    lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(schema)}\n'
+    calls = f"call ({joiner} call)*" if parallel else "call"
+    if around is not None:
+        calls = f"{around[0]} {calls} {around[1]}"
+    lark = f"start: {calls}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
     return lark_grammar(lark)
 
 

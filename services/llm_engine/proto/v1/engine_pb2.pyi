@@ -228,7 +228,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "context_length", "vocab_size", "slots", "dtype", "has_chat_template", "n_params", "created", "generation_defaults", "max_token_bytes", "lora_adapters")
+    __slots__ = ("model_id", "context_length", "vocab_size", "slots", "dtype", "has_chat_template", "n_params", "created", "generation_defaults", "max_token_bytes", "lora_adapters", "tool_call_format")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class ModelInfoResponse(_message.Message):
     GENERATION_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     context_length: int
     vocab_size: int
@@ -251,7 +252,8 @@ class ModelInfoResponse(_message.Message):
     generation_defaults: GenerationDefaults
     max_token_bytes: int
     lora_adapters: _containers.RepeatedCompositeFieldContainer[LoRAAdapter]
-    def __init__(self, model_id: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., slots: _Optional[int] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., n_params: _Optional[int] = ..., created: _Optional[int] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ..., max_token_bytes: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapter, _Mapping]]] = ...) -> None: ...
+    tool_call_format: str
+    def __init__(self, model_id: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., slots: _Optional[int] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., n_params: _Optional[int] = ..., created: _Optional[int] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ..., max_token_bytes: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[LoRAAdapter, _Mapping]]] = ..., tool_call_format: _Optional[str] = ...) -> None: ...
 
 class LoRAAdapter(_message.Message):
     __slots__ = ("name", "path")
