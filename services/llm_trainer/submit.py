@@ -172,13 +172,19 @@ def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dic
     }
 
 
-def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+def job_metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """The metadata of either kind of job: its name, label and (given) namespace."""
     metadata: dict[str, Any] = {
         "name": args.name,
         "labels": {"app.kubernetes.io/name": "llm-train"},
     }
     if args.namespace:
         metadata["namespace"] = args.namespace
+    return metadata
+
+
+def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+    metadata = job_metadata(args)
     pod_spec: dict[str, Any] = {
         # The trainer talks to object storage, never to the Kubernetes API.
         "automountServiceAccountToken": False,
@@ -223,12 +229,7 @@ def build_trainjob(args: argparse.Namespace, settings: TrainerSettings) -> dict[
     """A Kubeflow Trainer v2 TrainJob: the same container as `build_job`'s on a fixed number
     of nodes; what TrainJob's `trainer` cannot say (pod security, /dev/shm, GPU
     tolerations) goes in a runtime patch of the runtime's `node` job."""
-    metadata: dict[str, Any] = {
-        "name": args.name,
-        "labels": {"app.kubernetes.io/name": "llm-train"},
-    }
-    if args.namespace:
-        metadata["namespace"] = args.namespace
+    metadata = job_metadata(args)
     pod_patch: dict[str, Any] = {
         "securityContext": POD_SECURITY,
         "volumes": [shm_volume(args)],

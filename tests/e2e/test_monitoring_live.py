@@ -98,17 +98,21 @@ def scrape(url: str) -> dict[str, set[str]]:
     return out
 
 
+def monitored(docs: list[dict], component: str) -> tuple[dict, dict, dict]:
+    """The component's ServiceMonitor, its one endpoint, and the Service it selects."""
+    (monitor,) = find(docs, "ServiceMonitor", f"-{component}")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    (service,) = [s for s in find(docs, "Service") if selector <= s["metadata"]["labels"].items()]
+    return monitor, endpoint, service
+
+
 def metrics_urls(docs: list[dict]) -> dict[str, str]:
     """component -> the /metrics URL its ServiceMonitor points at, resolved through its
     Service's port to the pods' containerPort, on 127.0.0.1."""
     urls = {}
     for component in ("engine", "gateway"):
-        (monitor,) = find(docs, "ServiceMonitor", f"-{component}")
-        (endpoint,) = monitor["spec"]["endpoints"]
-        selector = monitor["spec"]["selector"]["matchLabels"].items()
-        (service,) = [
-            s for s in find(docs, "Service") if selector <= s["metadata"]["labels"].items()
-        ]
+        _, endpoint, service = monitored(docs, component)
         (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
         ports = {p["name"]: p["containerPort"] for p in container(docs, component)["ports"]}
         urls[component] = f"http://127.0.0.1:{ports[port['targetPort']]}{endpoint['path']}"
@@ -158,12 +162,7 @@ def scrape_configs(docs: list[dict]) -> list[dict]:
     urls = metrics_urls(docs)
     jobs = []
     for component in ("engine", "gateway"):
-        (monitor,) = find(docs, "ServiceMonitor", f"-{component}")
-        (endpoint,) = monitor["spec"]["endpoints"]
-        selector = monitor["spec"]["selector"]["matchLabels"].items()
-        (service,) = [
-            s for s in find(docs, "Service") if selector <= s["metadata"]["labels"].items()
-        ]
+        monitor, endpoint, service = monitored(docs, component)
         url = httpx.URL(urls[component])
         jobs.append({
             "job_name": f"serviceMonitor/{NAMESPACE}/{monitor['metadata']['name']}/0",
