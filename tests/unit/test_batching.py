@@ -320,3 +320,41 @@ def test_prefill_rows_are_cut_to_waste_little_padding() -> None:
     assert piece_length([100, 90, 80]) == 100  # 11% padding: within the 12.5% budget
     assert piece_length([300, 40]) == 75  # 4 rows + 1 row: 10%
     assert piece_length([1, 1], least_rows=2) == 2  # a compiled call has 2 tokens a row
+
+
+def test_narrow_decode_steps_run_at_the_fastest_wider_width(monkeypatch) -> None:
+    """On the CPU, warmup times decode steps of 1.. rows, and a step narrower than a
+    faster one runs at that width (extra rows are idle slots): the tokens stay those of
+    the request alone, and the slots' positions are what they were before the timing."""
+    import llm.inference.runner as runner_module
+
+    model = _model("tiny")
+    batch = BatchGenerator(model, n_slots=8, prefill_chunk=7)
+    runner = batch.runner
+    runner.pos[:] = torch.arange(9)[:, None]  # positions idle rows would write at
+    clock = [0.0]
+    cost = {1: 3.0, 2: 2.0, 3: 1.0, 4: 1.02, 5: 1.5, 6: 1.6}  # seconds per width: 3 wins
+    monkeypatch.setattr(runner_module.time, "perf_counter", lambda: clock[0])
+    decode, widths = runner._decode, []
+
+    def timed(tokens: torch.Tensor, *args: object) -> torch.Tensor:
+        clock[0] += cost.get(tokens.shape[0], 0.0) / 1000
+        widths.append(tokens.shape[0])
+        return decode(tokens, *args)
+
+    runner._decode = timed
+    batch.warmup()
+    monkeypatch.undo()
+    assert runner.decode_width == {1: 3, 2: 3, 3: 3, 4: 4, 5: 5, 6: 6}  # 4 is within 5% of 3
+    assert runner.pos[:, 0].tolist() == list(range(9))
+
+    request = Request([3, 1, 4, 1, 5], SamplingParams(temperature=0), 8, logprobs=True)
+    widths.clear()
+    got = []
+    batch.add(request)
+    while batch.active:
+        got += [(e.token_id, e.logprob, e.top, e.finish_reason) for e in batch.step()]
+    assert widths and set(widths) == {3}
+    want = _run_alone(model, Request([3, 1, 4, 1, 5], SamplingParams(temperature=0), 8,
+                                     logprobs=True))  # fmt: skip
+    _assert_same(got, want)

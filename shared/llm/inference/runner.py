@@ -12,7 +12,8 @@ The model's cache is set up once as `n_slots` rows of the whole context
    of one token per row. Only a chunk's last row is padded, past the chunk, where nothing
    is read before the request's own later tokens overwrite it. A request that scores its
    prompt runs alone, with the logits of every position;
-3. one decode step over the slots [0, width) up to the highest generating one: tokens
+3. one decode step over the slots [0, width) up to the highest generating one (or
+   further, where warmup timed a wider step as faster: `tune_decode_widths`): tokens
    (width, 1) at per-slot positions, attending over the first `kv_len` cache positions,
    `kv_len` just above every generating position, so its attention costs what the longest
    request needs, not the context. Rows of slots that are not generating write one entry
@@ -39,6 +40,7 @@ index tensor is one more input of the same compiled graphs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -128,6 +130,7 @@ class ModelRunner:
         self.adapter_rows = adapter_rows
         self.adapter_of = torch.zeros(n_slots + 1, dtype=torch.long, device=self.device)  # slot's
         self.compiled = compile
+        self.decode_width: dict[int, int] = {}  # a step's width -> the width run (tuned)
         self._decode = self._decode_eager
         self._prefill_call = self._prefill_eager
         if compile:
@@ -146,18 +149,64 @@ class ModelRunner:
         self.sampler.release(slot)
 
     def warmup(self) -> None:
-        """Compile every graph the calls need now (a no-op when not compiling). A model or
-        machine that cannot compile (no C++ compiler for inductor's CPU kernels, say) runs
-        eager, with a warning naming the error."""
-        if not self.compiled:
-            return
+        """Compile every graph the calls need now, then (on the CPU) time the narrow decode
+        widths (`tune_decode_widths`). A model or machine that cannot compile (no C++
+        compiler for inductor's CPU kernels, say) runs eager, with a warning naming the
+        error."""
+        if self.compiled:
+            try:
+                self._compile_all()
+            except Exception as e:  # inductor/dynamo raise many kinds: all mean "cannot compile"
+                log.warning("compile failed, running eager: %s: %s", type(e).__name__, e)
+                self.compiled = False
+                self._decode, self._prefill_call = self._decode_eager, self._prefill_eager
+                self.pos.zero_()
+        if self.device.type == "cpu":
+            self.tune_decode_widths()
+
+    @torch.inference_mode()
+    def tune_decode_widths(self, widest: int = 6, repeats: int = 3) -> dict[int, float]:
+        """Time a decode step at each width up to `widest` and run each narrower step at
+        the fastest width at least as wide (`decode_width`); return the seconds per width.
+
+        On the CPU a wider step can be the faster one: BLAS and oneDNN pick their kernel
+        and how to split it over threads by the row count, and one row (eager, a
+        single-threaded GEMV) or two (compiled, each thread reading every weight) can
+        cost more than three (docs/benchmarks.md). The extra rows are slots that are not
+        generating, which a step may already hold (module doc). Skipped for a model whose
+        step takes over a second: its start would take longer than the tuning saves."""
+        least = 2 if self.compiled else 1
+        widest = min(widest, self.n_slots + 1)
+        kv_len = min(64, self.max_seq_len)  # a length `_compile_all` compiled for
+        saved = self.pos[:widest].clone()
+        self.pos[:widest] = 0  # each row writes position 0, as an idle slot's row may
+        seconds: dict[int, float] = {}
         try:
-            self._compile_all()
-        except Exception as e:  # inductor/dynamo raise many kinds: all mean "cannot compile"
-            log.warning("compile failed, running eager: %s: %s", type(e).__name__, e)
-            self.compiled = False
-            self._decode, self._prefill_call = self._decode_eager, self._prefill_eager
-            self.pos.zero_()
+            for width in range(least, widest + 1):
+                step = (self.tokens[:width], self.pos[:width], kv_len, self.adapter_of[:width])
+                start = time.perf_counter()
+                self._decode(*step)  # warm
+                if time.perf_counter() - start > 1.0:
+                    return seconds
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self._decode(*step)
+                    times.append(time.perf_counter() - start)
+                seconds[width] = sorted(times)[len(times) // 2]
+        finally:
+            self.pos[:widest] = saved
+        for width in range(1, widest + 1):
+            wider = [w for w in seconds if w >= width]
+            fastest = min(seconds[w] for w in wider)
+            # The narrowest within 5% of the fastest: timing noise picks no wider step.
+            self.decode_width[width] = min(w for w in wider if seconds[w] <= 1.05 * fastest)
+        log.info(
+            "decode_widths",
+            extra={"ms": {w: round(1000 * t, 2) for w, t in seconds.items()},
+                   "width": self.decode_width},
+        )  # fmt: skip
+        return seconds
 
     @torch.inference_mode()
     def _compile_all(self) -> None:
@@ -246,6 +295,7 @@ class ModelRunner:
         width = requests[-1].slot + 1  # requests come in slot order
         if self.compiled:
             width = max(width, 2)  # the scratch row at worst: see the module doc
+        width = self.decode_width.get(width, width)
         # This step's positions are prompt + generated - 1: attend below the longest.
         kv_len = max(len(r.prompt_ids) + r.generated for r in requests)
         logits = self._decode(
