@@ -370,7 +370,8 @@ class Scheduler:
         log.debug("request_admitted", extra={"request_id": request.request_id, "slot": work.slot})
 
     def _step(self) -> None:
-        prefilling = {id(s.work): s.work.prefilled for s in self._active.values()}
+        # Prompt tokens computed, not copied from the prefix cache: prefilled - cached.
+        prefilling = {id(s.work): s.work.prefilled - s.work.cached for s in self._active.values()}
         started = time.monotonic()
         try:
             events = self.batch.step()
@@ -383,7 +384,8 @@ class Scheduler:
             return
         elapsed = time.monotonic() - started
         prefilled = sum(
-            s.work.prefilled - prefilling.get(id(s.work), 0) for s in self._active.values()
+            s.work.prefilled - s.work.cached - prefilling.get(id(s.work), 0)
+            for s in self._active.values()
         )
         decoded = sum(1 for e in events if e.request.generated > 1)
         if prefilled:

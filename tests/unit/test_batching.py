@@ -120,6 +120,36 @@ def test_prefix_caching_gives_the_tokens_of_a_cold_run(preset: str) -> None:
         _assert_same(together[id(r)], alone)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v2-lite"])
+def test_a_burst_of_prompts_sharing_a_prefix_computes_it_once(preset: str) -> None:
+    """Prompts that share a long prefix, all admitted at once: the later ones wait for the
+    first to compute it and copy it (while a request in a higher slot decodes over their
+    idle rows), and each generates what it generates alone with nothing cached."""
+    model = _model(preset)
+    rng = random.Random(7)
+    vocab = model.config.vocab_size
+    shared = [rng.randrange(vocab) for _ in range(40)]
+    requests = [
+        Request(shared + [rng.randrange(vocab) for _ in range(3)], SamplingParams(0), 6,
+                logprobs=True)
+        for _ in range(3)
+    ]  # fmt: skip
+    early = Request([rng.randrange(vocab) for _ in range(5)], SamplingParams(0), 30)
+    batch = BatchGenerator(model, n_slots=4, prefill_chunk=16, block_size=4)
+    for r in requests:
+        batch.add(r)
+    batch.add(early)  # slot 3: its decode steps span the waiting slots' rows
+    out = {id(r): [] for r in requests}
+    while batch.active:
+        for e in batch.step():
+            if id(e.request) in out:
+                out[id(e.request)].append((e.token_id, e.logprob, e.top, e.finish_reason))
+    assert [r.cached for r in requests] == [0, 40, 40]
+    for r in requests:
+        alone = _run_alone(model, _clone(r), prefill_chunk=16, prefix_caching=False)
+        _assert_same(out[id(r)], alone)
+
+
 def test_greedy_alone_equals_generate_and_logprobs_are_consistent() -> None:
     model = _model("tiny")
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]

@@ -7,7 +7,7 @@ import pytest
 
 from llm.inference import Request, SamplingParams
 from llm.inference.prefix_cache import PrefixCache
-from llm.inference.scheduler import CacheCopy, PrefillChunk, StepScheduler
+from llm.inference.scheduler import CacheCopy, PrefillChunk, SchedulerOutput, StepScheduler
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -201,7 +201,8 @@ def test_eviction_spares_the_only_copy_of_a_prefix() -> None:
     for r in reqs:
         s.add(r)
     assert [r.slot for r in reqs] == [0, 1, 2, 3]
-    _run_step(s)  # slots 0 and 1 are free again; slot 2 holds `other`'s block too
+    _run_step(s)  # slots 0 and 1 are free again; slot 2 waited for `other`'s block...
+    _run_step(s)  # ...and holds it too now, copied
     fresh = _request([9] * 20, max_new=1)
     s.add(fresh)
     assert fresh.slot == 1  # not slot 0, the least recently used: its block is the only copy
@@ -229,3 +230,38 @@ def test_the_trie_forgets_blocks_no_slot_holds() -> None:
     cache.assign(other, [7, 7, 7])  # slot 0 is overwritten from position 0
     assert cache.admit([1, 2, 3, 4, 9], free=[0], busy_width=0).cached == 0
     assert not cache._root(0).children  # nothing is left of the old blocks
+
+
+def test_a_prompt_admitted_beside_one_computing_its_prefix_waits_and_copies_it() -> None:
+    """A burst of prompts sharing a long prefix computes it once: a later prompt waits
+    while an older one computes the shared blocks, then gets them as a copy and computes
+    only its suffix. A short shared part (under half of what is left) is not waited for."""
+    s = StepScheduler(n_slots=4, max_seq_len=256, prefill_chunk=64, block_size=16)
+    doc = list(range(100, 196))  # 96 tokens: 6 blocks
+    first, second = _request([*doc, 1, 2, 3]), _request([*doc, 4, 5])
+    other = _request(doc[:16] + list(range(300, 360)))  # shares 1 block of 75 tokens
+    for r in (first, second, other):
+        s.add(r)
+    plan = s.schedule()  # the budget goes to `first`, then `other`; `second` waits
+    assert _chunks(plan.prefills) == [(first.slot, 0, 64)]
+    _run_step_of(s, plan)
+    # first's 35 left; `other` copies its one computed block and goes on; `second` still
+    # waits (blocks 5 and 6 are not computed yet).
+    plan = s.schedule()
+    assert plan.copies == [CacheCopy(first.slot, other.slot, 16)]
+    assert _chunks(plan.prefills) == [(first.slot, 64, 35), (other.slot, 16, 29)]
+    _run_step_of(s, plan)
+    plan = s.schedule()
+    assert plan.copies == [CacheCopy(first.slot, second.slot, 96)]
+    assert second.cached == second.prefilled == 96
+    assert _chunks(plan.prefills) == [(second.slot, 96, 2), (other.slot, 45, 31)]
+
+
+def _run_step_of(s: StepScheduler, plan: SchedulerOutput) -> None:
+    for chunk in plan.prefills:
+        s.prefilled(chunk)
+    for chunk in plan.prefills:
+        if chunk.last:
+            s.sampled(chunk.request, 7)
+    for r in plan.decodes:
+        s.sampled(r, 7)

@@ -135,6 +135,18 @@ class PrefixCache:
             path.append(child)
             node = child
 
+    def holder(
+        self, tokens: Sequence[int], adapter: int = 0, exclude: int = -1
+    ) -> tuple[int, int] | None:
+        """(a slot other than `exclude` holding the longest cached run of the prompt's
+        leading blocks, the run's tokens), or None when no other slot holds any."""
+        path = self._match(tokens, adapter) if self.enabled else []
+        while path and not (path[-1].slots - {exclude}):
+            path.pop()
+        if not path:
+            return None
+        return min(path[-1].slots - {exclude}), len(path) * self.block_size
+
     def drop_adapter(self, adapter: int) -> None:
         """Forget every block computed with `adapter` (an unloaded adapter's index)."""
         root = self._roots.pop(adapter, None)

@@ -225,6 +225,7 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> list[Sampled]:
         for copy in plan.copies:
             self.model.copy_cache(copy.src, copy.dst, copy.length)
+            self.pos[copy.dst] = copy.length  # an idle row of the slot writes past the copy
         sampled = []
         batched = [c for c in plan.prefills if c.request.prompt_logprobs is None]
         if batched:

@@ -7,7 +7,12 @@ Requests hold a KV-cache slot from admission to their end. Each `schedule()` pla
 2. one decode token for every request whose prompt is in the cache, in slot order;
 3. prompt chunks of the requests still prefilling, oldest first, several requests per step,
    at most `prefill_chunk` prompt tokens in all, so a burst of prompts is prefilled in one
-   model call while running streams keep flowing.
+   model call while running streams keep flowing;
+4. except for a request that shares a prefix with an older one still computing it: it
+   waits (a step at most, since the older one's chunks come first anyway) and then gets
+   the prefix as a copy, instead of computing the same tokens beside it (a burst of
+   prompts with one long system prompt or document computes it once). It waits only when
+   that saves at least half of what it has left to compute.
 
 The runner executes the plan; `prefilled` and `sampled` then move each request on, free
 the slots of finished ones and index the blocks their caches now hold. Nothing here
@@ -17,11 +22,12 @@ touches a tensor, so the policy is tested without a model.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from llm.inference.grammar import Matcher
-from llm.inference.prefix_cache import PrefixCache
+from llm.inference.prefix_cache import Placement, PrefixCache
 from llm.inference.sampling import SamplingParams
 
 
@@ -158,13 +164,41 @@ class StepScheduler:
         self._copies = []
         out.decodes = [self._decoding[s] for s in sorted(self._decoding)]
         budget = self.prefill_chunk
-        for request in self._prefilling:
+        for i, request in enumerate(self._prefilling):
             if budget == 0:
                 break
+            if request.prefilled == request.cached and self._reuses_later(request, i, out):
+                continue
             n = min(budget, len(request.prompt_ids) - request.prefilled)
             out.prefills.append(PrefillChunk(request, request.prefilled, n))
             budget -= n
         return out
+
+    def _reuses_later(self, request: Request, position: int, out: SchedulerOutput) -> bool:
+        """Whether a request that has computed nothing of its prompt yet waits this step
+        for a prefix an older prefilling request is computing (module doc, item 4). When
+        the cache holds a longer prefix than it was admitted with (computed since), the
+        request gets a copy of it in `out` and does not wait."""
+        if request.prompt_logprobs is not None or not self.prefix_cache.enabled:
+            return False
+        tokens, bs = request.prompt_ids, self.prefix_cache.block_size
+        todo = len(tokens) - request.prefilled
+        usable = (len(tokens) - 1) // bs * bs  # its last token is always computed
+        for older in itertools.islice(self._prefilling, position):
+            if older.adapter != request.adapter:
+                continue
+            shared = min(_common_blocks(tokens, older.prompt_ids, bs), usable)
+            # Worth a step's wait when it saves at least half of what is left to compute.
+            if shared - request.prefilled >= todo / 2 and older.prefilled < shared:
+                return True
+        found = self.prefix_cache.holder(tokens, request.adapter, exclude=request.slot)
+        if found is not None and found[1] > request.prefilled:
+            src, length = found
+            placement = Placement(request.slot, length, src)
+            self.prefix_cache.assign(placement, tokens, request.adapter)
+            out.copies.append(CacheCopy(src, request.slot, length))
+            request.prefilled = request.cached = length
+        return False
 
     # -- after the runner ----------------------------------------------------------------
 
@@ -199,3 +233,11 @@ class StepScheduler:
         if computed // cache.block_size > cache.cached_blocks(request.slot):
             cache.extend(request.slot, request.prompt_ids + request.output_ids, computed)
         return None
+
+
+def _common_blocks(a: list[int], b: list[int], block_size: int) -> int:
+    """Tokens in the full blocks two prompts share from their start."""
+    n = 0
+    while n + block_size <= min(len(a), len(b)) and a[n : n + block_size] == b[n : n + block_size]:
+        n += block_size
+    return n
