@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from opentelemetry import trace
@@ -31,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llm_engine.proto.v1 import engine_pb2 as pb
 from llm_gateway import best_of, errors
 from llm_gateway.dispatch import ClientWatch, Dispatcher
-from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
+from llm_gateway.engine_client import EnginePool, Lease, Metadata
 from llm_gateway.errors import ERROR_RESPONSES, OpenAIError
 from llm_gateway.lora import (
     LoadLoRAAdapterRequest,
@@ -114,16 +113,8 @@ def create_app(
         limiter=limiter,
     )
 
-    async def model_info(metadata: Metadata) -> pb.ModelInfoResponse:
-        try:
-            return await engines.model_info(metadata)
-        except NoEngine as e:
-            raise errors.unavailable(str(e)) from None
-        except grpc.aio.AioRpcError as e:
-            raise errors.from_grpc(e, "model", settings.retry_after_s) from None
-
     async def check_model(name: str, metadata: Metadata = ()) -> pb.ModelInfoResponse:
-        info = await model_info(metadata)
+        info = await dispatch.model_info(metadata)
         if adapter_of(name, info) is None:  # neither the base nor a LoRA adapter
             raise OpenAIError(
                 404, f"the model {name!r} does not exist", param="model", code="model_not_found"
@@ -151,7 +142,7 @@ def create_app(
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": model_cards(await model_info(trace_metadata()))}
+        return {"object": "list", "data": model_cards(await dispatch.model_info(trace_metadata()))}
 
     @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> dict[str, Any]:
@@ -172,14 +163,10 @@ def create_app(
             return None
 
         async def encode(request: pb.TokenizeRequest | None) -> list[int] | None:
-            if request is None:
+            if request is None:  # token ids already
                 return None
-            try:
-                return await engines.tokenize(request, metadata, deadline - time.monotonic())
-            except NoEngine as e:
-                raise errors.unavailable(str(e)) from None
-            except grpc.aio.AioRpcError as e:
-                raise errors.from_grpc(e, param, settings.retry_after_s) from None
+            remaining = deadline - time.monotonic()
+            return await dispatch.tokenize(request, metadata, remaining, param)
 
         return list(await asyncio.gather(*(encode(r) for r in inputs)))
 
@@ -339,9 +326,7 @@ def create_app(
     async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) -> Response:
         return await lora.unload(request, body)
 
-    tokenization = Tokenization(
-        engines, check_model, model_info, settings.request_timeout_s, settings.retry_after_s
-    )
+    tokenization = Tokenization(dispatch, check_model, settings.request_timeout_s)
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
