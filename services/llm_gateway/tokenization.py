@@ -13,7 +13,6 @@ context the engine serves. Detokenized text keeps special tokens, as vLLM's does
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,10 +22,10 @@ from llm_gateway.dispatch import Dispatcher
 from llm_gateway.engine_client import Metadata
 from llm_gateway.errors import invalid
 from llm_gateway.schemas import ChatMessage, Text, TokenId
+from llm_gateway.serving import ServingModels
 from llm_gateway.telemetry import trace_metadata
 
 _STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-CheckModel = Callable[[str, Metadata], Awaitable[pb.ModelInfoResponse]]
 
 
 class TokenizeRequest(BaseModel):
@@ -53,13 +52,13 @@ class Tokenization:
     """The two handlers: each asks the least busy healthy engine, with the request's trace
     context and deadline."""
 
-    def __init__(self, dispatch: Dispatcher, check_model: CheckModel, timeout_s: float) -> None:
-        self.dispatch, self.check_model, self.timeout_s = dispatch, check_model, timeout_s
+    def __init__(self, dispatch: Dispatcher, models: ServingModels, timeout_s: float) -> None:
+        self.dispatch, self.models, self.timeout_s = dispatch, models, timeout_s
 
     async def _info(self, model: str | None, metadata: Metadata) -> pb.ModelInfoResponse:
         if model is None:
             return await self.dispatch.model_info(metadata)
-        return await self.check_model(model, metadata)
+        return await self.models.check(model, metadata)
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         if (body.prompt is None) == (body.messages is None):
