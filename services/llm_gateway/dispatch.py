@@ -1,14 +1,14 @@
-"""Engine calls for one HTTP request: started on the least busy healthy engine (skipping
-one that refuses), read with engine statuses mapped to OpenAI errors, one per choice,
-concurrently (the first failure cancels the others), and cancelled when the client goes
-away."""
+"""Engine calls for one HTTP request, with engine statuses mapped to OpenAI errors:
+generations started on the least busy healthy engine (skipping one that refuses), one per
+choice, concurrently (the first failure cancels the others), and cancelled when the client
+goes away; and the unary calls (ModelInfo, Tokenize, Detokenize)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import Request
@@ -68,6 +68,42 @@ async def gather_or_fail(aws: Iterable[Awaitable[T]]) -> list[T]:
 class Dispatcher:
     def __init__(self, engines: EnginePool, retry_after_s: int) -> None:
         self.engines, self.retry_after_s = engines, retry_after_s
+
+    def _error(self, e: NoEngine | grpc.aio.AioRpcError, param: str) -> OpenAIError:
+        if isinstance(e, NoEngine):
+            return errors.unavailable(str(e))
+        return errors.from_grpc(e, param, self.retry_after_s)
+
+    async def model_info(self, metadata: Metadata) -> pb.ModelInfoResponse:
+        """The served model and its LoRA adapters (cached by the pool)."""
+        try:
+            return await self.engines.model_info(metadata)
+        except (NoEngine, grpc.aio.AioRpcError) as e:
+            raise self._error(e, "model") from None
+
+    async def unary(
+        self, method: str, request: Any, metadata: Metadata, timeout_s: float, param: str
+    ) -> Any:
+        """A unary Engine RPC (Tokenize, Detokenize) on the least busy healthy engine;
+        `param` names the input its INVALID_ARGUMENT blames."""
+        try:
+            return await self.engines.unary(method, request, metadata, timeout_s)
+        except NoEngine as e:
+            raise self._error(e, param) from None
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an engine older than the RPC
+                raise OpenAIError(
+                    501, f"the engine does not implement {method}: upgrade it",
+                    type="server_error", code="not_implemented",
+                ) from None  # fmt: skip
+            raise self._error(e, param) from None
+
+    async def tokenize(
+        self, request: pb.TokenizeRequest, metadata: Metadata, timeout_s: float, param: str
+    ) -> list[int]:
+        """Token ids of a text or conversation."""
+        answer = await self.unary("Tokenize", request, metadata, timeout_s, param)
+        return list(answer.token_ids)
 
     async def read(
         self, lease: Lease, watch: ClientWatch | None, param: str

@@ -286,14 +286,11 @@ class EnginePool:
         finally:
             self._info = None
 
-    async def tokenize(
-        self, request: pb.TokenizeRequest, metadata: Metadata, timeout_s: float
-    ) -> list[int]:
-        """Token ids of a text or conversation, from the least busy healthy engine (every
+    async def unary(self, method: str, request: Any, metadata: Metadata, timeout_s: float) -> Any:
+        """A unary Engine RPC (Tokenize, Detokenize) on the least busy healthy engine (every
         engine behind one gateway has the same tokenizer)."""
         ep = (await self.candidates())[0]
-        answer = await ep.stub.Tokenize(request, timeout=timeout_s, metadata=metadata)
-        return list(answer.token_ids)
+        return await getattr(ep.stub, method)(request, timeout=timeout_s, metadata=metadata)
 
     def lease(
         self, ep: Endpoint, request: pb.GenerateRequest, metadata: Metadata, timeout_s: float

@@ -144,6 +144,9 @@ class CompletionFormat:
     def __init__(self, echo: bool = False, logprobs: int | None = None) -> None:
         self.echo, self.logprobs = echo, logprobs
 
+    def use_model(self, info: pb.ModelInfoResponse) -> None:
+        pass  # nothing in a completion depends on the model's chat template
+
     def opening(self, g: Generation, c: Choice) -> dict[str, Any] | None:
         return None  # completions streams start with text
 

@@ -23,7 +23,8 @@ class ScriptedEngine(pb_grpc.EngineServicer):
 
     Tokens are characters (id = code point); a conversation tokenizes to its contents and an
     end-of-turn token (0), and token ids are read as the text they spell. "say:X" generates
-    X, anything else "ok", as one token ("nap:X" after 50 ms); logprobs and prompt logprobs are made up but shaped as the engine's."""
+    X, anything else "ok", as one token ("nap:X" after 50 ms); logprobs and prompt logprobs are made up but shaped as the engine's.
+    Tokenizing "old-engine" answers as an engine from before Tokenize; Detokenize is unknown."""
 
     def __init__(self) -> None:
         self.last: pb.GenerateRequest | None = None
@@ -42,6 +43,8 @@ class ScriptedEngine(pb_grpc.EngineServicer):
     ) -> pb.TokenizeResponse:
         with self._lock:
             self.tokenized.append(request)
+        if request.text == "old-engine":
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         if request.WhichOneof("input") == "chat":
             text = "".join(m.content for m in request.chat.messages)
             return pb.TokenizeResponse(token_ids=[*map(ord, text), 0])

@@ -137,6 +137,22 @@ def test_engine_status_maps_to_http(client: TestClient, prompt: str, status: int
         assert "max_tokens" not in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/tokenize", {"prompt": "old-engine"}),
+        ("/detokenize", {"tokens": [1]}),
+        # With n > 1 the gateway has the prompt tokenized once: the same engine call.
+        ("/v1/completions", completion(prompt="old-engine", n=2)),
+        ("/v1/completions", completion(prompt="old-engine", n=2, stream=True)),
+    ],
+)
+def test_an_engine_without_the_tokenizer_rpcs_is_501(client: TestClient, path: str, body: dict) -> None:  # fmt: skip
+    response = client.post(path, json=body)
+    assert response.status_code == 501, response.text
+    assert error_of(response)["code"] == "not_implemented"
+
+
 def test_mid_stream_engine_error_is_reported_in_band(client: TestClient) -> None:
     response = client.post("/v1/completions", json=completion(prompt="midstream", stream=True))
     assert response.status_code == 200
