@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llm_common.cli import Verbatim
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,26 +18,28 @@ class EngineSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_ENGINE_", extra="ignore")
 
     checkpoint: str = Field(
-        description="run directory (newest committed checkpoint) or one checkpoint"
+        description="run directory (its newest committed checkpoint) or one checkpoint, a"
+        " path or s3:// URI; or a Hugging Face model directory"
     )
     adapter: str | None = Field(
         default=None, description="a LoRA adapter directory (PEFT layout) to serve on the base"
     )
     merge_adapter: bool = Field(
-        default=True, description="fold the adapter into the weights (faster decode)"
+        default=True, description="fold --adapter into the weights at load (faster decode)"
     )
-    lora: list[str] = Field(
+    lora: Annotated[list[str], Verbatim] = Field(
         default_factory=list,
-        description="LoRA adapters served beside the base, NAME=PATH each (PEFT directories);"
-        " a request's model picks one",
+        description="a LoRA adapter served beside the base, NAME=PATH (a PEFT directory);"
+        " repeatable; a request's model picks one",
     )
     enable_lora: bool = Field(
-        default=False, description="serve LoRA adapters (implied by lora): load them at run time"
+        default=False,
+        description="serve LoRA adapters loaded at run time (implied by --lora)",
     )
     max_loras: int = Field(default=4, ge=1, description="LoRA adapters served at once")
     max_lora_rank: int = Field(default=16, ge=1, description="the highest LoRA rank served")
-    host: str = "127.0.0.1"
-    port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=50051, ge=0, le=65535, description="port to bind; 0 picks a free one")
     model_name: str | None = Field(default=None, description="served model id; default: run name")
     max_queue: int = Field(
         default=64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED"
@@ -52,7 +56,9 @@ class EngineSettings(BaseSettings):
         default=512, ge=1, description="prompt tokens prefilled per scheduler step"
     )
     compile: bool = Field(
-        default=False, description="torch.compile the prefill and decode calls at start"
+        default=False,
+        description="torch.compile the prefill and decode calls at start (on the CPU it needs"
+        " a C++ compiler, else they run eager)",
     )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="port of the Prometheus /metrics; 0: off"
@@ -67,15 +73,22 @@ class EngineSettings(BaseSettings):
     tls_client_ca: Path | None = Field(
         default=None, description="CA of accepted client certificates: mutual TLS"
     )
-    device: str = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="weights' dtype; auto: the checkpoint's (float32 for half-precision"
+        " weights on the CPU)",
+    )
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0: torch's default")
     engine_process: bool = Field(
         default=True,
-        description="run the model and scheduler in their own process (no GIL shared with gRPC)",
+        description="run the model and scheduler in their own process (no GIL shared with"
+        " gRPC); --no-engine-process: in this one",
     )
-    log_level: str = "INFO"
-    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ...")
+    shutdown_grace_s: float = Field(
+        default=5.0, ge=0, description="after SIGTERM, how long running requests may finish"
+    )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

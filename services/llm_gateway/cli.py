@@ -1,9 +1,11 @@
 """`llm-gateway`: the OpenAI-compatible HTTP front of a running engine.
 
     llm-gateway --engine 127.0.0.1:50051[,HOST:PORT...|dns:///NAME:PORT] --port 8000
-                [--host 0.0.0.0] [--api-keys-file /run/secrets/keys]
+                [--host 0.0.0.0] [--api-keys-file /run/secrets/keys] ...
 
-Prints one JSON line on stdout once it accepts connections,
+Every field of `GatewaySettings` is a flag (`llm-gateway --help` lists them with their
+descriptions) and an `LLM_GATEWAY_<NAME>` variable; flag > variable > default
+(`llm_common.cli`). Prints one JSON line on stdout once it accepts connections,
 `{"event": "gateway_listening", "host": ..., "port": N}` (with `--port 0` the port the OS
 picked); logs are JSON on stderr, each line of a request with its trace id. SIGTERM/SIGINT
 stop gracefully. Keys come from `LLM_GATEWAY_API_KEYS` or `LLM_GATEWAY_API_KEYS_FILE`
@@ -19,15 +21,14 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Coroutine
-from typing import Annotated, Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
-import typer
 import uvicorn
 from fastapi import FastAPI
-from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from llm_common.cli import fail, parse_flags, resolve
 from llm_common.logs import announce, setup_logging
 from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
 from llm_engine.exposition import serve_metrics as serve_prometheus
@@ -36,7 +37,6 @@ from llm_gateway.settings import GatewaySettings
 
 log = logging.getLogger("llm_gateway")
 T = TypeVar("T")
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -155,38 +155,23 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def settings_from_flags(cls: type, flags: dict[str, object]) -> object:
-    """CLI flags override env and defaults; only flags actually given are passed."""
-    try:
-        return cls(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as e:
-        # Field names and messages only: input values could be secrets (API keys).
-        lines = "\n".join(
-            f"  {'.'.join(map(str, err['loc'])) or '(settings)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        typer.echo(f"invalid settings:\n{lines}", err=True)
-        raise typer.Exit(2) from None
-
-
-def load_keys(settings: GatewaySettings) -> list[str]:
-    """The accepted keys, checked at start-up; the count is logged, never a key."""
+def load_keys(settings: GatewaySettings, prog: str = "llm-gateway") -> list[str]:
+    """The accepted keys, checked at start-up (exit 2 if unusable); the count is logged,
+    never a key."""
     try:
         keys = settings.load_api_keys()
     except (OSError, ValueError) as e:
-        typer.echo(f"invalid settings:\n  api_keys_file: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(prog, f"invalid settings:\n  api_keys_file: {e}")
     if keys:
         log.info("api_keys_loaded", extra={"count": len(keys)})
     elif not _is_loopback(settings.bind_host) and not settings.allow_unauthenticated:
-        typer.echo(
+        fail(
+            prog,
             f"refusing to serve {settings.bind_host} without an API key: set "
             "LLM_GATEWAY_API_KEYS or LLM_GATEWAY_API_KEYS_FILE (--api-key, --api-keys-file), "
             "or pass --allow-unauthenticated (LLM_GATEWAY_ALLOW_UNAUTHENTICATED=true) to serve "
             "it open on purpose",
-            err=True,
         )
-        raise typer.Exit(2)
     else:
         log.warning(
             "NO API KEY CONFIGURED: every client is accepted without authentication. Set "
@@ -203,66 +188,19 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-@app.command()
-def run(
-    engine: Annotated[str | None, typer.Option(help="engine gRPC target host:port")] = None,
-    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
-    port: Annotated[int | None, typer.Option(help="port to bind; 0 picks a free one")] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(help="accepted Bearer key (repeatable)")
-    ] = None,
-    api_keys_file: Annotated[
-        str | None, typer.Option(help="file of accepted keys, one per line")
-    ] = None,
-    admin_key: Annotated[
-        list[str] | None,
-        typer.Option(help="Bearer key of the admin routes (LoRA loads; repeatable)"),
-    ] = None,
-    allow_unauthenticated: Annotated[
-        bool | None,
-        typer.Option("--allow-unauthenticated", help="serve a non-loopback address keyless"),
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None, typer.Option(help="larger request bodies get 413")
-    ] = None,
-    request_timeout_s: Annotated[
-        float | None, typer.Option(help="deadline of one request, seconds (504)")
-    ] = None,
-    multiplex: Annotated[
-        bool | None,
-        typer.Option(help="one GenerateMany stream per engine (off: a call per generation)"),
-    ] = None,
-    header_timeout_s: Annotated[
-        float | None, typer.Option(help="close a connection whose request headers lag this long")
-    ] = None,
-    body_timeout_s: Annotated[
-        float | None, typer.Option(help="close a connection whose request body lags this long")
-    ] = None,
-    max_connections: Annotated[
-        int | None, typer.Option(help="connections and requests at once (beyond: 503)")
-    ] = None,
-    engine_keepalive_s: Annotated[
-        float | None, typer.Option(help="ping engines this often; 3 s without answer: down")
-    ] = None,
-    shutdown_grace_s: Annotated[
-        float | None, typer.Option(help="after SIGTERM, time for requests in flight")
-    ] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Prometheus /metrics port (0: on the API port)")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
-) -> None:
-    """Serve the OpenAI API in front of one or more llm-engines."""
-    flags = dict(
-        engine=engine, host=host, port=port, api_keys=api_key or None, api_keys_file=api_keys_file,
-        admin_keys=admin_key or None, allow_unauthenticated=allow_unauthenticated,
-        max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, multiplex=multiplex,
-        header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
-        max_connections=max_connections, engine_keepalive_s=engine_keepalive_s,
-        shutdown_grace_s=shutdown_grace_s, metrics_port=metrics_port, log_level=log_level,
-    )  # fmt: skip
-    settings = settings_from_flags(GatewaySettings, flags)
-    assert isinstance(settings, GatewaySettings)
+DESCRIPTION = """Serve the OpenAI API in front of one or more llm-engines.
+
+Every flag is also an environment variable, LLM_GATEWAY_<FLAG> (--api-keys-file:
+LLM_GATEWAY_API_KEYS_FILE); a flag beats its variable."""
+
+
+def parse(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The flags given (exits 2 on an unknown one, 0 after --help)."""
+    return parse_flags(GatewaySettings, argv, "llm-gateway", DESCRIPTION)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = resolve(GatewaySettings, parse(argv), "llm-gateway")
     setup_logging(settings.log_level)
     add_trace_ids_to_logs()
     setup_tracing("llm-gateway")
@@ -276,9 +214,6 @@ def run(
             "bind_failed",
             extra={"host": settings.bind_host, "port": settings.port, "error": str(e)},
         )
-        raise typer.Exit(1) from None
+        return 1
     run_loop(server.serve(engine=settings.engine))
-
-
-def main() -> None:
-    app()
+    return 0

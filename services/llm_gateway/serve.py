@@ -1,12 +1,16 @@
 """`llm-serve`: engine and gateway in one process, for one machine or a demo.
 
-    llm-serve --checkpoint runs/demo --host 127.0.0.1 --port 8000
+    llm-serve --checkpoint runs/demo --host 127.0.0.1 --port 8000 [--slots 8] [--compile] ...
 
-The engine's grpc.aio server listens on an ephemeral 127.0.0.1 port and shares the event
-loop with the gateway (the model itself runs on the scheduler thread, so HTTP stays
-responsive). HTTP is up at once: /healthz answers while the model loads, /readyz once it
-is SERVING. Prints `{"event": "gateway_listening", "host", "port": N, "engine_port": M}`.
-Exit code 1 when the checkpoint cannot be loaded.
+Its settings are the engine's plus the gateway's (`SERVE_FLAGS`): every `EngineSettings`
+and `GatewaySettings` field is a flag, but for the few llm-serve sets itself
+(`DESCRIPTION`), and each keeps its variable (`LLM_ENGINE_*`, `LLM_GATEWAY_*`). The
+engine's grpc.aio server listens on an ephemeral 127.0.0.1 port and shares the event loop
+with the gateway (the model runs in the engine-core process, or on the scheduler thread
+with `--no-engine-process`, so HTTP stays responsive). HTTP is up at once: /healthz
+answers while the model loads, /readyz once it is SERVING. Prints
+`{"event": "gateway_listening", "host", "port": N, "engine_port": M}`. Exit code 1 when
+the checkpoint cannot be loaded, 2 on a bad setting.
 """
 
 from __future__ import annotations
@@ -15,22 +19,45 @@ import asyncio
 import logging
 import secrets
 import sys
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import typer
 from pydantic import SecretStr
 
+from llm_common.cli import flags_of, parse_flags, resolve
 from llm_common.logs import setup_logging
 from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
 from llm_gateway.app import create_app
-from llm_gateway.cli import HttpServer, load_keys, run_loop, serve_metrics, settings_from_flags
+from llm_gateway.cli import HttpServer, load_keys, run_loop, serve_metrics
 from llm_gateway.settings import GatewaySettings
 
 log = logging.getLogger("llm_gateway.serve")
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+# What llm-serve sets itself rather than take as settings: the engine listens on an
+# ephemeral 127.0.0.1 port with a token only this process knows, and the gateway is wired
+# to it; the bound address and /metrics port are the HTTP server's.
+NOT_ENGINE_FLAGS = {"host", "port", "metrics_port", "auth_token", "tls_cert", "tls_key",
+                    "tls_client_ca"}  # fmt: skip
+NOT_GATEWAY_FLAGS = {"engine", "engine_token", "engine_tls_ca", "engine_tls_cert",
+                     "engine_tls_key"}  # fmt: skip
+DESCRIPTION = """Serve a checkpoint with the OpenAI API, engine and gateway in one process.
+
+The flags are llm-engine's and llm-gateway's, but for those llm-serve sets itself: its
+engine listens on an ephemeral 127.0.0.1 port with a token only this process knows (no
+engine --host, --port, --metrics-port, --auth-token, --tls-*; no gateway --engine,
+--engine-token, --engine-tls-*). --host, --port and --metrics-port are the HTTP
+server's; --log-level and --shutdown-grace-s set both (the HTTP drain, then the
+engine's). An engine flag is also LLM_ENGINE_<FLAG>, a gateway flag LLM_GATEWAY_<FLAG>
+(a shared one: each service reads its own); a flag beats its variable."""
+# The gateway's first: it declares the shared ones (its --shutdown-grace-s is the HTTP
+# drain, which is what requests in flight get).
+SERVE_FLAGS = flags_of(
+    "ServeFlags", DESCRIPTION, (GatewaySettings, NOT_GATEWAY_FLAGS),
+    (EngineSettings, NOT_ENGINE_FLAGS),
+)  # fmt: skip
 
 
 async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettings) -> int:
@@ -77,63 +104,30 @@ async def serve(engine_settings: EngineSettings, gateway_settings: GatewaySettin
     return 1 if failed else 0
 
 
-@app.command()
-def run(
-    checkpoint: Annotated[
-        str | None, typer.Option(help="run dir or checkpoint dir (or s3:// URI)")
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP address to bind")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port; 0 picks a free one")] = None,
-    model_name: Annotated[
-        str | None, typer.Option(help="served model id (default: run name)")
-    ] = None,
-    max_queue: Annotated[int | None, typer.Option(help="waiting requests before 429")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (0: default)")] = None,
-    slots: Annotated[int | None, typer.Option(help="KV-cache slots (concurrent requests)")] = None,
-    max_model_len: Annotated[
-        int | None, typer.Option(help="context served (default: the model's, capped to memory)")
-    ] = None,
-    kv_cache_gib: Annotated[
-        float | None, typer.Option(help="KV-cache memory, GiB (default: 90% of free memory)")
-    ] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile at start")
-    ] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(help="accepted Bearer key (repeatable)")
-    ] = None,
-    allow_unauthenticated: Annotated[
-        bool | None,
-        typer.Option("--allow-unauthenticated", help="serve a non-loopback address keyless"),
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ...")] = None,
-) -> None:
-    """Serve a checkpoint with the OpenAI API, engine and gateway in one process."""
-    engine_flags = dict(
-        checkpoint=checkpoint, model_name=model_name, max_queue=max_queue, device=device,
-        dtype=dtype, threads=threads, slots=slots, max_model_len=max_model_len,
-        kv_cache_gib=kv_cache_gib, compile=compile, log_level=log_level,
-    )  # fmt: skip
-    gateway_flags = dict(host=host, port=port, api_keys=api_key or None, log_level=log_level,
-                         allow_unauthenticated=allow_unauthenticated)  # fmt: skip
-    engine_settings = settings_from_flags(EngineSettings, engine_flags)
-    gateway_settings = settings_from_flags(GatewaySettings, gateway_flags)
-    assert isinstance(engine_settings, EngineSettings)
-    assert isinstance(gateway_settings, GatewaySettings)
+def parse(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The flags given (exits 2 on an unknown one, 0 after --help)."""
+    return parse_flags(SERVE_FLAGS, argv, "llm-serve", DESCRIPTION)
+
+
+def settings(argv: Sequence[str] | None = None) -> tuple[EngineSettings, GatewaySettings]:
+    """The engine's and the gateway's settings: the flags each takes, then its variables."""
+    flags = parse(argv)
+    return (
+        resolve(EngineSettings, flags, "llm-serve", exclude=NOT_ENGINE_FLAGS),
+        resolve(GatewaySettings, flags, "llm-serve", exclude=NOT_GATEWAY_FLAGS),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    engine_settings, gateway_settings = settings(argv)
     setup_logging(gateway_settings.log_level)
     add_trace_ids_to_logs()
     setup_tracing("llm-serve")
-    load_keys(gateway_settings)
+    load_keys(gateway_settings, "llm-serve")
     if engine_settings.threads:
         torch.set_num_threads(engine_settings.threads)
-    sys.exit(run_loop(serve(engine_settings, gateway_settings)))
-
-
-def main() -> None:
-    app()
+    return run_loop(serve(engine_settings, gateway_settings))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

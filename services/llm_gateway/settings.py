@@ -71,29 +71,36 @@ def parse_keys(raw: str) -> list[dict[str, Any]]:
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_GATEWAY_", extra="ignore",
+        cli_shortcuts={"api-keys": "api-key", "admin-keys": "admin-key"},  # one key a flag
+    )  # fmt: skip
 
     engine: Annotated[list[str], NoDecode] = Field(
         default=["127.0.0.1:50051"],
         min_length=1,
-        description="engine gRPC targets, comma-separated: host:port, or dns:///name:port "
-        "for every address a name resolves to (a headless Service)",
+        description="engine gRPC targets, comma-separated or repeated: host:port, or "
+        "dns:///name:port for every address a name resolves to (a headless Service)",
     )
     host: str | None = Field(
         default=None, description=f"address to bind; unset: {LOOPBACK} (set it to expose)"
     )
-    port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to bind; 0 picks a free one")
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list,
-        description="accepted Bearer keys (each may set rpm=, tpm=); empty (and no file): no auth",
+        description="accepted Bearer keys, comma-separated or a JSON list, each may set rpm=,"
+        " tpm=; repeatable; prefer the variable or --api-keys-file (a flag shows in the"
+        " process list); none (and no file): no auth",
     )
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Bearer keys of the admin routes (runtime LoRA adapter loads); comma-"
-        "separated; empty: those routes are off",
+        description="Bearer keys of the admin routes (runtime LoRA adapter loads), comma-"
+        "separated; repeatable; none: those routes are off",
     )
     api_keys_file: Path | None = Field(
-        default=None, description="file with more accepted keys (a mounted Secret)"
+        default=None,
+        description="file with more accepted keys, one per line or a JSON list (a mounted"
+        " Secret, re-read when it changes)",
     )
     allow_unauthenticated: bool = Field(
         default=False,
@@ -103,7 +110,9 @@ class GatewaySettings(BaseSettings):
         default=4 << 20, ge=1024, description="larger request bodies are refused with 413"
     )
     request_timeout_s: float = Field(
-        default=600.0, gt=0, description="deadline of one request (504 when passed)"
+        default=600.0,
+        gt=0,
+        description="deadline of one request, seconds, queueing included (504 when passed)",
     )
     header_timeout_s: float = Field(
         default=10.0, gt=0,
@@ -171,7 +180,7 @@ class GatewaySettings(BaseSettings):
         description="one GenerateMany stream per engine for all generations (one message per"
         " engine step); off: a Generate call per generation",
     )
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ...")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -185,7 +194,7 @@ class GatewaySettings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return parse_keys(value)
-        if isinstance(value, list):  # --api-key flags, or keys given in code
+        if isinstance(value, list):  # keys given in code
             return [{"key": v} if isinstance(v, str) else v for v in value]
         return value
 

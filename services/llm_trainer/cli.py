@@ -2,7 +2,8 @@
 
 Every setting is a field of `llm.settings.TrainerSettings`, settable as a flag
 (`--optimization.lr 3e-4`), an environment variable (`LLM_OPTIMIZATION__LR=3e-4`) or in a
-YAML file (`--config run.yaml`); precedence CLI > env > YAML > defaults.
+YAML file (`--config run.yaml`); precedence CLI > env > YAML > defaults. The flags come
+from the settings as every service's do (`llm_common.cli`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 from typing import Any
 
 from pydantic import Field, ValidationError
-from pydantic_settings import CliSettingsSource
 
 from llm.settings import TrainerSettings, load_settings, sources_of
+from llm_common.cli import format_errors, parse_flags
 
 log = logging.getLogger("llm_trainer")
 
@@ -29,21 +30,10 @@ class TrainCli(TrainerSettings):
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
-    parsed = CliSettingsSource(
-        TrainCli, cli_parse_args=argv, cli_prog_name="llm-train", cli_kebab_case=True,
-        cli_implicit_flags=True, cli_avoid_json=True,
-    )()  # fmt: skip
+    parsed = parse_flags(TrainCli, argv, "llm-train", TrainCli.__doc__ or "")
     config = parsed.pop("config", None)
     print_config = bool(parsed.pop("print_config", False))
     return parsed, config, print_config
-
-
-def format_errors(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid settings:\n" + "\n".join(lines)
 
 
 def render_config(settings: TrainerSettings, sources: dict[str, str]) -> str:
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cli, config, print_config = parse_args(argv)
         settings = load_settings(cli, config)
     except ValidationError as e:
-        print(f"llm-train: {format_errors(e)}", file=sys.stderr)
+        print(f"llm-train: {format_errors(TrainerSettings, e)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"llm-train: error: {e}", file=sys.stderr)

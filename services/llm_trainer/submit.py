@@ -18,17 +18,19 @@ Exit codes: 0 created or printed, 1 the API refused it, 2 bad arguments or setti
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from llm.settings import TrainerSettings, load_settings
+from llm_common.cli import Verbatim, format_errors, parse_flags, resolve
 
 # The API a job is created through, per --api: (group, version, plural).
 APIS = {
@@ -38,55 +40,93 @@ APIS = {
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llm-train submit", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--api", choices=sorted(APIS), default="pytorchjob",
-        help="pytorchjob: training operator v1, elastic; trainjob: Kubeflow Trainer v2",
-    )  # fmt: skip
-    p.add_argument(
-        "--runtime", default="torch-distributed",
-        help="--api trainjob: the ClusterTrainingRuntime the TrainJob runs on",
-    )  # fmt: skip
-    p.add_argument("--name", default="llm-train", help="job name (a DNS label)")
-    p.add_argument("--namespace", help="default: in-cluster namespace or kubeconfig context's")
-    p.add_argument("--image", required=True, help="the trainer image (Dockerfile.train)")
-    p.add_argument("--config", help="YAML file with trainer settings (as llm-train --config)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="trainer setting override, e.g. training.max_steps=5000 (repeatable)",
-    )  # fmt: skip
-    p.add_argument(
-        "--min-replicas", type=int, help="fewest workers the elastic job runs on (default 1)"
+DESCRIPTION = """Run the trainer on Kubernetes as a Kubeflow job (a PyTorchJob or a TrainJob).
+
+The trainer's settings are read as llm-train reads them (LLM_* here, --config, then --set)
+and become the workers' LLM_* variables. Exit codes: 0 created or printed, 1 the API
+refused it, 2 bad arguments or settings."""
+
+
+class SubmitSettings(BaseSettings):
+    """The flags of `llm-train submit` (and only flags: no environment)."""
+
+    api: Literal["pytorchjob", "trainjob"] = Field(
+        default="pytorchjob",
+        description="pytorchjob: training operator v1, elastic; trainjob: Kubeflow Trainer v2",
     )
-    p.add_argument("--max-replicas", type=int, default=4, help="most workers it scales to")
-    p.add_argument(
-        "--replicas", type=int, help="workers to start with (default: max); a TrainJob's nodes"
+    runtime: str = Field(
+        default="torch-distributed",
+        description="--api trainjob: the ClusterTrainingRuntime the TrainJob runs on",
     )
-    p.add_argument("--max-restarts", type=int, default=10, help="torchrun restarts of the group")
-    p.add_argument("--gpus-per-worker", type=int, default=0, help="0: a CPU job")
-    p.add_argument("--cpu", default="4", help="CPU request per worker")
-    p.add_argument("--memory", default="16Gi", help="memory request and limit per worker")
-    p.add_argument("--shm-size", default="2Gi", help="/dev/shm size (DataLoader workers, NCCL)")
-    p.add_argument("--s3-secret", default="llm-s3", help="Secret with AWS_ACCESS_KEY_ID/_SECRET_")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph)")
-    p.add_argument("--dry-run", action="store_true", help="print the job's YAML and exit")
-    args = p.parse_args(argv)
-    if args.api == "trainjob" and args.min_replicas not in (
-        None,
-        args.replicas or args.max_replicas,
-    ):
-        p.error(
-            "--api trainjob runs a fixed number of nodes (the torch-distributed runtime is not "
-            "elastic): give --replicas N (or --max-replicas N) without --min-replicas"
-        )
-    if args.min_replicas is None:
-        args.min_replicas = 1
-    if not 1 <= args.min_replicas <= args.max_replicas:
-        p.error("need 1 <= --min-replicas <= --max-replicas")
-    if args.replicas is not None and not args.min_replicas <= args.replicas <= args.max_replicas:
-        p.error("--replicas must lie within [--min-replicas, --max-replicas]")
-    return args
+    name: str = Field(default="llm-train", description="job name (a DNS label)")
+    namespace: str | None = Field(
+        default=None, description="default: in-cluster namespace or kubeconfig context's"
+    )
+    image: str = Field(description="the trainer image (Dockerfile.train)")
+    config: str | None = Field(
+        default=None, description="YAML file with trainer settings (as llm-train --config)"
+    )
+    set: Annotated[list[str], Verbatim] = Field(
+        default_factory=list,
+        description="trainer setting override SECTION.FIELD=VALUE, e.g. "
+        "training.max_steps=5000; repeatable",
+    )
+    min_replicas: int | None = Field(
+        default=None, description="fewest workers the elastic job runs on (default 1)"
+    )
+    max_replicas: int = Field(default=4, description="most workers it scales to")
+    replicas: int | None = Field(
+        default=None, description="workers to start with (default: max); a TrainJob's nodes"
+    )
+    max_restarts: int = Field(default=10, description="torchrun restarts of the group")
+    gpus_per_worker: int = Field(default=0, ge=0, description="0: a CPU job")
+    cpu: str = Field(default="4", description="CPU request per worker")
+    memory: str = Field(default="16Gi", description="memory request and limit per worker")
+    shm_size: str = Field(default="2Gi", description="/dev/shm size (DataLoader workers, NCCL)")
+    s3_secret: str = Field(
+        default="llm-s3", description="Secret with AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY"
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="S3-compatible endpoint URL (MinIO, Ceph)"
+    )
+    dry_run: bool = Field(default=False, description="print the job's YAML and exit")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags only: the environment holds the trainer's settings, which become the job's.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> SubmitSettings:
+        if self.api == "trainjob" and self.min_replicas not in (
+            None, self.replicas or self.max_replicas,
+        ):  # fmt: skip
+            raise ValueError(
+                "--api trainjob runs a fixed number of nodes (the torch-distributed runtime is"
+                " not elastic): give --replicas N (or --max-replicas N) without --min-replicas"
+            )
+        if self.min_replicas is None:
+            self.min_replicas = 1
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("need 1 <= --min-replicas <= --max-replicas")
+        if self.replicas is not None and not (
+            self.min_replicas <= self.replicas <= self.max_replicas
+        ):
+            raise ValueError("--replicas must lie within [--min-replicas, --max-replicas]")
+        return self
+
+
+def parse_args(argv: Sequence[str]) -> SubmitSettings:
+    """The submit flags (exit 2 on a bad one, 0 after --help)."""
+    flags = parse_flags(SubmitSettings, argv, "llm-train submit", DESCRIPTION)
+    return resolve(SubmitSettings, flags, "llm-train submit")
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:
@@ -133,7 +173,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 
 def worker_env(
-    args: argparse.Namespace, settings: TrainerSettings, job_name_label: str
+    args: SubmitSettings, settings: TrainerSettings, job_name_label: str
 ) -> list[dict[str, Any]]:
     """The settings as `LLM_*`, the S3 credentials from the Secret, the run lease's holder."""
     secret = lambda key: {"secretKeyRef": {"name": args.s3_secret, "key": key}}  # noqa: E731
@@ -149,18 +189,18 @@ def worker_env(
     return env
 
 
-def worker_resources(args: argparse.Namespace) -> dict[str, Any]:
+def worker_resources(args: SubmitSettings) -> dict[str, Any]:
     limits: dict[str, Any] = {"memory": args.memory}
     if args.gpus_per_worker:
         limits["nvidia.com/gpu"] = args.gpus_per_worker
     return {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": limits}
 
 
-def shm_volume(args: argparse.Namespace) -> dict[str, Any]:
+def shm_volume(args: SubmitSettings) -> dict[str, Any]:
     return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": args.shm_size}}
 
 
-def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+def worker_container(args: SubmitSettings, settings: TrainerSettings) -> dict[str, Any]:
     return {
         "name": "pytorch",  # the training operator finds the trainer by this name
         "image": args.image,
@@ -172,7 +212,7 @@ def worker_container(args: argparse.Namespace, settings: TrainerSettings) -> dic
     }
 
 
-def job_metadata(args: argparse.Namespace) -> dict[str, Any]:
+def job_metadata(args: SubmitSettings) -> dict[str, Any]:
     """The metadata of either kind of job: its name, label and (given) namespace."""
     metadata: dict[str, Any] = {
         "name": args.name,
@@ -183,7 +223,7 @@ def job_metadata(args: argparse.Namespace) -> dict[str, Any]:
     return metadata
 
 
-def build_job(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+def build_job(args: SubmitSettings, settings: TrainerSettings) -> dict[str, Any]:
     metadata = job_metadata(args)
     pod_spec: dict[str, Any] = {
         # The trainer talks to object storage, never to the Kubernetes API.
@@ -225,7 +265,7 @@ TRAINER_NODE = "node"
 PATCH_MANAGER = "llm-train-submit"
 
 
-def build_trainjob(args: argparse.Namespace, settings: TrainerSettings) -> dict[str, Any]:
+def build_trainjob(args: SubmitSettings, settings: TrainerSettings) -> dict[str, Any]:
     """A Kubeflow Trainer v2 TrainJob: the same container as `build_job`'s on a fixed number
     of nodes; what TrainJob's `trainer` cannot say (pod security, /dev/shm, GPU
     tolerations) goes in a runtime patch of the runtime's `node` job."""
@@ -301,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(overrides(args.set), args.config)
     except ValidationError as e:
-        from llm_trainer.cli import format_errors  # the same field-named message as llm-train
-
-        print(f"llm-train submit: {format_errors(e)}", file=sys.stderr)
+        print(f"llm-train submit: {format_errors(TrainerSettings, e)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"llm-train submit: error: {e}", file=sys.stderr)

@@ -188,6 +188,34 @@ def test_llm_serve_answers_a_request(tiny_checkpoint: str, tmp_path: Path) -> No
     assert any(r["event"] == "engine_stopped" for r in serve.logs())
 
 
+def test_llm_serve_takes_the_engine_flags(
+    tiny_checkpoint: str, reference: LoadedModel, tmp_path: Path
+) -> None:
+    """llm-serve's settings are the engine's plus the gateway's: engine options it declares
+    nowhere (--slots, --prefill-chunk, --no-engine-process) reach the engine it runs, and
+    a prompt prefilled in chunks of 4 tokens still gets the reference's answer."""
+    args = ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1", "--slots", "3",
+            "--prefill-chunk", "4", "--max-model-len", "40", "--no-engine-process"]  # fmt: skip
+    serve = start("llm_gateway.serve", args, tmp_path / "serve.log", "gateway_listening")
+    try:
+        base = f"http://127.0.0.1:{serve.port}"
+        wait_ready(base)
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}).json()["max_model_len"] == 40
+        prompt = "The quick brown fox "
+        text, _ = greedy_text(reference, reference.tokenizer.encode(prompt), 8)
+        served = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        reply = served.completions.create(
+            model=reference.name, prompt=prompt, max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].text == text
+    finally:
+        assert stop(serve) == 0
+    (kv,) = [r for r in serve.logs() if r["event"] == "kv_cache"]
+    assert (kv["slots"], kv["context_length"]) == (3, 40)
+    (loaded,) = [r for r in serve.logs() if r["event"] == "model_loaded"]
+    assert loaded["engine_process"] is False
+
+
 def test_llm_serve_exits_when_the_checkpoint_does_not_load(tmp_path: Path) -> None:
     """A checkpoint that fails to load (here a crafted sharded one, refused before any code
     runs) ends llm-serve with exit 1, instead of a live process whose /readyz stays 503."""
