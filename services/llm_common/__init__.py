@@ -1,1 +1,2 @@
-"""What every service process sets up the same way: JSON logs and OpenTelemetry tracing."""
+"""What every service process sets up the same way (JSON logs, OpenTelemetry tracing) and
+what both sides of the engine API import (its gRPC stubs, `proto`)."""

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import best_of, errors
 from llm_gateway.dispatch import ClientWatch, Dispatcher
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import errors
 from llm_gateway.engine_client import EnginePool, Metadata, NoEngine
 from llm_gateway.errors import OpenAIError, invalid
