@@ -37,7 +37,7 @@ format: $(STAMP)
 
 # Regenerate the engine's gRPC stubs (tests/unit/test_proto_stubs.py fails when they are stale).
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Illm_engine/proto/v1=proto/llm/engine/v1 \
+	$(BIN)/python -m grpc_tools.protoc -Illm_common/proto/v1=proto/llm/engine/v1 \
 		--python_out=services --grpc_python_out=services --pyi_out=services \
 		proto/llm/engine/v1/engine.proto
 

@@ -41,8 +41,8 @@ from pathlib import Path
 import grpc
 
 from llm_common.logs import read_announcement
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_gateway.schemas import CompletionRequest
 
 PROMPT = "The quick brown fox jumps over the lazy dog. "

@@ -102,12 +102,13 @@ def sharded_checkpoint_that_runs_code(
     import hashlib
     import pickle
 
-    from llm.checkpoint import load_checkpoint, save_checkpoint
+    from llm.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
+    from llm.checkpoint.commit import commit
+    from llm.checkpoint.format import DCP_DIR, METADATA
+    from llm.checkpoint.sharded import save_sharded
     from llm.config import ModelConfig
     from llm.data.tokenizers import SimpleCharacterTokenizer
     from llm.models import DecoderModel
-    from llm.storage import MANIFEST, commit, read_manifest
-    from llm.training.sharded import DCP_DIR, METADATA, save_sharded
 
     tok = SimpleCharacterTokenizer.train("hello world")
     model = DecoderModel(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))

@@ -35,8 +35,7 @@ from multiprocessing.connection import Connection
 import torch
 from prometheus_client.metrics import MetricWrapperBase
 
-from llm import storage
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import CheckpointError, load_checkpoint
 from llm.config import ModelConfig
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference.adapters import AdapterSet
@@ -316,8 +315,8 @@ def _picklable(e: BaseException) -> BaseException:
         pickle.loads(pickle.dumps(e))
         return e
     except Exception:
-        if isinstance(e, storage.CheckpointError):
-            return storage.CheckpointError(str(e))
+        if isinstance(e, CheckpointError):
+            return CheckpointError(str(e))
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 

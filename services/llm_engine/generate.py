@@ -22,10 +22,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import CheckpointError, load_checkpoint
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, SamplingParams
-from llm.storage import CheckpointError
 from llm_engine.settings import DTYPES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

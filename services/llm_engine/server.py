@@ -29,11 +29,11 @@ from llm.checkpoint import LoadedModel
 from llm.inference.grammar import tool_call_format
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
+from llm_common.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine import metrics, tracing, validation
 from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
-from llm_engine.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.scheduler import (
     AdapterError,
     Event,

@@ -23,8 +23,8 @@ from llm.inference.grammar import (
     tool_call_format,
     tool_call_grammar,
 )
-from llm_engine.proto import MAX_STOP_CHARS
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto import MAX_STOP_CHARS
+from llm_common.proto.v1 import engine_pb2 as pb
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16  # each one is searched on every token

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from fastapi import Request
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import errors
 from llm_gateway.engine_client import EnginePool, Lease, Metadata, NoEngine
 from llm_gateway.errors import OpenAIError

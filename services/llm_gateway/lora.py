@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import errors
 from llm_gateway.engine_client import EnginePool, NoEngine
 from llm_gateway.errors import OpenAIError

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway.errors import OpenAIError
 from llm_gateway.responses import Generation
 from llm_gateway.schemas import EngineCall

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import tool_calls
 from llm_gateway.schemas import EngineCall, Prompt
 

@@ -29,8 +29,8 @@ from pydantic import (
     WrapValidator,
 )
 
-from llm_engine.proto import MAX_MESSAGE_BYTES, MAX_STOP_CHARS
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto import MAX_MESSAGE_BYTES, MAX_STOP_CHARS
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway.errors import OpenAIError, invalid
 
 _U64 = (1 << 64) - 1

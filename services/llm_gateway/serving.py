@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway import best_of
 from llm_gateway.dispatch import ClientWatch, Dispatcher, Started
 from llm_gateway.engine_client import Lease, Metadata

@@ -146,7 +146,7 @@ def test_engine_serves_on_cuda(tiny_checkpoint: str, tmp_path: Path) -> None:
     from tests.integration.test_engine import ids_of, start_engine
 
     from llm.checkpoint import load_checkpoint
-    from llm_engine.proto.v1 import engine_pb2 as pb
+    from llm_common.proto.v1 import engine_pb2 as pb
 
     reference = load_checkpoint(tiny_checkpoint, device="cuda")
     prompt = "The "

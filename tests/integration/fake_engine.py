@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from many import generate_many_aio
 
-from llm_engine.proto import ENGINE_SERVICE
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto import ENGINE_SERVICE
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 
 MODEL = "fake-model"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 
 
 class Abort(Exception):

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import grpc
 from many import generate_many_sync
 
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 
 MODEL = "stub-model"
 

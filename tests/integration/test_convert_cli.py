@@ -108,7 +108,7 @@ def test_a_hugging_face_directory_serves_as_a_checkpoint(
 
     import s3fs
 
-    from llm.storage import CheckpointError
+    from llm.checkpoint import CheckpointError
     from llm_engine.generate import app as generate_app
 
     out = tmp_path / "my-model"

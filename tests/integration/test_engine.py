@@ -24,8 +24,8 @@ from tests.support import free_port, stop_process
 from llm.checkpoint import LoadedModel, load_checkpoint
 from llm.inference import SamplingParams, generate, stream_generate
 from llm_common.logs import read_announcement
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}

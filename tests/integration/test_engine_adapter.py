@@ -14,7 +14,7 @@ from llm.checkpoint import load_checkpoint
 from llm.core.lora import apply_lora, unload_lora
 from llm.inference import SamplingParams, generate
 from llm.interop.peft import load_with_adapter, save_adapter
-from llm_engine.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2 as pb
 from llm_trainer.convert import app as convert_app
 
 PROMPTS = ["The ", "def f(x):"]

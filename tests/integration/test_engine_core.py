@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from tests.integration.test_engine import GREEDY, ids_of, start_engine
 
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.server import start_engine as start_server
 
 LONG = pb.StoppingCriteria(ignore_eos=True)  # the whole context: runs until cancelled

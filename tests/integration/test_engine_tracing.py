@@ -8,8 +8,8 @@ import asyncio
 import grpc
 from opentelemetry import propagate, trace
 
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.server import start_engine
 
 

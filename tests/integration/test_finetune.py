@@ -18,8 +18,13 @@ import pytest
 import torch
 import transformers
 
-from llm import storage
-from llm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from llm.checkpoint import (
+    WEIGHTS,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llm.config import ModelConfig
 from llm.core.qlora import NF4Linear
 from llm.interop.hf import from_hf, to_hf
@@ -97,7 +102,7 @@ def test_lora_sft_cli_writes_a_peft_adapter_and_a_merged_checkpoint(
     assert len(evals) == 3 and evals[-1] < evals[0] - 0.1, evals
 
     # Checkpoints hold the adapter, not the base; the final one also the merged weights.
-    ckpts = storage.list_checkpoints(str(run_dir))
+    ckpts = list_checkpoints(str(run_dir))
     assert [c.rsplit("-", 1)[1] for c in ckpts] == ["00000010", "00000020", "00000030"][-2:]
     assert not Path(ckpts[0], WEIGHTS).exists() and Path(ckpts[-1], WEIGHTS).exists()
     adapter = run_dir / "adapter"
@@ -138,7 +143,7 @@ def test_qlora_trains_and_resumes_from_its_adapter(
     engine = run_training(settings, tok, data, CPU)
     assert engine.step == 20 and engine.history[-1]["val_loss"] < engine.history[0]["val_loss"]
     assert isinstance(engine.model.layers[0].mlp.down_proj.base, NF4Linear)
-    latest = storage.latest_checkpoint(str(tmp_path / "run"))
+    latest = latest_checkpoint(str(tmp_path / "run"))
     assert Path(latest, "adapter", ADAPTER_WEIGHTS).exists() and not Path(latest, WEIGHTS).exists()
 
     tree["training"]["max_steps"] = 24  # a restarted job: the base again, the adapter resumed

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from llm_engine.proto.v1 import engine_pb2 as pb
-from llm_engine.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 from llm_engine.server import RunningEngine, start_engine
 from llm_gateway.engine_client import EnginePool, Lease
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llm import storage
+from llm.checkpoint import latest_checkpoint
 from llm.data.corpus import default_corpus
 
 
@@ -48,7 +48,7 @@ def test_trains_on_a_text_file_and_commits_a_checkpoint(tmp_path: Path) -> None:
     )
     assert f"checkpoints: every 500 steps to {out}" in proc.stderr
     assert re.search(r"step 6: [\d.]+ s/step, ETA \dm\d\ds for the remaining 24 steps", proc.stderr)
-    assert storage.latest_checkpoint(str(out)).endswith("step-00000030")
+    assert latest_checkpoint(str(out)).endswith("step-00000030")
 
 
 def test_bad_input_exits_2_naming_the_problem(tmp_path: Path) -> None:
@@ -122,4 +122,4 @@ def test_muon_run_learns_and_resumes_from_its_checkpoint(tmp_path: Path) -> None
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["event"] == "train_done" and summary["step"] == 45
     assert summary["val_loss"] < evals[-1]  # it went on learning from where it stopped
-    assert storage.latest_checkpoint(str(out)).endswith("step-00000045")
+    assert latest_checkpoint(str(out)).endswith("step-00000045")

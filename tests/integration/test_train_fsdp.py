@@ -13,8 +13,14 @@ import pytest
 import torch
 from support import free_port
 
-from llm import storage
-from llm.checkpoint import load_checkpoint, load_trainer_state
+from llm.checkpoint import (
+    MANIFEST,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainer_state,
+    read_manifest,
+)
 from llm.data.corpus import default_corpus
 
 pytestmark = pytest.mark.slow
@@ -47,12 +53,12 @@ def test_fsdp_trains_and_resumes_exactly(tmp_path: Path) -> None:
     assert summary["step"] == 8 and summary["val_loss"] < 4.6  # ln(vocab) before training
     # Sharded: each rank wrote its own shard through torch.distributed.checkpoint, and no
     # rank gathered the full weights.
-    files = set(storage.read_manifest(storage.checkpoint_dir(str(straight), 8))["files"])
+    files = set(read_manifest(checkpoint_dir(str(straight), 8))["files"])
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= files
     assert "model.safetensors" not in files
     # As if the job died while committing step 8: the rerun resumes from step 4.
-    (Path(storage.checkpoint_dir(str(resumed), 8)) / storage.MANIFEST).unlink()
-    assert load_trainer_state(storage.latest_checkpoint(str(resumed)))["step"] == 4
+    (Path(checkpoint_dir(str(resumed), 8)) / MANIFEST).unlink()
+    assert load_trainer_state(latest_checkpoint(str(resumed)))["step"] == 4
     proc = torchrun_fsdp(corpus, resumed, 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr

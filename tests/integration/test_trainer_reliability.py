@@ -25,7 +25,7 @@ import torch
 from support import S3Proxy, free_port
 
 from llm import storage
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import checkpoint_dir, is_committed, latest_checkpoint, load_checkpoint
 from llm.data.corpus import default_corpus
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def wait_for_checkpoint(
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        latest = storage.latest_checkpoint(run_dir)
+        latest = latest_checkpoint(run_dir)
         if latest is not None and int(latest.rsplit("-", 1)[1]) >= step:
             return
         assert proc.poll() is None, "the job ended before it could be interrupted"
@@ -185,10 +185,10 @@ def test_job_killed_while_writing_a_checkpoint_resumes_from_the_previous(
         proc.wait(30)
     finally:
         proxy.release.set()
-    partial = storage.checkpoint_dir(run, 40)
+    partial = checkpoint_dir(run, 40)
     assert storage.exists(storage.join(partial, "model.safetensors"))
-    assert not storage.is_committed(partial)
-    assert storage.latest_checkpoint(run).endswith("step-00000020")
+    assert not is_committed(partial)
+    assert latest_checkpoint(run).endswith("step-00000020")
 
     subprocess.run(single(run), check=True, capture_output=True, timeout=400, env=env)
     proxy.shutdown()

@@ -9,8 +9,7 @@ import pytest
 import torch
 from support import sharded_checkpoint_that_runs_code
 
-from llm import storage
-from llm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from llm.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
 from llm.config import ModelConfig
 from llm.data.tokenizers import SimpleCharacterTokenizer
 from llm.models import DecoderModel
@@ -38,16 +37,16 @@ def test_run_dir_resolves_to_newest_committed(saved: tuple[Path, DecoderModel]) 
     ckpt, _ = saved
     newer = ckpt.parent / "step-00000002"
     shutil.copytree(ckpt, newer)
-    (newer / storage.MANIFEST).unlink()  # written but never committed
+    (newer / MANIFEST).unlink()  # written but never committed
     assert load_checkpoint(str(ckpt.parent.parent)).uri == str(ckpt)
 
 
 def test_directory_without_manifest_is_never_loaded(saved: tuple[Path, DecoderModel]) -> None:
     ckpt, _ = saved
-    (ckpt / storage.MANIFEST).unlink()
-    with pytest.raises(storage.CheckpointError):
+    (ckpt / MANIFEST).unlink()
+    with pytest.raises(CheckpointError):
         load_checkpoint(str(ckpt))
-    with pytest.raises(storage.CheckpointError):
+    with pytest.raises(CheckpointError):
         load_checkpoint(str(ckpt.parent.parent))
 
 
@@ -55,7 +54,7 @@ def test_truncated_weights_are_detected(saved: tuple[Path, DecoderModel]) -> Non
     ckpt, _ = saved
     data = (ckpt / WEIGHTS).read_bytes()
     (ckpt / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(storage.CheckpointError, match=WEIGHTS):
+    with pytest.raises(CheckpointError, match=WEIGHTS):
         load_checkpoint(str(ckpt))
 
 
@@ -64,7 +63,7 @@ def test_flipped_byte_is_detected(saved: tuple[Path, DecoderModel]) -> None:
     data = bytearray((ckpt / WEIGHTS).read_bytes())
     data[-1] ^= 0xFF
     (ckpt / WEIGHTS).write_bytes(bytes(data))
-    with pytest.raises(storage.CheckpointError, match="sha256"):
+    with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(str(ckpt))
 
 
@@ -88,23 +87,24 @@ def test_a_truncated_or_foreign_hugging_face_shard_is_refused_before_reading(
     shard = out / sorted(set(index["weight_map"].values()))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[:-4])
-    with pytest.raises(storage.CheckpointError, match=rf"{shard.name}: .* truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: .* truncated or corrupt"):
         load_checkpoint(str(out))
     shard.write_bytes(data)
     index["metadata"]["total_size"] += 4
     index_path.write_text(json.dumps(index))
-    with pytest.raises(storage.CheckpointError, match=r"total_size \d+, but the shards hold"):
+    with pytest.raises(CheckpointError, match=r"total_size \d+, but the shards hold"):
         load_checkpoint(str(out))
 
 
 def test_a_sharded_checkpoint_never_runs_code(tmp_path: Path) -> None:
     """DCP's `.metadata` is a pickle: a crafted one, committed, is refused by name when the
     engine loads the checkpoint and when a trainer resumes from it; nothing runs."""
-    from llm.training.sharded import METADATA, load_sharded
+    from llm.checkpoint.format import METADATA
+    from llm.checkpoint.sharded import load_sharded
 
     marker = tmp_path / "pwned"
     ckpt, model, optimizer = sharded_checkpoint_that_runs_code(tmp_path / "run", marker)
-    with pytest.raises(storage.CheckpointError, match=rf"{METADATA}: refers to posix\.system"):
+    with pytest.raises(CheckpointError, match=rf"{METADATA}: refers to posix\.system"):
         load_checkpoint(str(ckpt))
     with pytest.raises(BaseException, match=r"refers to posix\.system"):
         load_sharded(str(ckpt), model, optimizer)

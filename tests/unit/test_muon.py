@@ -10,8 +10,7 @@ import pytest
 import torch
 from support import train_tiny
 
-from llm import storage
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import MANIFEST, checkpoint_dir, latest_checkpoint, load_checkpoint
 from llm.config import ModelConfig
 from llm.models import DecoderModel
 from llm.training.optim import MuonAdamW, build_optimizer, build_scheduler, muon_params
@@ -144,11 +143,11 @@ def test_muon_run_resumes_exactly(tmp_path: Path) -> None:
     }
     straight = train_tiny(tmp_path / "straight", max_steps=40, **kw)
     train_tiny(tmp_path / "resumed", max_steps=40, **kw)
-    (Path(storage.checkpoint_dir(str(tmp_path / "resumed"), 40)) / storage.MANIFEST).unlink()
-    assert storage.latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000020")
+    (Path(checkpoint_dir(str(tmp_path / "resumed"), 40)) / MANIFEST).unlink()
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000020")
     resumed = train_tiny(tmp_path / "resumed", max_steps=40, **kw)
     assert resumed.step == 40
-    assert storage.latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000040")
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000040")
     a = load_checkpoint(str(tmp_path / "straight")).model.state_dict()
     b = load_checkpoint(str(tmp_path / "resumed")).model.state_dict()
     for k in a:

@@ -11,7 +11,13 @@ import pytest
 from support import CPU, tiny_settings, train_tiny
 
 from llm import storage
-from llm.checkpoint import load_trainer_state
+from llm.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_trainer_state,
+    read_manifest,
+    verify,
+)
 from llm.settings import load_settings
 from llm.training.data import build_data
 from llm.training.engine import TrainingEngine
@@ -55,20 +61,20 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_previous(
     run_dir = tmp_path / "run"
     settings = _settings(run_dir, fmt, base)
     _train(settings)
-    newest = Path(storage.checkpoint_dir(str(run_dir), 8))
-    assert CORRUPT[fmt] in storage.read_manifest(str(newest))["files"]
+    newest = Path(checkpoint_dir(str(run_dir), 8))
+    assert CORRUPT[fmt] in read_manifest(str(newest))["files"]
     data = bytearray((newest / CORRUPT[fmt]).read_bytes())
     data[-1] ^= 0xFF  # same size: only the hash can tell
     (newest / CORRUPT[fmt]).write_bytes(bytes(data))
 
-    with caplog.at_level(logging.WARNING, logger="llm.storage"):
+    with caplog.at_level(logging.WARNING, logger="llm.checkpoint"):
         again = _train(settings)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert f"not resuming from {newest}" in warned and f"{CORRUPT[fmt]}: sha256" in warned
     starts = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in starts if r["event"] == "start"] == [0, 4]
     assert again.step == 8
-    storage.verify(str(newest))  # step 8 written again, and good this time
+    verify(str(newest))  # step 8 written again, and good this time
     assert load_trainer_state(str(newest))["step"] == 8
 
 
@@ -82,6 +88,6 @@ def test_retention_that_cannot_delete_keeps_training(
     assert engine.step == 12
     failed = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
     assert failed and all("retain:" in m for m in failed)
-    assert [c.rsplit("-", 1)[1] for c in storage.list_checkpoints(run)] == [
+    assert [c.rsplit("-", 1)[1] for c in list_checkpoints(run)] == [
         "00000004", "00000008", "00000012",
     ]  # fmt: skip

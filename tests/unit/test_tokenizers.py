@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from llm import storage
+from llm.checkpoint import checkpoint_dir
+from llm.checkpoint.commit import commit
 from llm.data.bpe import train_bpe
 from llm.data.corpus import default_corpus, load_corpus
 from llm.data.tokenizers import (
@@ -173,12 +175,12 @@ def test_fingerprints_survive_save_load_and_tell_tokenizers_apart(
 
 def test_load_tokenizer_from_a_checkpoint_or_run_dir(tmp_path: Path) -> None:
     tok = SimpleCharacterTokenizer.train("hello world")
-    ckpt = storage.checkpoint_dir(str(tmp_path / "run"), 7)
+    ckpt = checkpoint_dir(str(tmp_path / "run"), 7)
     staging = tmp_path / "staging"
     staging.mkdir()
     tok.save(staging)
     (staging / "config.json").write_text("{}")
-    storage.commit(ckpt, storage.upload(staging, ckpt))
+    commit(ckpt, storage.upload(staging, ckpt))
     for where in (ckpt, str(tmp_path / "run")):
         assert load_tokenizer(where).fingerprint() == tok.fingerprint()
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):

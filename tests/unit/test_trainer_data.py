@@ -11,8 +11,13 @@ from typing import Any
 import torch
 from support import CPU, tiny_settings
 
-from llm import storage
-from llm.checkpoint import load_checkpoint, load_trainer_state
+from llm.checkpoint import (
+    MANIFEST,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainer_state,
+)
 from llm.training.data import build_data
 from llm.training.engine import TrainingEngine
 from llm.training.run import run_training
@@ -35,9 +40,9 @@ def test_lm_resume_restores_the_data_position_exactly(tmp_path: Path) -> None:
     }
     straight = train(tmp_path / "straight", 20, **sections)
     train(tmp_path / "resumed", 20, **sections)
-    last = Path(storage.checkpoint_dir(str(tmp_path / "resumed"), 20))
-    (last / storage.MANIFEST).unlink()  # as if killed while committing step 20
-    state = load_trainer_state(storage.latest_checkpoint(str(tmp_path / "resumed")))
+    last = Path(checkpoint_dir(str(tmp_path / "resumed"), 20))
+    (last / MANIFEST).unlink()  # as if killed while committing step 20
+    state = load_trainer_state(latest_checkpoint(str(tmp_path / "resumed")))
     assert state["step"] == 10 and state["data"]["step"] == 10  # TextDataModule's position
     resumed = train(tmp_path / "resumed", 20, **sections)
     a = load_checkpoint(str(tmp_path / "straight")).model.state_dict()
@@ -80,10 +85,7 @@ def test_sft_on_chat_jsonl_lowers_validation_loss(tmp_path: Path) -> None:
     engine = run_training(settings, tok, data, CPU)
     first, last = engine.history[0]["val_loss"], engine.history[-1]["val_loss"]
     assert last < first - 0.2, engine.history
-    assert (
-        load_trainer_state(storage.latest_checkpoint(str(tmp_path / "run")))["data"]["task"]
-        == "sft"
-    )
+    assert load_trainer_state(latest_checkpoint(str(tmp_path / "run")))["data"]["task"] == "sft"
 
 
 def test_prepared_shards_via_dataset_path_use_their_own_tokenizer(tmp_path: Path) -> None:

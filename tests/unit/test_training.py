@@ -10,8 +10,14 @@ import pytest
 import torch
 from support import train_tiny
 
-from llm import storage
-from llm.checkpoint import load_checkpoint, load_trainer_state
+from llm.checkpoint import (
+    MANIFEST,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainer_state,
+)
 from llm.config import ModelConfig
 from llm.training.engine import TrainingEngine
 from llm.training.optim import build_optimizer, build_scheduler, lr_factor
@@ -32,7 +38,7 @@ def test_short_run_lowers_validation_loss(tiny_run: tuple[Path, TrainingEngine])
 
 def test_checkpoint_holds_the_trained_model(tiny_run: tuple[Path, TrainingEngine]) -> None:
     run_dir, engine = tiny_run
-    ckpts = storage.list_checkpoints(str(run_dir))
+    ckpts = list_checkpoints(str(run_dir))
     assert [c.rsplit("-", 1)[-1] for c in ckpts] == ["00000200", "00000300"]  # keep_last=2
     loaded = load_checkpoint(str(run_dir))
     assert loaded.uri == ckpts[-1] and loaded.name == "tiny"
@@ -49,9 +55,9 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     straight = train_tiny(tmp_path / "straight", max_steps=80, **every_40)
     train_tiny(tmp_path / "resumed", max_steps=80, **every_40)
     # As if the job died while writing step 80: files there, manifest not yet.
-    last = Path(storage.checkpoint_dir(str(tmp_path / "resumed"), 80))
-    (last / storage.MANIFEST).unlink()
-    assert storage.latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000040")
+    last = Path(checkpoint_dir(str(tmp_path / "resumed"), 80))
+    (last / MANIFEST).unlink()
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("step-00000040")
     resumed = train_tiny(tmp_path / "resumed", max_steps=80, **every_40)
     assert resumed.step == 80
     a = load_checkpoint(str(tmp_path / "straight")).model.state_dict()

@@ -166,6 +166,14 @@ def _local_dir(uri: str, cache_dir: str | None) -> Path:
     return root / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def _corrupt(message: str) -> Exception:
+    """The error a damaged shard raises: a damaged checkpoint's, `CheckpointError`. Imported
+    late: `llm.checkpoint` imports torch, which preparing shards does not need."""
+    from llm.checkpoint import CheckpointError
+
+    return CheckpointError(message)
+
+
 def _fetch(uri: str, local: Path, info: ShardInfo) -> None:
     """Download one remote shard into the cache unless a verified copy is there."""
     local.mkdir(parents=True, exist_ok=True)
@@ -184,9 +192,7 @@ def _fetch(uri: str, local: Path, info: ShardInfo) -> None:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     if h.hexdigest() != info.sha256:
-        raise storage.CheckpointError(
-            f"{uri}/{info.name}.bin: sha256 differs from the index (corrupt)"
-        )
+        raise _corrupt(f"{uri}/{info.name}.bin: sha256 differs from the index (corrupt)")
     done.write_text(info.sha256)
 
 
@@ -216,7 +222,7 @@ class TokenShards:
                 _fetch(uri, local, info)
             path = local / f"{info.name}.bin"
             if path.stat().st_size != info.n_tokens * np.dtype(index.dtype).itemsize:
-                raise storage.CheckpointError(f"{path}: size does not match the index (truncated?)")
+                raise _corrupt(f"{path}: size does not match the index (truncated?)")
             self.arrays.append(
                 np.memmap(path, dtype=np.dtype(index.dtype).newbyteorder("<"), mode="r")
             )

@@ -341,11 +341,13 @@ def load_tokenizer(directory: str | os.PathLike) -> BaseTokenizer:
     local = uri.removeprefix("file://") if "://" not in uri or uri.startswith("file://") else None
     if local is not None and (found := _load_from_dir(Path(local))) is not None:
         return found
-    from llm import storage  # late: storage is not needed for the plain-directory case
+    # late: neither is needed for the plain-directory case (and llm.checkpoint imports this)
+    from llm import storage
+    from llm.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 
     try:
-        ckpt = storage.resolve_checkpoint(uri)
-    except storage.CheckpointError:
+        ckpt = resolve_checkpoint(uri)
+    except CheckpointError:
         raise FileNotFoundError(
             f"{uri}: no tokenizer found (expected {CHAR_TOKENIZER_FILE} or tokenizer.json,"
             " or a checkpoint / run directory holding one)"
@@ -354,7 +356,7 @@ def load_tokenizer(directory: str | os.PathLike) -> BaseTokenizer:
     # mislead AutoTokenizer's class lookup).
     wanted = [
         r
-        for r in storage.read_manifest(ckpt)["files"]
+        for r in read_manifest(ckpt)["files"]
         if "/" not in r and r.endswith((".json", ".txt", ".model", ".jinja")) and r != "config.json"
     ]
     with tempfile.TemporaryDirectory() as tmp:

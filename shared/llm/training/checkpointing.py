@@ -2,12 +2,13 @@
 
 `torch.distributed.checkpoint.state_dict` gives full (unsharded, unprefixed) model and
 optimizer state for plain, DDP and FSDP2 models alike; rank 0 writes, every rank waits,
-and the manifest goes last (llm.storage), so a job killed mid-write resumes from the
-previous checkpoint. With `sharded=True` (FSDP) every rank writes its own shards of model
-and optimizer instead (`llm.training.sharded`) and rank 0 adds the rest and the manifest.
+and the manifest goes last (`llm.checkpoint.commit`), so a job killed mid-write resumes
+from the previous checkpoint. With `sharded=True` (FSDP) every rank writes its own shards
+of model and optimizer instead (`llm.checkpoint.sharded`) and rank 0 adds the rest and
+the manifest.
 
 Before any rank writes, rank 0 checks it still holds the run's lease and prepares the
-step dir (`storage.prepare`: never over a commit, debris of a dead attempt removed), and
+step dir (`prepare`: never over a commit, debris of a dead attempt removed), and
 tells every rank the outcome. After the commit rank 0 reads the checkpoint back against
 its manifest (one read of it per save): retention never deletes the newest checkpoint
 known to verify, so a bad write can never cost the run its last good one.
@@ -26,8 +27,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from llm import storage
-from llm.checkpoint import save_checkpoint
+from llm.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    prepare,
+    retain,
+    save_checkpoint,
+    verify,
+)
 from llm.data.tokenizers import BaseTokenizer
 from llm.training.distributed import barrier, broadcast_object
 
@@ -67,7 +74,7 @@ class Checkpointer:
         self.lease, self.verified = lease, verified
 
     def __call__(self, engine: TrainingEngine) -> None:
-        uri = storage.checkpoint_dir(self.run_dir, engine.step)
+        uri = checkpoint_dir(self.run_dir, engine.step)
         self._prepare(uri, engine.dist.is_main)
         if self.sharded:
             self._save_sharded(uri, engine)
@@ -96,7 +103,7 @@ class Checkpointer:
             try:
                 if self.lease is not None:
                     self.lease.check()
-                storage.prepare(uri)
+                prepare(uri)
             except Exception as e:
                 error = e
         message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
@@ -108,12 +115,12 @@ class Checkpointer:
     def _after_commit(self, uri: str) -> None:
         """Read the new checkpoint back, then retention (best effort: never raises)."""
         try:
-            storage.verify(uri, check_hashes=True)
+            verify(uri, check_hashes=True)
             self.verified = uri
-        except storage.CheckpointError as e:
+        except CheckpointError as e:
             log.warning("%s does not read back as written, older ones are kept: %s", uri, e)
         try:
-            deleted = storage.retain(self.run_dir, self.keep_last, keep=self.verified)
+            deleted = retain(self.run_dir, self.keep_last, keep=self.verified)
         except Exception as e:  # retention only frees space: training goes on
             log.warning("retention in %s failed, old checkpoints kept: %s", self.run_dir, e)
             deleted = []
@@ -122,7 +129,7 @@ class Checkpointer:
         )
 
     def _save_sharded(self, uri: str, engine: TrainingEngine) -> None:
-        from llm.training.sharded import save_sharded
+        from llm.checkpoint.sharded import save_sharded
 
         shards = save_sharded(uri, engine.model, engine.optimizer)  # collective: every rank's
         state = {**engine.state_dict(), "optimizer": None}  # collective: gathers RNG states

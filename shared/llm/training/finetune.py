@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from llm import storage
 from llm.checkpoint import CONFIG, TRAINER_STATE, WEIGHTS, is_hf_dir, load_checkpoint
+from llm.checkpoint.commit import commit
 from llm.config import ModelConfig
 from llm.core.lora import apply_lora, unload_lora
 from llm.core.qlora import bitsandbytes_available, quantize_base
@@ -190,4 +191,4 @@ class AdapterWriter:
             files = storage.upload(staging, uri)
             if final:  # the run's adapter, where users look for it
                 _put_tree(staging / ADAPTER_DIR, storage.join(self.run_dir, ADAPTER_DIR))
-        storage.commit(uri, files, extra={**meta, "finetune": self.f.model_dump(mode="json")})
+        commit(uri, files, extra={**meta, "finetune": self.f.model_dump(mode="json")})

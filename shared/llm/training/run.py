@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from llm import storage
-from llm.checkpoint import load_checkpoint, load_trainer_state, read_config
+from llm.checkpoint import (
+    is_sharded,
+    load_checkpoint,
+    load_trainer_state,
+    read_config,
+    resume_checkpoint,
+)
+from llm.checkpoint.sharded import load_sharded
 from llm.config import ModelConfig
 from llm.data.tokenizers import BaseTokenizer
 from llm.models.decoder import DecoderModel
@@ -52,7 +59,6 @@ from llm.training.finetune import (
 )
 from llm.training.lease import RunLease
 from llm.training.optim import build_optimizer, build_scheduler
-from llm.training.sharded import is_sharded, load_sharded
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +151,7 @@ def _claim_run(
             candidate = RunLease(run_dir, stale_after_s=lease_timeout_s)
             candidate.acquire()
             lease = candidate
-            latest = storage.resume_checkpoint(run_dir) if resume else None
+            latest = resume_checkpoint(run_dir) if resume else None
         except Exception as e:
             error = e
     message = None if error is None else f"{type(error).__name__}: {error}"

@@ -1,3 +1,5 @@
+"""The engine API (proto/llm/engine/v1/engine.proto) as both of its sides import it: the
+stubs `make proto` generates into `v1/`, and the limits the engine and the gateway share."""
 
 # The largest gRPC message either side of the engine API sends or accepts (gRPC's default
 # receive limit is 4 MiB, under what a gateway body of 4 MiB becomes with its framing).

@@ -39,15 +39,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from llm import storage
-
-DCP_DIR = "dcp"
-METADATA = ".metadata"
-
-
-def is_sharded(ckpt_uri: str) -> bool:
-    """Whether a committed checkpoint holds DCP shards: by its manifest, so stale files of
-    an attempt that never committed cannot make a full checkpoint look sharded."""
-    return f"{DCP_DIR}/{METADATA}" in storage.read_manifest(ckpt_uri)["files"]
+from llm.checkpoint.format import DCP_DIR, CheckpointError
 
 
 def save_sharded(
@@ -116,7 +108,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             getattr(importlib.import_module(module), name, None), torch.dtype
         ):
             return super().find_class(module, name)
-        raise storage.CheckpointError(
+        raise CheckpointError(
             f"{self.where}: refers to {module}.{name}, which a checkpoint's metadata never "
             "holds (refused: unpickling it could run code)"
         )
@@ -130,7 +122,7 @@ class _Reader(FsspecReader):
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f, str(path)).load()
         if not isinstance(metadata, Metadata):
-            raise storage.CheckpointError(f"{path}: not a checkpoint's metadata")
+            raise CheckpointError(f"{path}: not a checkpoint's metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

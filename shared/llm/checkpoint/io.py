@@ -1,18 +1,12 @@
 """Save and load checkpoints: weights, config, tokenizer and trainer state, committed last.
 
-Layout of one checkpoint directory (local or `s3://`):
-    model.safetensors   weights (the tied lm_head is not stored twice)
-    config.json         ModelConfig
-    tokenizer files     char_tokenizer.json or the HF tokenizer files
-    trainer_state.pt    optimizer, scheduler, step, RNG, data position (training only)
-    manifest.json       written last by `llm.storage.commit`: the directory's proof of life,
-                        listing exactly the files this save wrote (sizes, sha256 as staged)
-
-`load_checkpoint` also takes a Hugging Face model directory (local or remote): its
-`config.json` (with a `model_type`), one or sharded safetensors, the tokenizer files and
-`generation_config.json` (every EOS id it lists ends generation; its temperature, top_p,
-top_k, min_p and repetition_penalty become `LoadedModel.generation_defaults`). Pickle weights
-(`*.bin`) are refused, never unpickled.
+`save_checkpoint` stages a checkpoint's files (`llm.checkpoint.format`) and commits them;
+`load_checkpoint` reads a committed one, full or sharded, into one process. It also takes
+a Hugging Face model directory (local or remote): its `config.json` (with a `model_type`),
+one or sharded safetensors, the tokenizer files and `generation_config.json` (every EOS id
+it lists ends generation; its temperature, top_p, top_k, min_p and repetition_penalty
+become `LoadedModel.generation_defaults`). Pickle weights (`*.bin`) are refused, never
+unpickled.
 """
 
 from __future__ import annotations
@@ -29,13 +23,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm import storage
+from llm.checkpoint.commit import commit, resolve_checkpoint, verify
+from llm.checkpoint.format import (
+    CONFIG,
+    MANIFEST,
+    TRAINER_STATE,
+    WEIGHTS,
+    CheckpointError,
+    read_manifest,
+)
 from llm.config import ModelConfig
 from llm.data.tokenizers import BaseTokenizer, load_tokenizer
 from llm.models.decoder import DecoderModel
 
 log = logging.getLogger(__name__)
-
-WEIGHTS, CONFIG, TRAINER_STATE = "model.safetensors", "config.json", "trainer_state.pt"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def save_checkpoint(
     """Stage every file of a checkpoint locally, upload it, then commit it; the manifest.
 
     `model_state` overrides `model.state_dict()` (a full state gathered from DDP/FSDP);
-    `weights=False` when the ranks already wrote them sharded (`llm.training.sharded`),
+    `weights=False` when the ranks already wrote them sharded (`llm.checkpoint.sharded`),
     whose manifest entries they pass as `written`.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +88,7 @@ def save_checkpoint(
             torch.save(trainer_state, buf)
             (staging / TRAINER_STATE).write_bytes(buf.getvalue())
         files = storage.upload(staging, uri)
-    return storage.commit(uri, {**(written or {}), **files}, extra=meta or {})
+    return commit(uri, {**(written or {}), **files}, extra=meta or {})
 
 
 def _local_copy(uri: str, tmp: str) -> Path:
@@ -95,7 +96,7 @@ def _local_copy(uri: str, tmp: str) -> Path:
     fs, root = storage.url_to_fs(uri)
     if storage.is_local(uri):
         return Path(root)
-    manifest = storage.read_manifest(uri)
+    manifest = read_manifest(uri)
     for rel in manifest["files"]:
         dest = Path(tmp) / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -110,14 +111,14 @@ def load_checkpoint(
     Hugging Face model directory (module doc).
 
     Files are checked against the manifest first: a half-written or corrupt checkpoint
-    raises `storage.CheckpointError` instead of loading. `dtype=None` is "auto": the
-    weights' dtype, but float32 for half-precision weights on the CPU. A sharded checkpoint (an FSDP
-    run's, `llm.training.sharded`) is read whole into this one process.
+    raises `CheckpointError` instead of loading. `dtype=None` is "auto": the weights'
+    dtype, but float32 for half-precision weights on the CPU. A sharded checkpoint (an
+    FSDP run's, `llm.checkpoint.sharded`) is read whole into this one process.
     """
     if is_hf_dir(uri):
         return _load_hf_dir(uri, device, dtype)
-    ckpt = storage.resolve_checkpoint(uri)
-    manifest = storage.verify(ckpt, check_hashes=True)
+    ckpt = resolve_checkpoint(uri)
+    manifest = verify(ckpt, check_hashes=True)
     if WEIGHTS not in manifest["files"]:
         return _load_sharded_checkpoint(ckpt, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +126,7 @@ def load_checkpoint(
         try:
             config = ModelConfig.model_validate_json((local / CONFIG).read_text())
         except ValueError as e:
-            raise storage.CheckpointError(f"{ckpt}/{CONFIG}: invalid model config: {e}") from e
+            raise CheckpointError(f"{ckpt}/{CONFIG}: invalid model config: {e}") from e
         tokenizer = load_tokenizer(local)
         with torch.device("meta"):
             model = DecoderModel(config)
@@ -135,9 +136,7 @@ def load_checkpoint(
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
-            raise storage.CheckpointError(
-                f"{ckpt}/{WEIGHTS}: weights do not match config: {e}"
-            ) from e
+            raise CheckpointError(f"{ckpt}/{WEIGHTS}: weights do not match config: {e}") from e
     model.tie_weights()
     model.reset_buffers(device)
     _to_dtype(model, device, dtype)
@@ -157,7 +156,7 @@ def _to_dtype(model: DecoderModel, device: str | torch.device, dtype: torch.dtyp
 
 def is_hf_dir(uri: str) -> bool:
     """A Hugging Face model directory: a `config.json` with a `model_type`, no manifest."""
-    if storage.exists(storage.join(uri, storage.MANIFEST)):
+    if storage.exists(storage.join(uri, MANIFEST)):
         return False
     try:
         return "model_type" in json.loads(storage.read_bytes(storage.join(uri, CONFIG)))
@@ -183,17 +182,17 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
     if not weights:
         pickled = sorted(r for r in sizes if r.endswith(_PICKLES))
         if pickled:
-            raise storage.CheckpointError(
+            raise CheckpointError(
                 f"{uri}/{pickled[0]}: pickle weights are refused (loading them can run code); "
                 "save the model as safetensors (save_pretrained(safe_serialization=True))"
             )
-        raise storage.CheckpointError(f"{uri}: a Hugging Face directory without *.safetensors")
+        raise CheckpointError(f"{uri}: a Hugging Face directory without *.safetensors")
     index: dict[str, Any] = {}
     if HF_INDEX in sizes:
         index = json.loads(storage.read_bytes(storage.join(uri, HF_INDEX)))
         for name in sorted(set(index.get("weight_map", {}).values())):
             if name not in sizes:
-                raise storage.CheckpointError(f"{uri}/{HF_INDEX}: lists {name}, which is missing")
+                raise CheckpointError(f"{uri}/{HF_INDEX}: lists {name}, which is missing")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(root)
         if not storage.is_local(uri):  # every file whole before any is read
@@ -201,14 +200,14 @@ def _load_hf_dir(uri: str, device: str | torch.device, dtype: torch.dtype | None
             for rel in (r for r in sizes if r.endswith(_HF_SUFFIXES)):
                 fs.get_file(f"{root.rstrip('/')}/{rel}", str(local / rel))
                 if (local / rel).stat().st_size != sizes[rel]:
-                    raise storage.CheckpointError(f"{uri}/{rel}: changed while it was read")
+                    raise CheckpointError(f"{uri}/{rel}: changed while it was read")
         shards = sorted(set(index.get("weight_map", {}).values())) or weights
         _check_safetensors(uri, local, shards, index)
         try:
             model = from_hf(local, device=device)
             tokenizer = HFTokenizer(local)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise storage.CheckpointError(f"{uri}: not a model this library loads: {e}") from e
+            raise CheckpointError(f"{uri}: not a model this library loads: {e}") from e
         generation = local / "generation_config.json"
         defaults: dict[str, float] = {}
         if generation.exists():
@@ -237,17 +236,17 @@ def _check_safetensors(uri: str, local: Path, files: list[str], index: dict[str,
             except ValueError:
                 header = None
         if not isinstance(header, dict):
-            raise storage.CheckpointError(f"{uri}/{name}: not a safetensors file (bad header)")
+            raise CheckpointError(f"{uri}/{name}: not a safetensors file (bad header)")
         ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
         size, want = path.stat().st_size, 8 + n + max(ends, default=0)
         if size != want:
-            raise storage.CheckpointError(
+            raise CheckpointError(
                 f"{uri}/{name}: {size} bytes, its header says {want}: truncated or corrupt"
             )
         total += max(ends, default=0)
     declared = index.get("metadata", {}).get("total_size")
     if isinstance(declared, int) and declared != total:
-        raise storage.CheckpointError(
+        raise CheckpointError(
             f"{uri}/{HF_INDEX}: total_size {declared}, but the shards hold {total} bytes of "
             "tensors (a shard from another save?)"
         )
@@ -257,7 +256,7 @@ def read_config(ckpt_uri: str) -> ModelConfig:
     try:
         return ModelConfig.model_validate_json(storage.read_bytes(storage.join(ckpt_uri, CONFIG)))
     except ValueError as e:
-        raise storage.CheckpointError(f"{ckpt_uri}/{CONFIG}: invalid model config: {e}") from e
+        raise CheckpointError(f"{ckpt_uri}/{CONFIG}: invalid model config: {e}") from e
 
 
 def _load_sharded_checkpoint(
@@ -265,7 +264,7 @@ def _load_sharded_checkpoint(
 ) -> LoadedModel:
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from llm.training.sharded import load_sharded_weights
+    from llm.checkpoint.sharded import load_sharded_weights
 
     config = read_config(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +273,7 @@ def _load_sharded_checkpoint(
     try:
         load_sharded_weights(ckpt, model)
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        raise storage.CheckpointError(f"{ckpt}: sharded weights do not load: {e}") from e
+        raise CheckpointError(f"{ckpt}: sharded weights do not load: {e}") from e
     _to_dtype(model, device, dtype)
     return LoadedModel(model, tokenizer, config, ckpt, _run_name(ckpt))
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llm_engine.proto.v1 import engine_pb2 as llm__engine_dot_proto_dot_v1_dot_engine__pb2
+from llm_common.proto.v1 import engine_pb2 as llm__common_dot_proto_dot_v1_dot_engine__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llm_engine/proto/v1/engine_pb2_grpc.py depends on'
+        + ' but the generated code in llm_common/proto/v1/engine_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class EngineStub:
         """
         self.Generate = channel.unary_stream(
                 '/llm.engine.v1.Engine/Generate',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/llm.engine.v1.Engine/Tokenize',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/llm.engine.v1.Engine/Detokenize',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/llm.engine.v1.Engine/ModelInfo',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
         self.GenerateMany = channel.stream_stream(
                 '/llm.engine.v1.Engine/GenerateMany',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
                 _registered_method=True)
         self.LoadLoRAAdapter = channel.unary_unary(
                 '/llm.engine.v1.Engine/LoadLoRAAdapter',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
                 _registered_method=True)
         self.UnloadLoRAAdapter = channel.unary_unary(
                 '/llm.engine.v1.Engine/UnloadLoRAAdapter',
-                request_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
-                response_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+                request_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -138,38 +138,38 @@ def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.SerializeToString,
             ),
             'GenerateMany': grpc.stream_stream_rpc_method_handler(
                     servicer.GenerateMany,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.SerializeToString,
             ),
             'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadLoRAAdapter,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.SerializeToString,
             ),
             'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadLoRAAdapter,
-                    request_deserializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
-                    response_serializer=llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
+                    request_deserializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -197,8 +197,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/Generate',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +224,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/Tokenize',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -251,8 +251,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/Detokenize',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -278,8 +278,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/ModelInfo',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,8 +305,8 @@ class Engine:
             request_iterator,
             target,
             '/llm.engine.v1.Engine/GenerateMany',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -332,8 +332,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/LoadLoRAAdapter',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.LoadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -359,8 +359,8 @@ class Engine:
             request,
             target,
             '/llm.engine.v1.Engine/UnloadLoRAAdapter',
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
-            llm__engine_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            llm__common_dot_proto_dot_v1_dot_engine__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
