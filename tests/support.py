@@ -203,10 +203,11 @@ def require_binary(name: str, install: str) -> str:
     return path
 
 
-def chat_tokenizer(chat_template: str) -> Any:
+def chat_tokenizer(chat_template: str, specials: tuple[str, ...] = ()) -> Any:
     """A byte-level BPE (384 tokens, trained on the built-in corpus) with ChatML's special
     tokens, `<|im_end|>` as EOS, and `chat_template`: the tokenizer of the random Hugging
-    Face models the end-to-end tests serve."""
+    Face models the end-to-end tests serve. `specials`: more special tokens (ids 384 on),
+    as a model's own markers (Mistral's `[TOOL_CALLS]`) are."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -223,5 +224,26 @@ def chat_tokenizer(chat_template: str) -> Any:
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": list(specials)})
     tok.chat_template = chat_template
     return tok
+
+
+# Mistral's chat template from tokenizer v11 on, cut to what tools need: the tools before
+# the last user turn, each call as [TOOL_CALLS]name[ARGS]{arguments}, tool answers in
+# [TOOL_RESULTS]. Its markers are special tokens of the vocabulary (`MISTRAL_SPECIALS`).
+MISTRAL_V11_TEMPLATE = """{%- for m in messages %}
+{%- if m['role'] == 'user' %}
+{%- if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+[INST]{{ m['content'] }}[/INST]
+{%- elif m['role'] == 'assistant' %}
+{%- if m['tool_calls'] %}
+{%- for c in m['tool_calls'] %}[TOOL_CALLS]{{ c['function']['name'] }}[ARGS]{{ c['function']['arguments'] | tojson }}{% endfor %}
+{%- else %}{{ m['content'] }}{% endif %}<|im_end|>
+{%- elif m['role'] == 'tool' %}[TOOL_RESULTS]{{ m['content'] }}[/TOOL_RESULTS]
+{%- else %}{{ m['content'] }}
+{%- endif %}
+{%- endfor %}"""
+MISTRAL_SPECIALS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")  # fmt: skip

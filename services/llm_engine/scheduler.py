@@ -362,6 +362,7 @@ class Scheduler:
             include_stop=spec.include_stop,
             min_tokens=spec.min_tokens,
             skip_special_tokens=spec.skip_special_tokens,
+            keep_special=spec.tool_call_tokens,
         )
         self._active[id(work)] = _Slot(request, work, decoder, time.monotonic())
         self.metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
