@@ -233,9 +233,11 @@ def chat_tokenizer(chat_template: str, specials: tuple[str, ...] = ()) -> Any:
 # Mistral's chat template from tokenizer v11 on, cut to what tools need: the tools before
 # the last user turn, each call as [TOOL_CALLS]name[ARGS]{arguments}, tool answers in
 # [TOOL_RESULTS]. Its markers are special tokens of the vocabulary (`MISTRAL_SPECIALS`).
-MISTRAL_V11_TEMPLATE = """{%- for m in messages %}
+MISTRAL_V11_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
 {%- if m['role'] == 'user' %}
-{%- if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+{%- if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
 [INST]{{ m['content'] }}[/INST]
 {%- elif m['role'] == 'assistant' %}
 {%- if m['tool_calls'] %}
