@@ -249,3 +249,36 @@ MISTRAL_V11_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
 {%- endfor %}"""
 MISTRAL_SPECIALS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                     "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")  # fmt: skip
+
+
+def long_context_loras(root: Path, seeds: dict[str, int]) -> tuple[Any, dict[str, Any], Any]:
+    """A random `tiny` base with a 1024-token context, saved as a checkpoint in
+    `root/base`, and a trained-looking LoRA adapter (B not zero) per name in `root/NAME`,
+    each from its seed. Returns the base, each adapter merged into a copy of it, and the
+    tokenizer. The long context lets a generation outlast the calls a test makes while it
+    runs."""
+    import copy
+
+    from llm.checkpoint import save_checkpoint
+    from llm.config import ModelConfig
+    from llm.core.lora import apply_lora, unload_lora
+    from llm.data.tokenizers import SimpleCharacterTokenizer
+    from llm.interop.peft import save_adapter
+    from llm.models.decoder import DecoderModel
+
+    tok = SimpleCharacterTokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=128, max_seq_len=1024, init_std=0.2)
+    base = DecoderModel(config).eval()
+    save_checkpoint(str(root / "base"), base, tok)
+    merged = {}
+    for name, seed in seeds.items():
+        model = copy.deepcopy(base)
+        apply_lora(model, ["all-linear"], r=2, alpha=4)
+        torch.manual_seed(seed)
+        for pname, p in model.named_parameters():
+            if ".lora_B." in pname:
+                torch.nn.init.normal_(p, std=0.3)
+        save_adapter(model, root / name)
+        merged[name] = unload_lora(model).eval()
+    return base, merged, tok
