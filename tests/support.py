@@ -204,10 +204,11 @@ def require_binary(name: str, install: str) -> str:
     return path
 
 
-def chat_tokenizer(chat_template: str) -> Any:
+def chat_tokenizer(chat_template: str, specials: tuple[str, ...] = ()) -> Any:
     """A byte-level BPE (384 tokens, trained on the built-in corpus) with ChatML's special
     tokens, `<|im_end|>` as EOS, and `chat_template`: the tokenizer of the random Hugging
-    Face models the end-to-end tests serve."""
+    Face models the end-to-end tests serve. `specials`: more special tokens (ids 384 on),
+    as a model's own markers (Mistral's `[TOOL_CALLS]`) are."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -224,5 +225,61 @@ def chat_tokenizer(chat_template: str) -> Any:
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": list(specials)})
     tok.chat_template = chat_template
     return tok
+
+
+# Mistral's chat template from tokenizer v11 on, cut to what tools need: the tools before
+# the last user turn, each call as [TOOL_CALLS]name[ARGS]{arguments}, tool answers in
+# [TOOL_RESULTS]. Its markers are special tokens of the vocabulary (`MISTRAL_SPECIALS`).
+MISTRAL_V11_TEMPLATE = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m['role'] == 'user' %}
+{%- if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+[INST]{{ m['content'] }}[/INST]
+{%- elif m['role'] == 'assistant' %}
+{%- if m['tool_calls'] %}
+{%- for c in m['tool_calls'] %}[TOOL_CALLS]{{ c['function']['name'] }}[ARGS]{{ c['function']['arguments'] | tojson }}{% endfor %}
+{%- else %}{{ m['content'] }}{% endif %}<|im_end|>
+{%- elif m['role'] == 'tool' %}[TOOL_RESULTS]{{ m['content'] }}[/TOOL_RESULTS]
+{%- else %}{{ m['content'] }}
+{%- endif %}
+{%- endfor %}"""
+MISTRAL_SPECIALS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")  # fmt: skip
+
+
+def long_context_loras(root: Path, seeds: dict[str, int]) -> tuple[Any, dict[str, Any], Any]:
+    """A random `tiny` base with a 1024-token context, saved as a checkpoint in
+    `root/base`, and a trained-looking LoRA adapter (B not zero) per name in `root/NAME`,
+    each from its seed. Returns the base, each adapter merged into a copy of it, and the
+    tokenizer. The long context lets a generation outlast the calls a test makes while it
+    runs."""
+    import copy
+
+    from llm.checkpoint import save_checkpoint
+    from llm.config import ModelConfig
+    from llm.core.lora import apply_lora, unload_lora
+    from llm.data.tokenizers import SimpleCharacterTokenizer
+    from llm.interop.peft import save_adapter
+    from llm.models.decoder import DecoderModel
+
+    tok = SimpleCharacterTokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=128, max_seq_len=1024, init_std=0.2)
+    base = DecoderModel(config).eval()
+    save_checkpoint(str(root / "base"), base, tok)
+    merged = {}
+    for name, seed in seeds.items():
+        model = copy.deepcopy(base)
+        apply_lora(model, ["all-linear"], r=2, alpha=4)
+        torch.manual_seed(seed)
+        for pname, p in model.named_parameters():
+            if ".lora_B." in pname:
+                torch.nn.init.normal_(p, std=0.3)
+        save_adapter(model, root / name)
+        merged[name] = unload_lora(model).eval()
+    return base, merged, tok

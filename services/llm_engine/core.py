@@ -11,7 +11,8 @@ IPC is one socket pair (`multiprocessing.connection` framing, pickled tuples). D
 ("lora", key, "load" | "unload", name, path), ("stop",). Up: ("loaded", ModelFacts) or
 ("failed", exception) once, then one ("step", events, admitted keys, metric ops, active
 slots) per scheduler iteration: every event of the step in one message, not one per
-token; and ("lora_done", key, AdapterError | None) per "lora". The server process replays the metric ops on
+token; and ("lora_done", key, AdapterError | None, result) per "lora" (an unload's
+result: how many requests still run with the adapter). The server process replays the metric ops on
 its Prometheus metrics, so `/metrics` shows the same series. The child exits when the
 socket closes (the server process died); when the child dies, every request fails as
 unavailable and `on_death` is called (the engine then exits 1, to be restarted).
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 from prometheus_client.metrics import MetricWrapperBase
@@ -227,17 +229,17 @@ class _Child:
 
     def _lora(self, key: int, op: str, name: str, path: str) -> None:
         """A load or unload, off the reading thread (reading an adapter takes a while)."""
-        error = None
+        error, result = None, None
         try:
             if op == "load":
                 self.scheduler.load_lora(name, path)
             else:
-                self.scheduler.unload_lora(name)
+                result = self.scheduler.unload_lora(name)
         except AdapterError as e:
             error = e
         except Exception as e:  # a bug must answer the caller, not hang it
             error = AdapterError("invalid", f"{type(e).__name__}: {e}")
-        self.send(("lora_done", key, error))
+        self.send(("lora_done", key, error, result))
 
     def serve(self, down: Connection) -> None:
         """Take requests and cancels until told to stop; exit at once if the server
@@ -453,13 +455,15 @@ class EngineCore:
         assert self._lora_adapters is not None
         self._lora_adapters[name] = path
 
-    def unload_lora(self, name: str) -> None:
-        self._lora_call("unload", name, "")
+    def unload_lora(self, name: str) -> int:
+        running = self._lora_call("unload", name, "")
         assert self._lora_adapters is not None
         self._lora_adapters.pop(name, None)
+        return running
 
-    def _lora_call(self, op: str, name: str, path: str) -> None:
-        """Run a load/unload in the child; blocks; raises its `AdapterError`."""
+    def _lora_call(self, op: str, name: str, path: str) -> Any:
+        """Run a load/unload in the child; blocks; returns its result or raises its
+        `AdapterError`."""
         if self._lora_adapters is None:
             raise AdapterError("disabled", "this engine serves no LoRA adapters (--enable-lora)")
         done: Future = Future()
@@ -469,9 +473,10 @@ class EngineCore:
             key = next(self._keys)
             self._lora_calls[key] = done
             self._send(("lora", key, op, name, path))
-        error = done.result()
+        error, result = done.result()
         if error is not None:
             raise error
+        return result
 
     # -- the reader thread -----------------------------------------------------------------
 
@@ -487,7 +492,7 @@ class EngineCore:
                 with self._lock:
                     call = self._lora_calls.pop(message[1], None)
                 if call is not None:
-                    call.set_result(message[2])
+                    call.set_result(message[2:])
         code = self._wait(5)
         with self._lock:
             self._closed = True
@@ -527,7 +532,7 @@ class EngineCore:
             calls, self._lora_calls = list(self._lora_calls.values()), {}
             self._waiting.clear()
         for call in calls:
-            call.set_result(AdapterError("invalid", message))
+            call.set_result((AdapterError("invalid", message), None))
         with self._lock:
             self._active = 0
         for request in requests:

@@ -13,6 +13,9 @@ Events go back through `request.sink`, which must be thread-safe (the servicer u
 With LoRA adapters (`AdapterSet`), a request names its adapter (`GenerationSpec.adapter`)
 and gets its index at admission. `load_lora`/`unload_lora`, from any thread, read the
 adapter there and change the served weights on the scheduler thread between two steps.
+An unload drains, as vLLM's does (its frontend forgets the name at once while requests
+already sent keep their adapter): requests waiting for the adapter fail as not found,
+those running with it finish with it, and its slot is freed when the last one ends.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 # Prompt ids decoded (never emitted) before the first new token, so a tokenizer that
 # decodes a token differently after a space/word gets the first token's text right.
 _CONTEXT_IDS = 4
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Finished:
 class Failed:
     message: str
     unavailable: bool = False  # the engine is shutting down (retryable elsewhere)
+    not_found: bool = False  # its LoRA adapter was unloaded while it waited
 
 
 Event = Token | PromptLogprobs | Finished | Failed
@@ -103,7 +108,7 @@ class QueueFull(Exception):
 
 class AdapterError(Exception):
     """A LoRA adapter load or unload refused; `kind` says why: "disabled" (no LoRA
-    serving), "not_found", "exists", "full", "invalid" (unreadable or unservable), "busy"."""
+    serving), "not_found", "exists", "full", "invalid" (unreadable or unservable)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(kind, message)
@@ -216,20 +221,23 @@ class Scheduler:
         self._control(lambda: self._install(name, loras, path))
         log.info("lora_loaded", extra={"lora_name": name, "lora_path": path})
 
-    def unload_lora(self, name: str) -> None:
-        """Stop serving an adapter no queued or running request uses; blocks until done.
-        Raises `AdapterError`."""
+    def unload_lora(self, name: str) -> int:
+        """Stop serving an adapter (between two steps; blocks until then): requests naming
+        it are refused from now on, those waiting for it fail as not found, those running
+        with it finish with it and its slot is freed when the last one ends. Returns how
+        many still run with it. Raises `AdapterError`."""
         self._lora_set()
-        self._control(lambda: self._uninstall(name))
-        log.info("lora_unloaded", extra={"lora_name": name})
+        running = self._control(lambda: self._uninstall(name))
+        log.info("lora_unloaded", extra={"lora_name": name, "running_requests": running})
+        return running
 
     def _lora_set(self) -> AdapterSet:
         if self.adapters is None:
             raise AdapterError("disabled", "this engine serves no LoRA adapters (--enable-lora)")
         return self.adapters
 
-    def _control(self, fn: Callable[[], object]) -> object:
-        done: Future = Future()
+    def _control(self, fn: Callable[[], T]) -> T:
+        done: Future[T] = Future()
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 done.set_result(fn())  # no step runs: nothing to wait for
@@ -239,25 +247,28 @@ class Scheduler:
         return done.result()
 
     def _install(self, name: str, loras: dict, path: str) -> None:
-        assert self.adapters is not None
-        if name in self.adapters.paths:
+        adapters = self._lora_set()
+        if name in adapters.paths:
             raise AdapterError("exists", f"a LoRA adapter named {name!r} is already loaded")
-        if len(self.adapters.paths) >= self.adapters.max_loras:
-            raise AdapterError("full", f"{self.adapters.max_loras} LoRA adapters are loaded "
-                               "already (--max-loras); unload one first")  # fmt: skip
-        self.adapters.install(name, loras, path)
+        if not adapters.free_indices:
+            draining = len(adapters.retired)
+            why = (f" ({draining} of them unloaded, their slots freed when the requests still "
+                   "running with them end)" if draining else "")  # fmt: skip
+            raise AdapterError("full", f"{adapters.max_loras} LoRA adapters are loaded "
+                               f"already{why} (--max-loras); unload one first")  # fmt: skip
+        adapters.install(name, loras, path)
 
-    def _uninstall(self, name: str) -> None:
-        assert self.adapters is not None
-        if name not in self.adapters.paths:
+    def _uninstall(self, name: str) -> int:
+        adapters = self._lora_set()
+        if name not in adapters.paths:
             raise AdapterError("not_found", f"no LoRA adapter named {name!r} is loaded")
-        users = sum(s.request.spec.adapter == name for s in self._active.values())
         with self._cond:
-            users += sum(r.spec.adapter == name for r in self._waiting)
-        if users:
-            raise AdapterError("busy", f"LoRA adapter {name!r} has {users} requests queued or "
-                               "running; unload it once they end")  # fmt: skip
-        self.batch.unload_adapter(name)
+            waiting = [r for r in self._waiting if r.spec.adapter == name]
+            self._waiting = collections.deque(r for r in self._waiting if r.spec.adapter != name)
+            self.metrics.QUEUE_DEPTH.set(len(self._waiting))
+        for request in waiting:
+            _emit(request, _unloaded(request))
+        return self.batch.unload_adapter(name)
 
     def _run_controls(self) -> None:
         with self._cond:
@@ -340,7 +351,7 @@ class Scheduler:
             try:
                 adapter = self._lora_set().index(spec.adapter)
             except (AdapterError, KeyError):  # unloaded while it waited
-                _emit(request, Failed(f"the model {spec.adapter!r} does not exist"))
+                _emit(request, _unloaded(request))
                 return
         work = Request(
             spec.prompt_ids,
@@ -362,6 +373,7 @@ class Scheduler:
             include_stop=spec.include_stop,
             min_tokens=spec.min_tokens,
             skip_special_tokens=spec.skip_special_tokens,
+            keep_special=spec.tool_call_tokens,
         )
         self._active[id(work)] = _Slot(request, work, decoder, time.monotonic())
         self.metrics.QUEUE_SECONDS.observe(time.monotonic() - request.submitted_at)
@@ -463,6 +475,14 @@ class Scheduler:
         self.metrics.QUEUE_DEPTH.set(0)
         self.metrics.ACTIVE_SLOTS.set(self.batch.active)
         self.metrics.KV_CACHE_USAGE.set(self.kv_cache_usage)
+
+
+def _unloaded(request: GenerationRequest) -> Failed:
+    """The failure of a request whose LoRA adapter was unloaded while it waited."""
+    name = request.spec.adapter
+    log.info("request_adapter_unloaded", extra={"request_id": request.request_id, "lora_name": name})  # fmt: skip
+    return Failed(f"the model {name!r} does not exist: its LoRA adapter was unloaded while "
+                  "the request waited", not_found=True)  # fmt: skip
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import torch
@@ -53,9 +54,10 @@ _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 _ADAPTER_CODES = {
     "disabled": grpc.StatusCode.FAILED_PRECONDITION, "not_found": grpc.StatusCode.NOT_FOUND,
     "exists": grpc.StatusCode.ALREADY_EXISTS, "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.FAILED_PRECONDITION,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
 }  # fmt: skip
 Metadata = Iterable[tuple[str, str | bytes]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -317,16 +319,17 @@ class EngineServicer(pb_grpc.EngineServicer):
         self, request: pb.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadLoRAAdapterResponse:
         state = await self._ready(context)
-        await self._adapter_call(context, state.scheduler.unload_lora, request.lora_name)
-        return pb.UnloadLoRAAdapterResponse()
+        running = await self._adapter_call(context, state.scheduler.unload_lora, request.lora_name)  # fmt: skip
+        return pb.UnloadLoRAAdapterResponse(running_requests=running)
 
     async def _adapter_call(
-        self, context: grpc.aio.ServicerContext, call: Callable[..., None], *args: str
-    ) -> None:
+        self, context: grpc.aio.ServicerContext, call: Callable[..., T], *args: str
+    ) -> T:
         try:
-            await asyncio.to_thread(call, *args)
+            return await asyncio.to_thread(call, *args)
         except AdapterError as e:
             await context.abort(_ADAPTER_CODES[e.kind], e.message)
+            raise  # abort raises; this only tells type checkers so
 
 
 def _merge(
@@ -407,6 +410,8 @@ class _Refused(Exception):
 
 
 def _failure_code(failure: Failed) -> grpc.StatusCode:
+    if failure.not_found:  # its LoRA adapter was unloaded while it waited
+        return grpc.StatusCode.NOT_FOUND
     return grpc.StatusCode.UNAVAILABLE if failure.unavailable else grpc.StatusCode.INTERNAL
 
 

@@ -17,9 +17,11 @@ from typing import Any
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import SamplingParams, max_new_tokens_for
 from llm.inference.grammar import (
+    TOOL_CALL_MARKERS,
     GrammarError,
     json_object_grammar,
     json_schema_grammar,
+    special_tokens,
     tool_call_format,
     tool_call_grammar,
 )
@@ -55,6 +57,9 @@ class GenerationSpec:
     skip_special_tokens: bool = True
     grammar: str | None = None  # constrains the output (llm.inference.grammar); None: free
     adapter: str = ""  # the LoRA adapter it runs with (the request's `model`); "": the base
+    # A chat with tools: the special tokens that mark its calls (`[TOOL_CALLS]`, ...), whose
+    # text the output keeps even with skip_special_tokens, for the caller to parse calls.
+    tool_call_tokens: frozenset[int] = frozenset()
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, Any]]:
@@ -240,7 +245,10 @@ def generation_spec(
             "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
         )
 
-    grammar = structured_output(request, tool_call_format(chat_template(tokenizer)) or "hermes")
+    tool_format, markers = "hermes", {}
+    if request.WhichOneof("input") == "chat" and request.chat.tools:
+        tool_format, markers = tool_call_syntax(tokenizer)
+    grammar = structured_output(request, tool_format, markers)
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
         raise InvalidArgument("input", "the input encodes to no tokens")
@@ -269,11 +277,24 @@ def generation_spec(
             request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         ),
         grammar=grammar,
+        tool_call_tokens=frozenset(markers.values()),
     )
 
 
-def structured_output(request: pb.GenerateRequest, tool_format: str = "hermes") -> str | None:
-    """The grammar the output must follow, checked; None for free text."""
+def tool_call_syntax(tokenizer: BaseTokenizer) -> tuple[str, dict[str, int]]:
+    """The tool call format the chat template teaches (hermes when it shows none) and those
+    of its markers that are special tokens of the tokenizer (text -> id)."""
+    fmt = tool_call_format(chat_template(tokenizer)) or "hermes"
+    return fmt, special_tokens(tokenizer, TOOL_CALL_MARKERS[fmt])
+
+
+def structured_output(
+    request: pb.GenerateRequest,
+    tool_format: str = "hermes",
+    markers: Mapping[str, int] | None = None,
+) -> str | None:
+    """The grammar the output must follow, checked; None for free text. Forced tool calls
+    are in `tool_format`, `markers` written as those special tokens (`tool_call_syntax`)."""
     if not request.HasField("structured_output"):
         return None
     kind = request.structured_output.WhichOneof("kind")
@@ -298,6 +319,7 @@ def structured_output(request: pb.GenerateRequest, tool_format: str = "hermes") 
                 [functions[n] for n in names],
                 request.structured_output.tool_calls.parallel,
                 tool_format,
+                markers,
             )
         except GrammarError as e:
             raise InvalidArgument(field, f"unsupported parameters schema: {e}") from None

@@ -273,14 +273,16 @@ class EnginePool:
             self._info = (time.monotonic(), info)
             return info
 
-    async def on_every_engine(self, method: str, request: Any, timeout_s: float = 120.0) -> None:
+    async def on_every_engine(
+        self, method: str, request: Any, timeout_s: float = 120.0
+    ) -> list[Any]:
         """Run a unary Engine RPC (a LoRA load or unload) on every healthy engine, then
-        forget the cached ModelInfo. Raises the first engine's error."""
+        forget the cached ModelInfo; the engines' answers. Raises the first engine's error."""
         healthy = await self._healthy()
         if not healthy:
             raise NoEngine("no engine is ready")
         try:
-            await asyncio.gather(
+            return await asyncio.gather(
                 *(getattr(ep.stub, method)(request, timeout=timeout_s) for ep in healthy)
             )
         finally:

@@ -3,6 +3,10 @@
 (`admin_keys`; with none set, runtime changes are refused). A load or unload goes to every
 engine behind the gateway (they serve the same models). `/v1/models` lists the base and
 each adapter with its `parent`, and a request's `model` picks one.
+
+An unload answers at once, as vLLM's: requests naming the adapter are refused from then on
+(404), and so are those still queued for it, while those running with it finish with it
+(the answer says how many); the engine frees its slot when the last one ends.
 """
 
 from __future__ import annotations
@@ -88,12 +92,15 @@ class LoRAAdmin:
 
     async def unload(self, request: Request, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         self._authorize(request)
-        await self._everywhere("UnloadLoRAAdapter", pb.UnloadLoRAAdapterRequest(lora_name=body.lora_name))  # fmt: skip
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        answers = await self._everywhere("UnloadLoRAAdapter", pb.UnloadLoRAAdapterRequest(lora_name=body.lora_name))  # fmt: skip
+        text = f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+        if running := sum(a.running_requests for a in answers):
+            text += f" {running} requests running with it finish first; its slot is freed then."
+        return PlainTextResponse(text)
 
-    async def _everywhere(self, method: str, call: Any) -> None:
+    async def _everywhere(self, method: str, call: Any) -> list[Any]:
         try:
-            await self.engines.on_every_engine(method, call)
+            return await self.engines.on_every_engine(method, call)
         except NoEngine as e:
             raise errors.unavailable(str(e)) from None
         except grpc.aio.AioRpcError as e:

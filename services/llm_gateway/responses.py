@@ -191,8 +191,9 @@ class ChatFormat:
         self.tool_calls: str | None = "hermes" if tools else None  # a `tool_calls.FORMATS`
 
     def use_model(self, info: pb.ModelInfoResponse) -> None:
-        if self.tools:
-            self.tool_calls = info.tool_call_format or "hermes"
+        if self.tools:  # a format this gateway does not know (a newer engine's): hermes
+            fmt = info.tool_call_format
+            self.tool_calls = fmt if fmt in tool_calls.FORMATS else "hermes"
 
     def message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
         """The choice's message (content and tool calls) and its finish reason."""

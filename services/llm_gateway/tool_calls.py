@@ -3,13 +3,19 @@ template:
 
 - `hermes` (Hermes, Qwen): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
   (what the engine's grammar writes under `tool_choice: "required"` or a named function);
-- `mistral`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;
+- `mistral`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (tokenizers before v11:
+  Mistral 7B v0.3, Mixtral);
+- `mistral_v11` (tokenizer v11 on: Mistral Small 3.2, Magistral, Devstral): each call is
+  `[TOOL_CALLS]` then the function's name, `[ARGS]` and the arguments' JSON object
+  (`[TOOL_CALLS]get_time[ARGS]{}[TOOL_CALLS]...`); a `[CALL_ID]id` before `[ARGS]` is
+  skipped, and a missing `[ARGS]` tolerated (the name ends at the `{`), as vLLM's parser does;
 - `llama3` (Llama 3.1+ JSON tool calling): an answer that is `{"name": ..., "parameters":
   {...}}` objects (separated by `;`), optionally after `<|python_tag|>`.
 
-The Mistral and Llama markers are special tokens the engine's decoding drops: an answer
-that opens with `[` (mistral) or `{` (llama3) is read as calls too, and is content again
-if it turns out not to be.
+The Mistral and Llama markers are special tokens. The engine keeps them in the text of a
+chat with tools; an engine that drops them (one from before) still has its `mistral` and
+`llama3` calls read: an answer that opens with `[` (mistral) or `{` (llama3) is read as
+calls too, and is content again if it turns out not to be.
 
 `Parser.feed` takes the text as it is generated and returns what can be sent already:
 content (only text that could start a call marker, and whitespace, is held back), each
@@ -25,7 +31,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("hermes", "mistral", "llama3")  # the engine's `ModelInfo.tool_call_format`
+# The engine's `ModelInfo.tool_call_format` values.
+FORMATS = ("hermes", "mistral", "mistral_v11", "llama3")
 
 
 @dataclass
@@ -51,22 +58,33 @@ Event = Content | CallStart | Arguments
 _HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')  # fmt: skip
 # Per format: the marker that opens the calls, the separators between call objects, and
 # what closes the calls (back to content; None: the calls run to the end of the answer).
-_START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
+# A `mistral_v11` block is one call: the name, then its arguments object (`_named_call`).
+_START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "mistral_v11": "[TOOL_CALLS]",
+          "llama3": "<|python_tag|>"}  # fmt: skip
 _SEPARATORS = {"hermes": " \t\r\n", "mistral": " \t\r\n[,", "llama3": " \t\r\n;"}
-_END = {"hermes": "</tool_call>", "mistral": "]", "llama3": None}
+_END = {"hermes": "</tool_call>", "mistral": "]", "mistral_v11": None, "llama3": None}
 # An answer that opens with this is calls even without the marker: the marker is a special
 # token in Llama 3 and Mistral vocabularies, which the engine's decoding drops.
 _OPENS = {"mistral": "[", "llama3": "{"}
+# A `mistral_v11` call's header, between `[TOOL_CALLS]` and its arguments' `{`: what may
+# appear in it (a longer one, or another character, is not a call), and its shape.
+_NAMED_HEADER_CHARS = re.compile(r"[\w.\-\[\] \t\r\n]")
+_NAMED_HEADER = re.compile(r"\s*([\w.\-]+)\s*(?:\[CALL_ID\][\w\-]*)?\s*(?:\[ARGS\])?\s*")
+_MAX_NAMED_HEADER = 256
 
 
 class _Object:
     """One JSON object read character by character: its depth and strings tracked, its call
     header (name) matched as soon as it is there, its arguments value delimited."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        """`name`: the object is the arguments of a call of that name (`mistral_v11`), not
+        a call object with a name and arguments inside."""
         self.text, self.depth, self.in_string, self.escaped = "", 0, False, False
-        self.name: str | None = None
-        self.args_at = self.args_end = -1  # the arguments value's span in `text`
+        self.name = name
+        self.args_at = 0 if name is not None else -1  # the arguments value's span in `text`
+        self.args_end = -1
+        self.args_depth = -1 if name is not None else 1  # where the arguments value closes
         self.sent = 0  # how far into the arguments value has been sent
         self.announced = False  # its CallStart went out
 
@@ -86,7 +104,7 @@ class _Object:
             self.depth += 1
         elif ch in "}]":
             self.depth -= 1
-            if self.args_at >= 0 and self.args_end < 0 and self.depth == 1:
+            if self.args_at >= 0 and self.args_end < 0 and self.depth == self.args_depth:
                 self.args_end = len(self.text)
         if self.name is None and self.args_at < 0 and self.text[-1:] not in " \t\r\n:":
             m = _HEADER.match(self.text)
@@ -188,6 +206,8 @@ class Parser:
     # -- calls ----------------------------------------------------------------------
 
     def _calls(self, events: list[Event]) -> bool:
+        if self.obj is None and self.fmt == "mistral_v11":
+            return self._named_call(events)
         if self.obj is None:
             if self.end is not None and self.buf.startswith(self.end):
                 self._close_calls(events, len(self.end))
@@ -203,6 +223,28 @@ class Parser:
                 self._close_calls(events, 0)
                 return True
             self.obj = _Object()
+        return self._read_object(events)
+
+    def _named_call(self, events: list[Event]) -> bool:
+        """A `mistral_v11` call: its header (the name up to the arguments' `{`), then its
+        arguments as they arrive; the block is content if the header cannot be one."""
+        i = 0
+        while i < len(self.buf) and self.buf[i] != "{" and _NAMED_HEADER_CHARS.match(self.buf[i]):
+            i += 1
+        self.block += self.buf[:i]
+        self.buf = self.buf[i:]
+        short = len(self.block) <= _MAX_NAMED_HEADER
+        if not self.buf and short:
+            return False  # more of the header to come
+        header = _NAMED_HEADER.fullmatch(self.block) if short and self.buf[0] == "{" else None
+        if header is None:
+            self._close_calls(events, 0)
+            return True
+        self.obj = _Object(header.group(1))
+        return self._read_object(events)
+
+    def _read_object(self, events: list[Event]) -> bool:
+        assert self.obj is not None
         i, done = 0, False
         while i < len(self.buf) and not done:
             done = self.obj.add(self.buf[i])
@@ -222,6 +264,8 @@ class Parser:
             self.obj = None
             if obj.name is None:
                 self._whole_object(events, obj.text)
+            elif self.fmt == "mistral_v11":  # one call per `[TOOL_CALLS]`
+                self._close_calls(events, 0)
         return done or bool(self.buf)
 
     def _emit_arguments(self, events: list[Event]) -> None:

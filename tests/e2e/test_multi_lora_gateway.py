@@ -1,10 +1,13 @@
 """Several LoRA adapters behind the gateway, with the official openai client: `model` picks
 the adapter (the merged model's greedy text), /v1/models lists each with its parent,
 adapters load and unload at run time with an admin key, and an unknown model is a 404
-naming it."""
+naming it. An unload drains the adapter: a stream running with it completes, a request
+queued for it is a 404 naming it."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -12,6 +15,7 @@ import openai
 import pytest
 import torch
 from e2e_services import running_stack
+from support import free_port, long_context_loras
 
 from llm.checkpoint import load_checkpoint
 from llm.core.lora import apply_lora, unload_lora
@@ -84,3 +88,68 @@ def test_adapters_by_model_name_loaded_and_unloaded_at_run_time(
         missing = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=admin)  # fmt: skip
         assert missing.status_code == 404
         assert complete("a") == want["a"]  # the other adapter is untouched
+
+
+def test_unloading_an_adapter_in_use_drains_it(tmp_path: Path) -> None:
+    """One slot: a stream runs with adapter `a` and another request for `a` waits. Unloading
+    `a` answers at once; the waiting request is a 404 model_not_found naming `a`, the
+    stream completes with the tokens it gets without an unload, a new request for `a` is a
+    404, and once the stream ended adapter `b` loads into the freed slot. The gateway and
+    the engine stay up throughout."""
+    _, merged, tok = long_context_loras(tmp_path, {"a": 1, "b": 2})
+    metrics_port = free_port()
+    engine_args = ["--model-name", "base", "--slots", "1", "--lora", f"a={tmp_path / 'a'}",
+                   "--max-loras", "1", "--max-lora-rank", "2", "--metrics-port", str(metrics_port)]  # fmt: skip
+    with running_stack(str(tmp_path / "base"), tmp_path, engine_args, ["--admin-key", "root"]) as (
+        _,
+        gateway,
+    ):
+        url = f"http://127.0.0.1:{gateway.port}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        admin = {"Authorization": "Bearer root"}
+        long = dict(prompt=PROMPT, max_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
+
+        reference = client.completions.create(model="a", **long).choices[0].text
+        assert reference[:N] == tok.decode(generate(merged["a"], tok.encode(PROMPT), max_new_tokens=N, sampling=SamplingParams(0), stop_token_ids=()))  # fmt: skip
+
+        stream = client.completions.create(model="a", stream=True, **long)
+        text = next(iter(stream)).choices[0].text
+        waited: list[BaseException] = []
+
+        def wait_for_a() -> None:
+            try:
+                client.completions.create(model="a", prompt=PROMPT, max_tokens=4)
+            except openai.APIError as e:
+                waited.append(e)
+
+        waiting = threading.Thread(target=wait_for_a)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while _queue_depth(metrics_port) < 1:  # queued behind the slot
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gone = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=admin)  # fmt: skip
+        assert gone.status_code == 200 and "1 requests running with it finish first" in gone.text
+        waiting.join(30)
+        (error,) = waited
+        assert isinstance(error, openai.NotFoundError)
+        assert error.body["code"] == "model_not_found" and "'a'" in error.body["message"]
+        with pytest.raises(openai.NotFoundError, match="the model 'a' does not exist"):
+            client.completions.create(model="a", prompt=PROMPT, max_tokens=4)
+        text += "".join(c.choices[0].text for c in stream if c.choices)
+        assert text == reference
+
+        body = {"lora_name": "b", "lora_path": str(tmp_path / "b")}
+        loaded = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=admin, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        reply = client.completions.create(model="b", prompt=PROMPT, max_tokens=N, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+        want = generate(merged["b"], tok.encode(PROMPT), max_new_tokens=N, sampling=SamplingParams(0), stop_token_ids=())  # fmt: skip
+        assert reply.choices[0].text == tok.decode(want)
+        assert {m.id for m in client.models.list()} == {"base", "b"}
+
+
+def _queue_depth(metrics_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in ("#", ""))
+    return float(values["llm_engine_queue_depth"])

@@ -1,5 +1,5 @@
 """Tool calling through the official openai client against `llm-serve` on a random Hugging
-Face model with a Qwen-style chat template: the tools go through the template, a forced
+Face model with a Qwen-style chat template (and Llama 3's and Mistral's v11 formats): the tools go through the template, a forced
 call is written by the engine's grammar (so its arguments match the function's schema
 even from random weights), and the tool's answer goes back through the template."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from e2e_services import Service, start, stop, wait_ready
-from support import chat_tokenizer
+from support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
 
 NAME = "tiny-qwen"
 # Qwen2.5's template, cut to what tools need: tools in the system turn, calls as
@@ -90,10 +90,16 @@ Respond with a JSON call in the format {"name": function name, "parameters": dic
 {% endif %}"""
 
 
-@pytest.fixture(scope="module", params=[TEMPLATE, LLAMA3_TEMPLATE], ids=["hermes", "llama3"])
+# Mistral's from tokenizer v11 on, its markers special tokens: the grammar writes the
+# [TOOL_CALLS] and [ARGS] tokens, and the engine keeps their text for the gateway to parse.
+TEMPLATES = {"hermes": (TEMPLATE, ()), "llama3": (LLAMA3_TEMPLATE, ()),
+             "mistral_v11": (MISTRAL_V11_TEMPLATE, MISTRAL_SPECIALS)}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(TEMPLATES))
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:  # fmt: skip
     out = tmp_path_factory.mktemp("hf") / NAME
-    tok = chat_tokenizer(request.param)
+    tok = chat_tokenizer(*TEMPLATES[request.param])
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -1,6 +1,6 @@
 """Several LoRA adapters in one batch: each row gets the greedy tokens of the model with its
-adapter merged, run alone; ranks differ; prefixes are cached per adapter; loading after
-compiling compiles nothing again."""
+adapter merged, run alone; ranks differ; prefixes are cached per adapter; an unload drains
+the requests running with the adapter; loading after compiling compiles nothing again."""
 
 from __future__ import annotations
 
@@ -116,6 +116,44 @@ def test_an_unloaded_index_taken_by_another_adapter_reuses_nothing_cached(
                     sampling=SamplingParams(0), stop_token_ids=())  # fmt: skip
     assert got == [want]
     assert adapters.names == ["b"] and adapters.paths == {"b": str(dirs["b"])}
+
+
+def test_an_adapter_unloaded_while_a_request_runs_with_it_drains(
+    served: tuple[DecoderModel, dict[str, Path]],
+) -> None:
+    """Unloading drains: the name goes at once, the running request keeps its adapter to
+    its last token, and the index (weights, cached prefixes) is freed after it ends."""
+    base, dirs = served
+    model = copy.deepcopy(base)
+    adapters = AdapterSet(model, max_loras=1, max_rank=4)
+    batch = BatchGenerator(model, n_slots=2, block_size=8, adapters=adapters)
+    prompt = list(range(3, 40))
+    a = adapters.load("a", dirs["a"])
+    request = _greedy(prompt, a, n=20)
+    batch.add(request)
+    for _ in range(3):
+        batch.step()
+    assert batch.unload_adapter("a") == 1  # still running with it
+    with pytest.raises(KeyError):
+        adapters.index("a")
+    with pytest.raises(ValueError, match="1 adapters are loaded already"):
+        adapters.load("b", dirs["b"])  # its index is still taken
+    base_request = _greedy(prompt, 0, n=20)  # a request added meanwhile: the base's rows
+    batch.add(base_request)
+    while batch.active:
+        batch.step()
+    want = generate(_merged(base, dirs["a"]), prompt, max_new_tokens=20,
+                    sampling=SamplingParams(0), stop_token_ids=())  # fmt: skip
+    assert request.output_ids == want  # the adapter to the last token
+    assert base_request.output_ids == generate(_merged(base, None), prompt, max_new_tokens=20,
+                                               sampling=SamplingParams(0), stop_token_ids=())  # fmt: skip
+    assert adapters.retired == set() and adapters.free_indices == [a]
+    b = adapters.load("b", dirs["b"])  # into the freed index, nothing of "a" left in it
+    again = _greedy(prompt, b)
+    assert _run(batch, [again]) == [generate(_merged(base, dirs["b"]), prompt, max_new_tokens=12,
+                                             sampling=SamplingParams(0), stop_token_ids=())]  # fmt: skip
+    assert again.cached == 0
+    assert batch.unload_adapter("b") == 0 and adapters.free_indices == [b]  # freed at once
 
 
 def test_an_adapter_above_the_served_rank_is_refused(

@@ -1,21 +1,26 @@
 """The gateway's tool call parsers on sample answers in each template family's format: a
 whole answer, and the same answer fed in two pieces at every split point (what a stream
-sends must add up to the whole answer's message)."""
+sends must add up to the whole answer's message); the engine's grammar forcing calls in
+each format, its markers written as special tokens where the vocabulary has them."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import torch
+from support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
 
 from llm.config import ModelConfig
-from llm.data.tokenizers import SimpleCharacterTokenizer
-from llm.inference import BatchGenerator, Request, SamplingParams
+from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer
+from llm.inference import BatchGenerator, IncrementalDecoder, Request, SamplingParams
 from llm.inference.grammar import Matcher, grammar_tokenizer, tool_call_format, tool_call_grammar
 from llm.models.decoder import DecoderModel
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_engine.validation import generation_spec
 from llm_gateway import tool_calls
 from llm_gateway.tool_calls import Parser, accumulate, parse
 
@@ -62,6 +67,20 @@ SAMPLES: list[tuple[str, str, str | None, list[tuple[str, str]]]] = [
     ("mistral", '[{"name": "get_time", "arguments": {}}]', None, [TIME]),
     ("mistral", "[1] is a footnote, [{x}] too", "[1] is a footnote, [{x}] too", []),
     ("mistral", '[{"not": "a call"}] text', '[{"not": "a call"}] text', []),
+    # Mistral tokenizer v11 on (Mistral Small 3.2, Magistral, Devstral): name, [ARGS], JSON
+    (
+        "mistral_v11",
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "C"}[TOOL_CALLS]get_time[ARGS]{}',
+        None,
+        [WEATHER, TIME],
+    ),
+    ("mistral_v11", "Let me check. [TOOL_CALLS]get_time[ARGS]{}\n", "Let me check.", [TIME]),
+    # no [ARGS] (the name ends at the arguments), and v13's [CALL_ID] before it
+    ("mistral_v11", '[TOOL_CALLS]get_weather{"city": "Paris", "unit": "C"}', None, [WEATHER]),
+    ("mistral_v11", "[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{}", None, [TIME]),
+    ("mistral_v11", "Use [TOOL_CALLS] wisely.", "Use [TOOL_CALLS] wisely.", []),
+    ("mistral_v11", "[TOOL_CALLS]get time[ARGS]{}", "[TOOL_CALLS]get time[ARGS]{}", []),
+    ("mistral_v11", "[1] is a {footnote}", "[1] is a {footnote}", []),
     # Llama 3.1 / 3.2 JSON tool calling
     (
         "llama3",
@@ -121,6 +140,7 @@ def test_content_holds_back_only_a_possible_marker() -> None:
     ("template", "fmt"),
     [
         ("{% for t in tools %}...{% endfor %}[TOOL_CALLS] {{ calls }}", "mistral"),
+        ("{{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}", "mistral_v11"),
         ("return a json object within <tool_call></tool_call> tags", "hermes"),
         ("{{- '<|python_tag|>' + tool_call.name }}", "llama3"),
         ('Respond in the format {"name": function name, "parameters": dictionary}', "llama3"),
@@ -144,7 +164,7 @@ TIME_FN = {"name": "get_time", "parameters": {"type": "object", "properties": {}
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3"])
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "mistral_v11", "llama3"])
 def test_forced_calls_in_each_format_parse_back(fmt: str) -> None:
     """What the engine's grammar makes a random model write under `required` is calls the
     gateway's parser for the same format reads back, arguments valid against the schema."""
@@ -176,11 +196,12 @@ def test_forced_calls_in_each_format_parse_back(fmt: str) -> None:
 PARALLEL = {
     "hermes": '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris","unit":"C"}}\n</tool_call>\n<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>',
     "mistral": '[TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Paris","unit":"C"}},{"name":"get_time","arguments":{}}]',
+    "mistral_v11": '[TOOL_CALLS]get_weather[ARGS]{"city":"Paris","unit":"C"}[TOOL_CALLS]get_time[ARGS]{}',
     "llama3": '{"name":"get_weather","parameters":{"city":"Paris","unit":"C"}}; {"name":"get_time","parameters":{}}',
 }
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3"])
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "mistral_v11", "llama3"])
 def test_parallel_calls_grammar_takes_the_format(fmt: str) -> None:
     tok = SimpleCharacterTokenizer([chr(c) for c in range(32, 127)] + ["\n"])
     vocab = grammar_tokenizer(tok, 128, tok.stop_ids)
@@ -189,3 +210,48 @@ def test_parallel_calls_grammar_takes_the_format(fmt: str) -> None:
     assert matcher.accept(tok.stop_ids[0]) and matcher.error is None
     _, calls = parse(PARALLEL[fmt], fmt)
     assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_mistral_markers_that_are_special_tokens_are_written_as_them_and_kept(
+    tmp_path: Path,
+) -> None:
+    """With [TOOL_CALLS] and [ARGS] special tokens of the vocabulary (as in Mistral's), a
+    forced call is written with those tokens, not their characters, and a chat with tools
+    keeps their text in the output although special tokens are skipped, so the calls parse."""
+    chat_tokenizer(MISTRAL_V11_TEMPLATE, MISTRAL_SPECIALS).save_pretrained(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    markers = {m: tok.encode(m)[0] for m in ("[TOOL_CALLS]", "[ARGS]")}
+    chat = pb.ChatMessages(
+        messages=[pb.ChatMessage(role="user", content="The weather in Paris?")],
+        tools=[json.dumps({"type": "function", "function": f}) for f in (WEATHER_FN, TIME_FN)],
+    )
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512, init_std=0.2)  # fmt: skip
+    model = DecoderModel(config).eval()
+    vocab = grammar_tokenizer(tok, config.vocab_size, tok.stop_ids)
+    for seed in (1, 2):
+        request = pb.GenerateRequest(
+            chat=chat, sampling=pb.SamplingParams(temperature=1.0, seed=seed),
+            structured_output=pb.StructuredOutput(tool_calls=pb.ToolCallConstraint(parallel=True)),
+            stopping=pb.StoppingCriteria(max_tokens=200),
+        )  # fmt: skip
+        spec = generation_spec(request, tok, vocab_size=config.vocab_size, context_length=512)
+        assert spec.tool_call_tokens == set(markers.values())
+        work = Request(spec.prompt_ids, spec.sampling, spec.max_new_tokens, spec.stop_token_ids, grammar=Matcher(vocab, spec.grammar))  # fmt: skip
+        batch = BatchGenerator(model, n_slots=1, max_seq_len=512)
+        batch.add(work)
+        tokens = []
+        while batch.active:
+            tokens += [e.token_id for e in batch.step()]
+        assert tokens[-1] in spec.stop_token_ids  # the grammar completed
+        assert tokens[0] == markers["[TOOL_CALLS]"] and markers["[ARGS]"] in tokens
+        decoder = IncrementalDecoder(tok, keep_special=spec.tool_call_tokens)
+        text = "".join(decoder.add([t]) for t in tokens[:-1]) + decoder.flush()
+        assert text.startswith("[TOOL_CALLS]") and "[ARGS]" in text
+        assert "[TOOL_CALLS]" not in tok.decode(tokens[:-1])  # what skipping alone leaves
+        content, calls = parse(text, "mistral_v11")
+        assert content is None and calls, text
+        for call in calls:
+            function = {"get_weather": WEATHER_FN, "get_time": TIME_FN}[call["function"]["name"]]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), function["parameters"])

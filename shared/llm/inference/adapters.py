@@ -6,6 +6,10 @@ adapters; `load(name, directory)` reads a PEFT adapter directory into a free ind
 and unloading change weights in place: call them between model calls (the engine runs
 them on its scheduler thread), and have the scheduler forget the unloaded index's cached
 prefixes (`StepScheduler.drop_adapter`) before another adapter takes it.
+
+An unload may drain instead: `retire(name)` forgets the name at once (no new request can
+pick it) but keeps its index and weights for the requests already running with it, and
+`release(index)` zeros and frees the index once the last of them ended.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ class AdapterSet:
         self.layers = multi_lora_layers(model)
         self._index: dict[str, int] = {}
         self.paths: dict[str, str] = {}  # name -> where it was loaded from
+        self.retired: set[int] = set()  # indices unloaded but still in use until `release`
 
     @property
     def names(self) -> list[str]:
         return sorted(self._index)
+
+    @property
+    def free_indices(self) -> list[int]:
+        """Indices neither a loaded adapter nor an unloaded one still in use holds."""
+        return sorted(set(range(1, self.max_loras + 1)) - set(self._index.values()) - self.retired)
 
     def index(self, name: str) -> int:
         """The adapter's index; KeyError if none of that name is loaded."""
@@ -56,7 +66,7 @@ class AdapterSet:
         """Copy `read`'s layers into a free index (between model calls); returns it."""
         if name in self._index:
             raise ValueError(f"an adapter named {name!r} is already loaded")
-        free = sorted(set(range(1, self.max_loras + 1)) - set(self._index.values()))
+        free = self.free_indices
         if not free:
             raise ValueError(f"{self.max_loras} adapters are loaded already (the most served)")
         for layer_name, layer in self.layers.items():
@@ -67,8 +77,20 @@ class AdapterSet:
 
     def unload(self, name: str) -> int:
         """Zero the adapter's index and free it; returns the index. KeyError if unknown."""
+        index = self.retire(name)
+        self.release(index)
+        return index
+
+    def retire(self, name: str) -> int:
+        """Forget the adapter's name (KeyError if unknown) but keep its index and weights,
+        for the requests running with it, until `release`; returns the index."""
         index = self._index.pop(name)
         del self.paths[name]
+        self.retired.add(index)
+        return index
+
+    def release(self, index: int) -> None:
+        """Zero a retired index and free it (between model calls)."""
+        self.retired.remove(index)
         for layer in self.layers.values():
             layer.set_adapter(index, None)
-        return index

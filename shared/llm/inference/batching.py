@@ -84,12 +84,27 @@ class BatchGenerator:
         self.scheduler.cancel(request)
         if slot >= 0:
             self.runner.release(slot)
+        self._release_retired()
 
-    def unload_adapter(self, name: str) -> None:
-        """Unload a LoRA adapter no running request uses; its cached prefixes go too."""
+    def unload_adapter(self, name: str) -> int:
+        """Stop serving a LoRA adapter (KeyError if none of that name is loaded): its name
+        goes now, so no request added later can pick it, while the requests already running
+        with it finish with it; its index, weights and cached prefixes are freed when the
+        last of them ends. Returns how many still run with it (0: freed already)."""
         if self.adapters is None:
             raise KeyError(name)
-        self.scheduler.drop_adapter(self.adapters.unload(name))
+        index = self.adapters.retire(name)
+        running = sum(r.adapter == index for r in self.scheduler.running)
+        self._release_retired()
+        return running
+
+    def _release_retired(self) -> None:
+        """Free the unloaded adapters' indices that no running request uses any more."""
+        if self.adapters is None or not self.adapters.retired:
+            return
+        for index in self.adapters.retired - {r.adapter for r in self.scheduler.running}:
+            self.adapters.release(index)
+            self.scheduler.drop_adapter(index)
 
     def warmup(self) -> None:
         """Compile what `compile=True` compiles before the first request."""
@@ -138,4 +153,5 @@ class BatchGenerator:
             scores = request.prompt_scores if request.prompt_logprobs is not None else None
             first = scores if request.generated == 1 else None
             events.append(TokenEvent(request, s.token_id, s.logprob, s.top, reason, first))
+        self._release_retired()
         return events

@@ -7,6 +7,11 @@ newest ids) and emitting the difference, and only once it does not end in the U+
 replacement character that marks an incomplete sequence (the offsets scheme of
 vLLM's `detokenize_incrementally` and HF's `TextStreamer`).
 
+With `skip_special_tokens`, special tokens decode to nothing, except those asked to be
+kept (`keep_special`: a tool call marker the caller parses calls out of). A window holding
+a kept one decodes with special tokens shown, the others taken out first, so the text is
+what one decode of the window would give with only the kept ones special-free.
+
 Stop strings are matched on the text, not on tokens, so one split across tokens still
 stops. Text that could be the beginning of a stop string is held back until the next
 tokens decide it; the stop string itself is emitted only with `include_stop`. Before
@@ -16,7 +21,7 @@ string can end is the token after the `min_tokens`-th).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 _INCOMPLETE = "\ufffd"
@@ -38,6 +43,7 @@ class IncrementalDecoder:
         include_stop: the stop string found is emitted (the text ends with it).
         min_tokens: stop strings count only in the text of tokens after this many.
         skip_special_tokens: special tokens decode to nothing (False: to their text).
+        keep_special: special token ids that decode to their text all the same.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class IncrementalDecoder:
         include_stop: bool = False,
         min_tokens: int = 0,
         skip_special_tokens: bool = True,
+        keep_special: Collection[int] = (),
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop: stop strings must be non-empty")
@@ -58,6 +65,8 @@ class IncrementalDecoder:
         self._min_tokens = min_tokens
         self._added = 0  # generated ids added so far
         self._skip_special = skip_special_tokens
+        self._keep = frozenset(keep_special)
+        self._special: dict[int, bool] = {}  # id -> whether decoding skips it
         self._ids = list(context_ids)
         self._prefix = 0  # start of the decode window
         self._read = len(self._ids)  # ids before this are already turned into text
@@ -83,9 +92,19 @@ class IncrementalDecoder:
         return self._release(self._decode_new(final=True), final=True)
 
     def _text(self, ids: Sequence[int]) -> str:
-        if self._skip_special:
+        if not self._skip_special:
+            return self._tokenizer.decode(ids, skip_special_tokens=False)
+        if self._keep.isdisjoint(ids):
             return self._tokenizer.decode(ids)
-        return self._tokenizer.decode(ids, skip_special_tokens=False)
+        shown = [i for i in ids if i in self._keep or not self._skipped(i)]
+        return self._tokenizer.decode(shown, skip_special_tokens=False)
+
+    def _skipped(self, token_id: int) -> bool:
+        """Whether decoding skips the token (a special token), asked once per id."""
+        if token_id not in self._special:
+            shown = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._special[token_id] = bool(shown) and self._tokenizer.decode([token_id]) == ""
+        return self._special[token_id]
 
     def _decode_new(self, *, final: bool) -> str:
         if self._read == len(self._ids):

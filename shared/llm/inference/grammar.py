@@ -16,7 +16,7 @@ where it is admitted.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import llguidance
@@ -60,11 +60,12 @@ def json_object_grammar() -> str:
 
 def tool_call_format(chat_template: str) -> str:
     """The tool call format a chat template teaches, from its text (the first rule that
-    matches): `[TOOL_CALLS]` -> `mistral`, `<tool_call>` -> `hermes`, `<|python_tag|>` or a
-    `"parameters": ` JSON call -> `llama3`; "" when it shows none. The gateway parses a
-    chat answer's calls in this format."""
+    matches): `[TOOL_CALLS]` and `[ARGS]` -> `mistral_v11` (Mistral tokenizers v11 on, which
+    write a call as `[TOOL_CALLS]name[ARGS]{...}`), `[TOOL_CALLS]` -> `mistral`,
+    `<tool_call>` -> `hermes`, `<|python_tag|>` or a `"parameters": ` JSON call -> `llama3`;
+    "" when it shows none. The gateway parses a chat answer's calls in this format."""
     if "[TOOL_CALLS]" in chat_template:
-        return "mistral"
+        return "mistral_v11" if "[ARGS]" in chat_template else "mistral"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "<|python_tag|>" in chat_template or '"parameters": ' in chat_template:
@@ -72,49 +73,105 @@ def tool_call_format(chat_template: str) -> str:
     return ""
 
 
-# Per format (`tool_call_format`): the key of a call's arguments, and the Lark rules that
-# wrap one call (`body`, a JSON object) and join several.
-_TOOL_CALL_SHAPES = {
-    "hermes": ("arguments", '"<tool_call>\\n" body "\\n</tool_call>"', '"\\n"', None),
-    "mistral": ("arguments", "body", '","', ('"[TOOL_CALLS]["', '"]"')),
-    "llama3": ("parameters", "body", '"; "', None),
+# The markers of each format's calls: a vocabulary may hold them as special tokens, which
+# a grammar writes as the token (not as its characters) and decoding keeps in a tool call
+# answer's text (the caller parses the calls out of it).
+TOOL_CALL_MARKERS = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "mistral": ("[TOOL_CALLS]",),
+    "mistral_v11": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+    "llama3": ("<|python_tag|>",),
 }
 
 
+def special_tokens(tokenizer: BaseTokenizer, texts: Sequence[str]) -> dict[str, int]:
+    """Those of `texts` that are one special token of `tokenizer`, text -> id: the text
+    encodes to that one id, which decoding drops unless told to show special tokens."""
+    out = {}
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if (
+            len(ids) == 1
+            and tokenizer.decode(ids) == ""
+            and tokenizer.decode(ids, skip_special_tokens=False) == text
+        ):
+            out[text] = ids[0]
+    return out
+
+
 def tool_call_grammar(
-    functions: Sequence[dict[str, Any]], parallel: bool, fmt: str = "hermes"
-) -> str:
+    functions: Sequence[dict[str, Any]], parallel: bool, fmt: str = "hermes",
+    special: Mapping[str, int] | None = None,
+) -> str:  # fmt: skip
     """Calls of `functions` (OpenAI `function` objects: name, parameters) in the chat
     template's format `fmt` (`tool_call_format`), one or (with `parallel`) several, each
     call's arguments valid against its function's schema:
     hermes `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (newline-joined),
-    mistral `[TOOL_CALLS][{"name": ..., "arguments": {...}},...]`, llama3
-    `{"name": ..., "parameters": {...}}` (joined by `; `)."""
+    mistral `[TOOL_CALLS][{"name": ..., "arguments": {...}},...]`, mistral_v11
+    `[TOOL_CALLS]name[ARGS]{...}` (one after the other), llama3
+    `{"name": ..., "parameters": {...}}` (joined by `; `). A marker in `special` (text ->
+    token id, `special_tokens`) is written as that special token."""
     if not functions:
         raise GrammarError("no function to call")
-    if fmt not in _TOOL_CALL_SHAPES:
+    if fmt not in TOOL_CALL_MARKERS:
         raise GrammarError(f"no tool call format {fmt!r}")
-    key, call, joiner, around = _TOOL_CALL_SHAPES[fmt]
+    for f in functions:  # each function's own keywords are checked (and named) here
+        json_schema_grammar(_parameters(f))
+    marker = _marker(special or {})
+    if fmt == "mistral_v11":
+        return lark_grammar(_named_calls(functions, parallel, marker))
+    return lark_grammar(_json_calls(functions, parallel, fmt, marker))
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    return function.get("parameters") or {"type": "object"}
+
+
+def _named_calls(
+    functions: Sequence[dict[str, Any]], parallel: bool, marker: Callable[[str], str]
+) -> str:
+    """Lark for `[TOOL_CALLS]name[ARGS]{...}` calls: the name is outside the JSON, so each
+    function is a rule of its own."""
+    rules = [f"start: {'call+' if parallel else 'call'}",
+             f"call: {' | '.join(f'call{i}' for i in range(len(functions)))}"]  # fmt: skip
+    for i, f in enumerate(functions):
+        arguments = {**_parameters(f), "x-guidance": _COMPACT}
+        rules.append(f"call{i}: {marker('[TOOL_CALLS]')} {json.dumps(f['name'])} "
+                     f"{marker('[ARGS]')} arguments{i}")  # fmt: skip
+        rules.append(f"arguments{i}: %json {json.dumps(arguments)}")
+    return "\n".join(rules) + "\n"
+
+
+def _json_calls(
+    functions: Sequence[dict[str, Any]], parallel: bool, fmt: str, marker: Callable[[str], str]
+) -> str:
+    """Lark for calls that are JSON objects `{"name": ..., key: {...}}` (`body`), wrapped
+    and joined as `fmt` has them."""
+    key = "parameters" if fmt == "llama3" else "arguments"
     options = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                key: f.get("parameters") or {"type": "object"},
-            },
+            "properties": {"name": {"const": f["name"]}, key: _parameters(f)},
             "required": ["name", key],
             "additionalProperties": False,
         }
         for f in functions
     ]
     schema = {"anyOf": options, "x-guidance": _COMPACT}
-    for option in options:  # each function's own keywords are checked (and named) here
-        json_schema_grammar(option)
+    call, joiner = {
+        "hermes": (f'{marker("<tool_call>")} "\\n" body "\\n" {marker("</tool_call>")}', '"\\n"'),
+        "mistral": ("body", '","'),
+        "llama3": ("body", '"; "'),
+    }[fmt]
     calls = f"call ({joiner} call)*" if parallel else "call"
-    if around is not None:
-        calls = f"{around[0]} {calls} {around[1]}"
-    lark = f"start: {calls}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
-    return lark_grammar(lark)
+    if fmt == "mistral":
+        calls = f'{marker("[TOOL_CALLS]")} "[" {calls} "]"'
+    return f"start: {calls}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
+
+
+def _marker(special: Mapping[str, int]) -> Callable[[str], str]:
+    """A marker in Lark: its special token (llguidance's `<[id]>`) or its text."""
+    return lambda text: f"<[{special[text]}]>" if text in special else json.dumps(text)
 
 
 def lark_grammar(lark: str) -> str:

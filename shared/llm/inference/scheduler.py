@@ -149,6 +149,11 @@ class StepScheduler:
         self._decoding.pop(request.slot, None)
         self.release(request)
 
+    @property
+    def running(self) -> list[Request]:
+        """The requests holding slots."""
+        return [*self._prefilling, *self._decoding.values()]
+
     def drop_adapter(self, adapter: int) -> None:
         """Forget the cached prefixes computed with an adapter index no request uses any
         more (it is unloaded; another adapter may take the index)."""

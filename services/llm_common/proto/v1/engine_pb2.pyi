@@ -282,8 +282,10 @@ class UnloadLoRAAdapterRequest(_message.Message):
     def __init__(self, lora_name: _Optional[str] = ...) -> None: ...
 
 class UnloadLoRAAdapterResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("running_requests",)
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    running_requests: int
+    def __init__(self, running_requests: _Optional[int] = ...) -> None: ...
 
 class GenerationDefaults(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

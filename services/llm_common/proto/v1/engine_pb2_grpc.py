@@ -126,8 +126,10 @@ class EngineServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadLoRAAdapter(self, request, context):
-        """UnloadLoRAAdapter stops serving an adapter. NOT_FOUND: no adapter of that name;
-        FAILED_PRECONDITION: requests for it are still queued or running.
+        """UnloadLoRAAdapter stops serving an adapter, draining it: from its answer on, new
+        requests naming it are NOT_FOUND, and so are those that were waiting in the queue for
+        it; those running with it finish with it, and its slot is freed when the last one ends
+        (the answer says how many still run). NOT_FOUND: no adapter of that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
