@@ -3,7 +3,7 @@
 Both sides train the same model (our `llama` preset shrunk; the HF model is built from it
 with `config_to_hf` and loaded with the same weights) on the same random batches with
 AdamW at the same hyperparameters (lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0).
-- ours: `TrainingEngine.train_step` (what `llm-train` runs): `torch.compile` (the
+- ours: `Trainer.train_step` (what `llm-train` runs): `torch.compile` (the
   default `compile_scope`: the whole model up to 8 layers),
   fused AdamW, decay/no-decay groups, the NaN guard, in the chosen precision.
 - reference: a plain loop a transformers user writes: `model(input_ids, labels=...)`,
@@ -34,14 +34,14 @@ from llm.interop.hf import config_to_hf, state_dict_to_hf
 from llm.models.decoder import DecoderModel
 from llm.training.config import OptimizationConfig, TrainingConfig
 from llm.training.distributed import DistInfo, apply_compile, compile_scope
-from llm.training.engine import TrainingEngine
 from llm.training.optim import build_optimizer, build_scheduler
+from llm.training.trainer import Trainer
 
 LR, BETAS, WD = 3e-4, (0.9, 0.95), 0.1
 
 
 class RandomBatches:
-    """Fixed random batches, cycled: the engine's data protocol without any data cost."""
+    """Fixed random batches, cycled: the trainer's data protocol without any data cost."""
 
     def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
         self.batches, self.i = batches, 0
@@ -116,10 +116,10 @@ def main() -> int:
     sched = build_scheduler(opt, 0, 10**6, "constant")
     info = DistInfo(0, 0, 1, device)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = TrainingEngine(
+        trainer = Trainer(
             ours, opt, sched, RandomBatches(batches), training, optim_cfg, info, Path(tmp)
         )
-        t_ours = best_seconds(engine.train_step, args.steps, args.warmup, sync)
+        t_ours = best_seconds(trainer.train_step, args.steps, args.warmup, sync)
 
     # reference: a plain transformers loop
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
@@ -143,7 +143,7 @@ def main() -> int:
         f" batch {args.batch}x{args.seq}, {args.precision}, {device},"
         f" {torch.get_num_threads()} threads"
     )
-    print(f"ours (TrainingEngine step): {n_tok / t_ours:10.0f} tok/s")
+    print(f"ours (Trainer step): {n_tok / t_ours:10.0f} tok/s")
     print(f"LlamaForCausalLM loop:      {n_tok / t_ref:10.0f} tok/s")
     ratio = t_ref / t_ours
     print(f"ratio ours/ref {ratio:.2f}x (target >= 1.3x): {'met' if ratio >= 1.3 else 'NOT met'}")

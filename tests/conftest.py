@@ -13,11 +13,11 @@ import pytest
 import torch
 from support import DenyDeletes, free_port, train_tiny
 
-from llm.training.engine import TrainingEngine
+from llm.training.trainer import Trainer
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingEngine]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer]:
     logging.getLogger("llm").setLevel(logging.WARNING)
     torch.set_num_threads(2)
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingEn
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_run: tuple[Path, TrainingEngine]) -> str:
+def tiny_checkpoint(tiny_run: tuple[Path, Trainer]) -> str:
     """A run directory holding committed checkpoints of a briefly trained `tiny` model."""
     return str(tiny_run[0])
 

@@ -15,8 +15,8 @@ from llm.config import PRESETS
 from llm.settings import load_settings
 from llm.training.data import build_data
 from llm.training.distributed import DistInfo
-from llm.training.engine import TrainingEngine
 from llm.training.run import run_training
+from llm.training.trainer import Trainer
 
 TINY_STEPS = 300
 VOCAB = 97  # the vocabulary of shrunk test models
@@ -37,9 +37,7 @@ def tiny_settings(run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[s
     return load_settings(base)
 
 
-def train_tiny(
-    run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[str, Any]
-) -> TrainingEngine:
+def train_tiny(run_dir: Path, max_steps: int = TINY_STEPS, **sections: dict[str, Any]) -> Trainer:
     settings = tiny_settings(run_dir, max_steps, **sections)
     tok, data = build_data(settings)
     return run_training(settings, tok, data, CPU)

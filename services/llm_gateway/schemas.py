@@ -150,7 +150,7 @@ class ResponseFormatSpec(BaseModel):
         return None
 
 
-class _Request(BaseModel):
+class _OpenAIRequest(BaseModel):
     model_config = _STRICT
 
     model: Text = Field(min_length=1)
@@ -336,7 +336,7 @@ class _Request(BaseModel):
         raise NotImplementedError
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_OpenAIRequest):
     prompt: PromptField
     # 0 only with echo: score the prompt without generating (evaluation harnesses).
     max_tokens: Annotated[int | None, Field(ge=0, le=_I32)] = 16
@@ -477,7 +477,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: MaxTokens = None
     max_completion_tokens: MaxTokens = None

@@ -20,8 +20,8 @@ from llm.checkpoint import (
 )
 from llm.settings import load_settings
 from llm.training.data import build_data
-from llm.training.engine import TrainingEngine
 from llm.training.run import run_training
+from llm.training.trainer import Trainer
 
 SMALL = {"training": {"batch_size": 4, "block_size": 32, "progress": False},
          "checkpoint": {"interval": 4}}  # fmt: skip
@@ -36,7 +36,7 @@ def _settings(run_dir: Path, fmt: str, base: Path) -> Any:
     return load_settings(tree)
 
 
-def _train(settings: Any) -> TrainingEngine:
+def _train(settings: Any) -> Trainer:
     tok, data = build_data(settings)
     return run_training(settings, tok, data, CPU)
 
@@ -84,8 +84,8 @@ def test_retention_that_cannot_delete_keeps_training(
     """Every delete on the store fails: each save warns, and the run goes on to the end."""
     run = storage.join(deny_deletes, "run")
     with caplog.at_level(logging.WARNING, logger="llm"):
-        engine = train_tiny(run, 12, **{**SMALL, "checkpoint": {"interval": 4, "keep_last": 1}})
-    assert engine.step == 12
+        trainer = train_tiny(run, 12, **{**SMALL, "checkpoint": {"interval": 4, "keep_last": 1}})
+    assert trainer.step == 12
     failed = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
     assert failed and all("retain:" in m for m in failed)
     assert [c.rsplit("-", 1)[1] for c in list_checkpoints(run)] == [

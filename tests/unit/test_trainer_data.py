@@ -19,13 +19,13 @@ from llm.checkpoint import (
     load_trainer_state,
 )
 from llm.training.data import build_data
-from llm.training.engine import TrainingEngine
 from llm.training.run import run_training
+from llm.training.trainer import Trainer
 
 
 def train(
     run_dir: Path, max_steps: int, loss_fn: Callable | None = None, **sections: dict[str, Any]
-) -> TrainingEngine:
+) -> Trainer:
     """`llm-train` in-process: settings -> build_data -> run_training, on the CPU."""
     settings = tiny_settings(run_dir, max_steps, **sections)
     tok, data = build_data(settings)
@@ -82,9 +82,9 @@ def test_sft_on_chat_jsonl_lowers_validation_loss(tmp_path: Path) -> None:
     batch = data.train_batch(0)
     # Packed rows: several chats per row, loss on assistant tokens only.
     assert int(batch.document_ids.max()) >= 2 and 0 < batch.n_loss_tokens < batch.labels.numel() / 3
-    engine = run_training(settings, tok, data, CPU)
-    first, last = engine.history[0]["val_loss"], engine.history[-1]["val_loss"]
-    assert last < first - 0.2, engine.history
+    trainer = run_training(settings, tok, data, CPU)
+    first, last = trainer.history[0]["val_loss"], trainer.history[-1]["val_loss"]
+    assert last < first - 0.2, trainer.history
     assert load_trainer_state(latest_checkpoint(str(tmp_path / "run")))["data"]["task"] == "sft"
 
 

@@ -13,35 +13,35 @@ from test_trainer_data import train
 
 from llm.checkpoint import load_checkpoint
 from llm.training.distributed import compile_scope
-from llm.training.engine import NonFiniteLossError, causal_lm_loss
 from llm.training.run import preflight
+from llm.training.trainer import NonFiniteLossError, causal_lm_loss
 
 SMALL: dict[str, Any] = {"batch_size": 4, "block_size": 32, "eval_batches": 2, "log_interval": 1}
 FAST = {"peak_tflops": 1.0, "warmup_steps": 2}  # no matmul timing for MFU
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
-    engine = train(
+    trainer = train(
         tmp_path, 30, training={**SMALL, "eval_interval": 2},
         optimization={**FAST, "precision": "bf16"}, checkpoint={"interval": 30},
     )  # fmt: skip
-    losses = [h["val_loss"] for h in engine.history]
+    losses = [h["val_loss"] for h in trainer.history]
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0] - 0.3, engine.history
+    assert losses[-1] < losses[0] - 0.3, trainer.history
 
 
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_training_trains(tmp_path: Path, scope: str) -> None:
     torch._dynamo.utils.counters.clear()
-    engine = train(
+    trainer = train(
         tmp_path, 6, training={**SMALL, "eval_interval": 3},
         optimization={**FAST, "compile": True, "compile_scope": scope},
         checkpoint={"interval": 6},
     )  # fmt: skip
-    model = engine.model
+    model = trainer.model
     compiled = [m for m in (model, *model.layers) if getattr(m, "_compiled_call_impl", None)]
     assert compiled == ([model] if scope == "model" else list(model.layers))
-    assert engine.history[-1]["val_loss"] < engine.history[0]["val_loss"]
+    assert trainer.history[-1]["val_loss"] < trainer.history[0]["val_loss"]
     # one graph, the training one: evaluation runs the same modules eagerly, not compiling
     # an inference graph (optimization.compile_eval)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -72,12 +72,12 @@ def nan_on(calls: set[int]) -> Any:
 
 
 def test_nan_guard_skips_and_counts(tmp_path: Path) -> None:
-    engine = train(
+    trainer = train(
         tmp_path, 8, nan_on({3, 4}), training={**SMALL, "eval_interval": 8},
         optimization=FAST, checkpoint={"interval": 8},
     )  # fmt: skip
-    assert engine.step == 8 and engine.skipped_steps == 2 and engine.bad_steps == 0
-    assert all(torch.isfinite(p).all() for p in engine.model.parameters())  # no NaN applied
+    assert trainer.step == 8 and trainer.skipped_steps == 2 and trainer.bad_steps == 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # no NaN applied
 
 
 def test_nan_guard_stops_after_max_bad_steps(tmp_path: Path) -> None:
@@ -93,12 +93,12 @@ def test_early_stopping_stops_without_improvement(tmp_path: Path) -> None:
         loss = causal_lm_loss(model, batch)
         return loss if model.training else loss.detach() * 0 + 5.0  # val never improves
 
-    engine = train(
+    trainer = train(
         tmp_path, 100, flat_val, optimization=FAST, checkpoint={"interval": 100},
         training={**SMALL, "eval_interval": 2, "early_stopping_patience": 2},
     )  # fmt: skip
-    assert engine.step == 6  # best at 2, no better at 4 and 6
-    assert engine.history[-1]["step"] == 6
+    assert trainer.step == 6  # best at 2, no better at 4 and 6
+    assert trainer.history[-1]["step"] == 6
 
 
 def test_fp16_on_cpu_and_missing_bitsandbytes_are_clear_errors(tmp_path: Path) -> None:

@@ -19,34 +19,34 @@ from llm.checkpoint import (
     load_trainer_state,
 )
 from llm.config import ModelConfig
-from llm.training.engine import TrainingEngine
 from llm.training.optim import build_optimizer, build_scheduler, lr_factor
+from llm.training.trainer import Trainer
 
 
-def test_short_run_lowers_validation_loss(tiny_run: tuple[Path, TrainingEngine]) -> None:
-    run_dir, engine = tiny_run
-    first, last = engine.history[0]["val_loss"], engine.history[-1]["val_loss"]
+def test_short_run_lowers_validation_loss(tiny_run: tuple[Path, Trainer]) -> None:
+    run_dir, trainer = tiny_run
+    first, last = trainer.history[0]["val_loss"], trainer.history[-1]["val_loss"]
     # An untrained model over ~106 characters scores ln(106) = 4.66; 300 steps reach ~1.9.
-    assert last < 2.2, engine.history
-    assert last < first - 0.2, engine.history
-    assert math.isfinite(engine.history[-1]["train_loss"])
+    assert last < 2.2, trainer.history
+    assert last < first - 0.2, trainer.history
+    assert math.isfinite(trainer.history[-1]["train_loss"])
     assert (run_dir / "loss.png").stat().st_size > 1000
     events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").open()]
     assert events.count("eval") == 3 and events.count("train") == 3
     assert list((run_dir / "tensorboard").iterdir())
 
 
-def test_checkpoint_holds_the_trained_model(tiny_run: tuple[Path, TrainingEngine]) -> None:
-    run_dir, engine = tiny_run
+def test_checkpoint_holds_the_trained_model(tiny_run: tuple[Path, Trainer]) -> None:
+    run_dir, trainer = tiny_run
     ckpts = list_checkpoints(str(run_dir))
     assert [c.rsplit("-", 1)[-1] for c in ckpts] == ["00000200", "00000300"]  # keep_last=2
     loaded = load_checkpoint(str(run_dir))
     assert loaded.uri == ckpts[-1] and loaded.name == "tiny"
     state = load_trainer_state(loaded.uri)
-    assert state["step"] == engine.step == 300
+    assert state["step"] == trainer.step == 300
     # The loaded model scores the validation windows as the trainer last measured them.
-    engine.model.load_state_dict(loaded.model.state_dict())
-    assert abs(engine.evaluate() - engine.last_val_loss) < 1e-5
+    trainer.model.load_state_dict(loaded.model.state_dict())
+    assert abs(trainer.evaluate() - trainer.last_val_loss) < 1e-5
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:

@@ -10,20 +10,20 @@ import pytest
 from test_trainer_data import train
 from test_trainer_paths import FAST, SMALL
 
-from llm.training.engine import val_tokens_per_byte
+from llm.training.trainer import val_tokens_per_byte
 
 
 def test_bits_per_byte_counts_utf8_bytes(tmp_path: Path) -> None:
     # 'a' is one byte, 'é' two, ' ' one: 3 characters (tokens) per 4 bytes.
     corpus = tmp_path / "text.txt"
     corpus.write_text("aé " * 4000)
-    engine = train(
+    trainer = train(
         tmp_path / "run", 2, data={"source": str(corpus)},
         training={**SMALL, "eval_interval": 2}, optimization=FAST, checkpoint={"interval": 2},
     )  # fmt: skip
-    tok = engine.data.tokenizer
-    assert val_tokens_per_byte(engine.data, tok) == pytest.approx(0.75, abs=1e-3)
-    record = engine.history[-1]
+    tok = trainer.data.tokenizer
+    assert val_tokens_per_byte(trainer.data, tok) == pytest.approx(0.75, abs=1e-3)
+    record = trainer.history[-1]
     loss = record["val_loss"]
     assert record["val_ppl"] == pytest.approx(math.exp(loss))
     assert record["val_bits_per_byte"] == pytest.approx(loss * 0.75 / math.log(2), rel=1e-3)

@@ -15,7 +15,7 @@ from test_trainer_paths import FAST, SMALL, nan_on
 
 from llm.models.decoder import DecoderModel
 from llm.training.data import build_data
-from llm.training.engine import TrainingEngine, causal_lm_loss
+from llm.training.trainer import Trainer, causal_lm_loss
 
 # One MoE layer of 4 experts (top-2), small enough for hundreds of steps in seconds.
 MOE = {"preset": "tiny-moe", "dim": 32, "n_layers": 1}
@@ -26,8 +26,8 @@ DEEPSEEK = {**MOE, "router_order": "sigmoid_topk", "router_choice_bias": True,
             "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0}  # fmt: skip
 
 
-def _engine(tmp_path: Path, accum: int, model: dict[str, Any] = MOE) -> TrainingEngine:
-    """A real engine and data module; plain SGD at lr 1 so a step moves params by -grad."""
+def _trainer(tmp_path: Path, accum: int, model: dict[str, Any] = MOE) -> Trainer:
+    """A real trainer and data module; plain SGD at lr 1 so a step moves params by -grad."""
     training = {**SMALL, "grad_accum_steps": accum}
     settings = tiny_settings(tmp_path, 1, model=model, training=training)
     tok, data = build_data(settings)
@@ -36,16 +36,16 @@ def _engine(tmp_path: Path, accum: int, model: dict[str, Any] = MOE) -> Training
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     o = settings.optimization.model_copy(update={"grad_clip": 0.0})
-    return TrainingEngine(model, opt, sched, data, settings.training, o, CPU, tmp_path)
+    return Trainer(model, opt, sched, data, settings.training, o, CPU, tmp_path)
 
 
 def test_train_step_adds_the_aux_loss_over_accumulated_micro_batches(tmp_path: Path) -> None:
-    engine = _engine(tmp_path, accum=2)
-    model, data = engine.model, engine.data
+    trainer = _trainer(tmp_path, accum=2)
+    model, data = trainer.model, trainer.data
     assert model.config.router_aux_loss_coef > 0 and model.config.router_z_loss_coef > 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data_state = data.state_dict()
-    metrics = engine.train_step()
+    metrics = trainer.train_step()
 
     # By hand: the mean over the two micro-batches of LM loss + aux_loss(), one SGD step.
     after = {k: v.clone() for k, v in model.state_dict().items()}
@@ -67,29 +67,31 @@ def test_train_step_adds_the_aux_loss_over_accumulated_micro_batches(tmp_path: P
 
 
 def test_evaluation_is_the_pure_lm_loss(tmp_path: Path) -> None:
-    engine = _engine(tmp_path, accum=1)
-    model = engine.model.eval()
-    batches = list(engine.data.val_batches())
+    trainer = _trainer(tmp_path, accum=1)
+    model = trainer.model.eval()
+    batches = list(trainer.data.val_batches())
     with torch.no_grad():
         lm = [causal_lm_loss(model, b).item() for b in batches]
     assert model.aux_loss().item() > 0
-    assert engine.evaluate() == pytest.approx(sum(lm) / len(lm), rel=1e-6)
+    assert trainer.evaluate() == pytest.approx(sum(lm) / len(lm), rel=1e-6)
 
 
 def test_nan_guard_holds_for_moe(tmp_path: Path) -> None:
-    engine = train(
+    trainer = train(
         tmp_path, 6, nan_on({2, 3}), model=MOE, training={**SMALL, "eval_interval": 6},
         optimization=FAST, checkpoint={"interval": 6},
     )  # fmt: skip
-    assert engine.step == 6 and engine.skipped_steps == 2
-    assert all(torch.isfinite(p).all() for p in engine.model.parameters())
+    assert trainer.step == 6 and trainer.skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def _val_balance(engine: TrainingEngine) -> float:
+def _val_balance(trainer: Trainer) -> float:
     """max over MoE layers of (busiest expert's share / mean share) on the validation set."""
-    model = engine.model.eval()
+    model = trainer.model.eval()
     with torch.no_grad():
-        loads = [(model(b["input_ids"]), model.expert_load())[1] for b in engine.data.val_batches()]
+        loads = [
+            (model(b["input_ids"]), model.expert_load())[1] for b in trainer.data.val_batches()
+        ]
     load = torch.stack(loads).mean(0)
     return (load.amax(-1) / load.mean(-1)).max().item()
 
@@ -104,14 +106,14 @@ def test_aux_loss_balances_the_experts(tmp_path: Path) -> None:
     runs: dict[str, Any] = {}
     for name, coef in (("with", 0.1), ("without", 0.0)):
         z = {"router_z_loss_coef": 0.0} if coef == 0 else {}
-        engine = train(
+        trainer = train(
             tmp_path / name, steps, model={**MOE, "router_aux_loss_coef": coef, **z},
             training={**SMALL, "batch_size": 8, "eval_interval": steps, "log_interval": 50},
             optimization={**FAST, "lr": 3e-3, "warmup_steps": 20},
             checkpoint={"interval": steps},
         )  # fmt: skip
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
-        runs[name] = (_val_balance(engine), [r for r in records if r["event"] == "train"])
+        runs[name] = (_val_balance(trainer), [r for r in records if r["event"] == "train"])
     (with_aux, logged_with), (without, logged_without) = runs["with"], runs["without"]
     assert with_aux < 1.45 and without > with_aux + 0.3, (with_aux, without)
     assert len(logged_with) == 4
@@ -121,25 +123,25 @@ def test_aux_loss_balances_the_experts(tmp_path: Path) -> None:
 
 
 def test_dense_models_log_no_router_metrics(tmp_path: Path) -> None:
-    engine = train(
+    trainer = train(
         tmp_path, 2, training={**SMALL, "eval_interval": 2}, optimization=FAST,
         checkpoint={"interval": 2},
     )  # fmt: skip
-    assert engine.moe is None
+    assert trainer.moe is None
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
     assert record["event"] == "train" and "aux_loss" not in record
 
 
 def test_choice_bias_moves_toward_the_mean_load(tmp_path: Path) -> None:
-    engine = _engine(tmp_path, accum=1, model=DEEPSEEK)
-    assert engine.bias_update_rate == 0.001  # on by default for choice-bias routing
-    bias = engine.model.layers[0].mlp.e_score_correction_bias
+    trainer = _trainer(tmp_path, accum=1, model=DEEPSEEK)
+    assert trainer.bias_update_rate == 0.001  # on by default for choice-bias routing
+    bias = trainer.model.layers[0].mlp.e_score_correction_bias
     assert torch.all(bias == 0)
-    engine.train_step()
-    load = engine.model.expert_load()[0]  # the step's only forward
+    trainer.train_step()
+    load = trainer.model.expert_load()[0]  # the step's only forward
     assert not torch.all(load == load.mean())
     torch.testing.assert_close(bias, 0.001 * torch.sign(load.mean() - load))
-    assert _engine(tmp_path / "moe", accum=1).bias_update_rate == 0.0  # softmax routing: off
+    assert _trainer(tmp_path / "moe", accum=1).bias_update_rate == 0.0  # softmax routing: off
 
 
 @pytest.mark.slow
@@ -147,14 +149,14 @@ def test_choice_bias_balances_the_experts(tmp_path: Path) -> None:
     """DeepSeek-V3 routing with no aux loss: the bias update alone evens the load out."""
     balance = {}
     for rate in (0.01, 0.0):
-        engine = train(
+        trainer = train(
             tmp_path / str(rate), 200, model=DEEPSEEK,
             training={**SMALL, "batch_size": 8, "eval_interval": 200, "log_interval": 50},
             optimization={**FAST, "lr": 3e-3, "warmup_steps": 20,
                           "router_bias_update_rate": rate},
             checkpoint={"interval": 200},
         )  # fmt: skip
-        balance[rate] = _val_balance(engine)
+        balance[rate] = _val_balance(trainer)
     assert balance[0.01] < 1.3 and balance[0.0] > balance[0.01] + 0.4, balance
 
 
@@ -174,7 +176,7 @@ def test_lora_fine_tunes_leave_the_router_bias_alone(tmp_path: Path) -> None:
     v3.pop("vocab_size"), v3.pop("max_seq_len")
     train_tiny(base_dir, 4, model=v3, checkpoint={"interval": 4})  # a deepseek_v3 base
 
-    def lora(run: str, **optimization: float) -> TrainingEngine:
+    def lora(run: str, **optimization: float) -> Trainer:
         raw = tiny_settings(tmp_path / run, 4).model_dump(exclude={"model"})
         raw["finetune"] = {"method": "lora"}
         raw["checkpoint"]["init_from"] = str(base_dir)
@@ -183,9 +185,9 @@ def test_lora_fine_tunes_leave_the_router_bias_alone(tmp_path: Path) -> None:
         tok, data = build_data(settings)
         return run_training(settings, tok, data, CPU)
 
-    engine = lora("lora")
-    assert engine.bias_update_rate == 0.0
-    moved = [b for n, b in engine.model.named_buffers() if n.endswith("e_score_correction_bias")]
+    trainer = lora("lora")
+    assert trainer.bias_update_rate == 0.0
+    moved = [b for n, b in trainer.model.named_buffers() if n.endswith("e_score_correction_bias")]
     saved = load_checkpoint(str(base_dir)).model.named_buffers()
     want = [b for n, b in saved if n.endswith("e_score_correction_bias")]
     assert want and all(torch.equal(a, b) for a, b in zip(moved, want, strict=True))

@@ -1,7 +1,7 @@
 """`TextDataModule`: the one object a training loop asks for batches, configured by `DataConfig`.
 
 Rank-aware and exactly resumable: global batch `step` is a pure function of the config and
-`step` (see `llm.data.sampling`); rank `r` of `N` gets rows `[r*B, (r+1)*B)` of it, with
+`step` (see `llm.data.batch_order`); rank `r` of `N` gets rows `[r*B, (r+1)*B)` of it, with
 `B = global_batch_size / N`, served in `B / micro_batch_size` consecutive micro-batches
 (gradient accumulation). The data order thus depends on the global batch and the seed
 only: every global batch is the same set of rows whichever ranks exist. `state_dict()` is
@@ -25,9 +25,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm.data.batch import IGNORE_INDEX, Batch
+from llm.data.batch_order import rank_slice
 from llm.data.packing import SFTData, pack_samples
 from llm.data.pretrain import PretrainData
-from llm.data.sampling import rank_slice
 from llm.data.sft import SFTReport, load_sft
 from llm.data.shards import TOKENIZER_DIR, TokenShards
 from llm.data.tokenizers import BaseTokenizer, load_tokenizer, tokenizer_fingerprint

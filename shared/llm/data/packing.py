@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from llm.data.batch import IGNORE_INDEX, Batch
-from llm.data.sampling import epoch_indices
+from llm.data.batch_order import epoch_indices
 from llm.data.sft import Sample
 
 ROW_KEYS = ("input_ids", "labels", "position_ids", "document_ids")

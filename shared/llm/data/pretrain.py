@@ -4,7 +4,7 @@ The validation split is the tail of the token stream (`val_fraction` of it), mov
 nearest document start so no document is split between the two; it is deterministic and
 disjoint from training. Training windows are either uniformly random starts (`random`,
 nanoGPT's `get_batch`) or non-overlapping windows visited once per epoch in a fresh order
-(`shuffled`); both are counter-based (see `llm.data.sampling`).
+(`shuffled`); both are counter-based (see `llm.data.batch_order`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from llm.data.batch import Batch, documents_from_eos
-from llm.data.sampling import epoch_indices, random_starts
+from llm.data.batch_order import epoch_indices, random_starts
 from llm.data.shards import TokenShards
 
 log = logging.getLogger(__name__)

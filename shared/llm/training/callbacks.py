@@ -1,7 +1,7 @@
 """Training callbacks: everything around the loop that is not the loop.
 
-Each hook receives the engine; callbacks run on every rank and gate their own output on
-`engine.dist.is_main`. Files go to `engine.local_dir` (the run directory itself when it is
+Each hook receives the trainer; callbacks run on every rank and gate their own output on
+`trainer.dist.is_main`. Files go to `trainer.local_dir` (the run directory itself when it is
 local, a staging copy that `RunFiles` uploads when it is `s3://`).
 """
 
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 from llm import storage
 
 if TYPE_CHECKING:
-    from llm.training.engine import TrainingEngine
+    from llm.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 class Callback:
-    def on_train_start(self, engine: TrainingEngine) -> None: ...
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None: ...
-    def on_checkpoint(self, engine: TrainingEngine) -> None: ...  # just before it is written
-    def on_train_end(self, engine: TrainingEngine) -> None: ...
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, trainer: Trainer) -> None: ...  # just before it is written
+    def on_train_end(self, trainer: Trainer) -> None: ...
 
 
 class JsonlMetrics(Callback):
@@ -36,22 +36,22 @@ class JsonlMetrics(Callback):
     def __init__(self, log_interval: int) -> None:
         self.log_interval = log_interval
 
-    def _write(self, engine: TrainingEngine, record: dict[str, Any]) -> None:
-        if engine.dist.is_main:
-            with open(engine.local_dir / "metrics.jsonl", "a") as f:
+    def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.dist.is_main:
+            with open(trainer.local_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         self._write(
-            engine, {"event": "start", "step": engine.step, "world_size": engine.dist.world_size}
+            trainer, {"event": "start", "step": trainer.step, "world_size": trainer.dist.world_size}
         )
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if engine.step % self.log_interval == 0:
-            self._write(engine, {"event": "train", **metrics})
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.step % self.log_interval == 0:
+            self._write(trainer, {"event": "train", **metrics})
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        self._write(engine, {"event": "eval", **metrics})
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._write(trainer, {"event": "eval", **metrics})
 
 
 class ConsoleLogger(Callback):
@@ -60,16 +60,16 @@ class ConsoleLogger(Callback):
     def __init__(self, log_interval: int, progress: bool) -> None:
         self.log_interval, self.progress, self.bar = log_interval, progress, None
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
-        if engine.dist.is_main and self.progress and sys.stderr.isatty():
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main and self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=engine.max_steps, initial=engine.step, unit="step", dynamic_ncols=True
+                total=trainer.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True
             )
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if not engine.dist.is_main:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.dist.is_main:
             return
         if self.bar is not None:
             self.bar.update(1)
@@ -77,21 +77,21 @@ class ConsoleLogger(Callback):
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                 tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
             )  # fmt: skip
-        elif engine.step % self.log_interval == 0:
+        elif trainer.step % self.log_interval == 0:
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.1f%%",
-                engine.step, engine.max_steps, metrics["loss"], metrics["lr"],
+                trainer.step, trainer.max_steps, metrics["loss"], metrics["lr"],
                 metrics.get("tokens_per_s", 0), 100 * metrics.get("mfu", 0),
             )  # fmt: skip
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if engine.dist.is_main:
-            msg = f"step {engine.step} val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}"
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.dist.is_main:
+            msg = f"step {trainer.step} val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}"
             if "val_bits_per_byte" in metrics:
                 msg += f" bpb {metrics['val_bits_per_byte']:.3f}"
             self.bar.write(msg) if self.bar is not None else log.info(msg)
 
-    def on_train_end(self, engine: TrainingEngine) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -105,20 +105,20 @@ class RunSummary(Callback):
         self.t0: float | None = None
         self.step0 = 0
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
-        if engine.dist.is_main:
-            steps = f"steps {engine.step} -> {engine.max_steps}"
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            steps = f"steps {trainer.step} -> {trainer.max_steps}"
             log.info("run summary\n  %s", "\n  ".join([*self.lines, steps]))
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.t0 is None:  # the clock starts after the first step (compile, warm-up)
-            self.t0, self.step0 = time.perf_counter(), engine.step
-        elif engine.step == self.step0 + self.eta_after and engine.dist.is_main:
+            self.t0, self.step0 = time.perf_counter(), trainer.step
+        elif trainer.step == self.step0 + self.eta_after and trainer.dist.is_main:
             per_step = (time.perf_counter() - self.t0) / self.eta_after
-            left = engine.max_steps - engine.step
+            left = trainer.max_steps - trainer.step
             log.info(
                 "step %d: %.3f s/step, ETA %s for the remaining %d steps",
-                engine.step, per_step, _duration(per_step * left), left,
+                trainer.step, per_step, _duration(per_step * left), left,
             )  # fmt: skip
 
 
@@ -134,22 +134,22 @@ class Throughput(Callback):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.t0 = self.tokens0 = None
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
         if self.t0 is None:  # the first step includes compile/warm-up: start the clock after it
-            self.t0, self.tokens0 = now, engine.tokens_seen
+            self.t0, self.tokens0 = now, trainer.tokens_seen
             return
         dt = now - self.t0
         if dt > 0:
-            tps = (engine.tokens_seen - self.tokens0) / dt
+            tps = (trainer.tokens_seen - self.tokens0) / dt
             metrics["tokens_per_s"] = tps
             if self.peak_flops > 0:
                 metrics["mfu"] = tps * self.flops_per_token / self.peak_flops
 
 
 class LRMonitor(Callback):
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        for i, group in enumerate(engine.optimizer.param_groups):
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        for i, group in enumerate(trainer.optimizer.param_groups):
             metrics[f"lr/group{i}"] = group["lr"]
 
 
@@ -157,26 +157,28 @@ class TensorBoard(Callback):
     def __init__(self, log_interval: int) -> None:
         self.log_interval, self.writer = log_interval, None
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
-        if engine.dist.is_main:
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(engine.local_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(trainer.local_dir / "tensorboard"))
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if self.writer is not None and engine.step % self.log_interval == 0:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.writer is not None and trainer.step % self.log_interval == 0:
             for k, v in metrics.items():
                 if k != "step" and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, engine.step)
+                    self.writer.add_scalar(f"train/{k}", v, trainer.step)
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.writer is not None:
             for k in ("val_loss", "val_ppl", "val_bits_per_byte"):
                 if k in metrics and math.isfinite(metrics[k]):
-                    self.writer.add_scalar(f"val/{k.removeprefix('val_')}", metrics[k], engine.step)
+                    self.writer.add_scalar(
+                        f"val/{k.removeprefix('val_')}", metrics[k], trainer.step
+                    )
             self.writer.flush()
 
-    def on_train_end(self, engine: TrainingEngine) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -184,8 +186,8 @@ class TensorBoard(Callback):
 class LossPlot(Callback):
     """`loss.png`: train and validation loss, redrawn from metrics.jsonl at each evaluation."""
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        if not engine.dist.is_main:
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.dist.is_main:
             return
         import matplotlib
 
@@ -193,7 +195,7 @@ class LossPlot(Callback):
         import matplotlib.pyplot as plt
 
         train, val = ([], []), ([], [])
-        with open(engine.local_dir / "metrics.jsonl") as f:
+        with open(trainer.local_dir / "metrics.jsonl") as f:
             for line in f:
                 r = json.loads(line)
                 if r.get("event") == "train":
@@ -205,7 +207,7 @@ class LossPlot(Callback):
         ax.plot(*val, "o-", label="validation")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(engine.local_dir / "loss.png", dpi=100)
+        fig.savefig(trainer.local_dir / "loss.png", dpi=100)
         plt.close(fig)
 
 
@@ -213,14 +215,14 @@ class EarlyStopping(Callback):
     def __init__(self, patience: int) -> None:
         self.patience, self.best, self.bad = patience, math.inf, 0
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if metrics["val_loss"] < self.best:
             self.best, self.bad = metrics["val_loss"], 0
         else:
             self.bad += 1
             if self.bad >= self.patience:
                 log.info("early stopping: no improvement in %d evaluations", self.patience)
-                engine.should_stop = True
+                trainer.should_stop = True
 
 
 class SampleLog(Callback):
@@ -232,20 +234,20 @@ class SampleLog(Callback):
     size can be checked to train on the same global batches. One all_gather per step.
     """
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
-        if not hasattr(engine.data, "consumed"):
+    def on_train_start(self, trainer: Trainer) -> None:
+        if not hasattr(trainer.data, "consumed"):
             raise ValueError("training.sample_log: this data module does not record sample ids")
-        engine.data.consumed = []
+        trainer.data.consumed = []
 
-    def on_step_end(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         from llm.training.distributed import all_gather_object
 
-        ids, engine.data.consumed = engine.data.consumed, []
+        ids, trainer.data.consumed = trainer.data.consumed, []
         gathered = all_gather_object(ids)
-        if engine.dist.is_main:
-            record = {"step": engine.step, "world_size": engine.dist.world_size,
+        if trainer.dist.is_main:
+            record = {"step": trainer.step, "world_size": trainer.dist.world_size,
                       "ids": [i for rank_ids in gathered for i in rank_ids]}  # fmt: skip
-            with open(engine.local_dir / "samples.jsonl", "a") as f:
+            with open(trainer.local_dir / "samples.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -259,25 +261,25 @@ class RunFiles(Callback):
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
 
-    def on_train_start(self, engine: TrainingEngine) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         remote = storage.join(self.run_dir, "metrics.jsonl")
-        if engine.dist.is_main and storage.exists(remote):
-            (engine.local_dir / "metrics.jsonl").write_bytes(storage.read_bytes(remote))
+        if trainer.dist.is_main and storage.exists(remote):
+            (trainer.local_dir / "metrics.jsonl").write_bytes(storage.read_bytes(remote))
 
-    def _sync(self, engine: TrainingEngine) -> None:
-        if not engine.dist.is_main:
+    def _sync(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
             return
-        for path in sorted(engine.local_dir.rglob("*")):
+        for path in sorted(trainer.local_dir.rglob("*")):
             if path.is_file():
-                rel = path.relative_to(engine.local_dir).as_posix()
+                rel = path.relative_to(trainer.local_dir).as_posix()
                 storage.write_bytes(storage.join(self.run_dir, rel), path.read_bytes())
 
-    def on_eval(self, engine: TrainingEngine, metrics: dict[str, float]) -> None:
-        self._sync(engine)
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._sync(trainer)
 
-    def on_checkpoint(self, engine: TrainingEngine) -> None:
+    def on_checkpoint(self, trainer: Trainer) -> None:
         # Before the commit: whoever sees the checkpoint also sees the metrics that led to it.
-        self._sync(engine)
+        self._sync(trainer)
 
-    def on_train_end(self, engine: TrainingEngine) -> None:
-        self._sync(engine)
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._sync(trainer)

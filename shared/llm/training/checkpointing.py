@@ -41,9 +41,9 @@ from llm.training.distributed import barrier, broadcast_object
 if TYPE_CHECKING:
     import torch
 
-    from llm.training.engine import TrainingEngine
     from llm.training.finetune import AdapterWriter
     from llm.training.lease import RunLease
+    from llm.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +73,23 @@ class Checkpointer:
         self.settings, self.adapter, self.sharded = settings, adapter, sharded
         self.lease, self.verified = lease, verified
 
-    def __call__(self, engine: TrainingEngine) -> None:
-        uri = checkpoint_dir(self.run_dir, engine.step)
-        self._prepare(uri, engine.dist.is_main)
+    def __call__(self, trainer: Trainer) -> None:
+        uri = checkpoint_dir(self.run_dir, trainer.step)
+        self._prepare(uri, trainer.dist.is_main)
         if self.sharded:
-            self._save_sharded(uri, engine)
+            self._save_sharded(uri, trainer)
             return
         if self.adapter is not None:  # fine-tuning: the frozen base is not saved again
             model_sd = None
-            optim_sd = get_optimizer_state_dict(engine.model, engine.optimizer, options=_FULL)
+            optim_sd = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_FULL)
         else:
-            model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=_FULL)
-        state = {**engine.state_dict(), "optimizer": optim_sd}  # collective: gathers RNG states
-        if engine.dist.is_main:
-            meta = {"step": engine.step, "val_loss": engine.last_val_loss,
+            model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer, options=_FULL)
+        state = {**trainer.state_dict(), "optimizer": optim_sd}  # collective: gathers RNG states
+        if trainer.dist.is_main:
+            meta = {"step": trainer.step, "val_loss": trainer.last_val_loss,
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
             if self.adapter is not None:
-                final = engine.step >= engine.max_steps or engine.should_stop
+                final = trainer.step >= trainer.max_steps or trainer.should_stop
                 self.adapter.save(uri, self.model, self.tokenizer, state, meta, final)
             else:
                 save_checkpoint(uri, self.model, self.tokenizer, state, meta, model_state=model_sd)
@@ -128,13 +128,13 @@ class Checkpointer:
             "checkpoint %s committed%s", uri, f", removed {len(deleted)} old" if deleted else ""
         )
 
-    def _save_sharded(self, uri: str, engine: TrainingEngine) -> None:
+    def _save_sharded(self, uri: str, trainer: Trainer) -> None:
         from llm.checkpoint.sharded import save_sharded
 
-        shards = save_sharded(uri, engine.model, engine.optimizer)  # collective: every rank's
-        state = {**engine.state_dict(), "optimizer": None}  # collective: gathers RNG states
-        if engine.dist.is_main:
-            meta = {"step": engine.step, "val_loss": engine.last_val_loss, "sharded": True,
+        shards = save_sharded(uri, trainer.model, trainer.optimizer)  # collective: every rank's
+        state = {**trainer.state_dict(), "optimizer": None}  # collective: gathers RNG states
+        if trainer.dist.is_main:
+            meta = {"step": trainer.step, "val_loss": trainer.last_val_loss, "sharded": True,
                     "settings": self.settings.model_dump(mode="json")}  # fmt: skip
             save_checkpoint(
                 uri, self.model, self.tokenizer, state, meta, weights=False, written=shards

@@ -42,13 +42,6 @@ from llm.training.distributed import (
     compile_scope,
     init_distributed,
 )
-from llm.training.engine import (
-    Batch,
-    TrainData,
-    TrainingEngine,
-    causal_lm_loss,
-    val_tokens_per_byte,
-)
 from llm.training.finetune import (
     AdapterWriter,
     base_model_type,
@@ -59,6 +52,13 @@ from llm.training.finetune import (
 )
 from llm.training.lease import RunLease
 from llm.training.optim import build_optimizer, build_scheduler
+from llm.training.trainer import (
+    Batch,
+    TrainData,
+    Trainer,
+    causal_lm_loss,
+    val_tokens_per_byte,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run_training(
     data: TrainData,
     info: DistInfo | None = None,
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
-) -> TrainingEngine:
+) -> Trainer:
     """Train per `settings`; resumes from the run directory's newest checkpoint that
     verifies, holding the run's lease (`llm.training.lease`) throughout.
 
@@ -173,7 +173,7 @@ def _train(
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
     lease: RunLease | None,
     latest: str | None,
-) -> TrainingEngine:
+) -> Trainer:
     t, o, c = settings.training, settings.optimization, settings.checkpoint
     t = t.for_world(info.world_size)  # grad_accum_steps derived from global_batch_size
     torch.manual_seed(t.seed)
@@ -279,7 +279,7 @@ def _train(
             f"{settings.finetune.method}: the adapter is saved without the base's router bias"
             " it would move; set it to 0 or fine-tune fully"
         )
-    engine = TrainingEngine(
+    trainer = Trainer(
         wrapped, optimizer, scheduler, data, t, o, info, local_dir, callbacks,
         loss_fn=loss_fn, checkpointer=checkpointer, checkpoint_interval=c.interval,
         tokens_per_byte=val_tokens_per_byte(data, tokenizer, info.device),
@@ -287,11 +287,11 @@ def _train(
     if latest is not None:
         if is_sharded(latest):
             load_sharded(latest, wrapped, optimizer)  # collective: each rank its shards
-        engine.load_state_dict(load_trainer_state(latest))
-        log.info("resumed from %s at step %d", latest, engine.step)
+        trainer.load_state_dict(load_trainer_state(latest))
+        log.info("resumed from %s at step %d", latest, trainer.step)
     barrier()
-    engine.fit()
-    return engine
+    trainer.fit()
+    return trainer
 
 
 def _local_run_dir(run_dir: str) -> Path:

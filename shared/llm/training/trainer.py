@@ -1,4 +1,4 @@
-"""TrainingEngine: the loop, with everything else (logging, checkpoints, plots) in callbacks.
+"""Trainer: the loop, with everything else (logging, checkpoints, plots) in callbacks.
 
 One step = `grad_accum_steps` micro-batches (DDP syncs gradients on the last one only),
 autocast in the configured precision, gradient clipping, a NaN/inf guard that skips the
@@ -32,7 +32,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainData(Protocol):
-    """What the engine needs from a data module (rank-aware, resumable)."""
+    """What the trainer needs from a data module (rank-aware, resumable)."""
 
     def next_batch(self) -> Batch: ...
     def val_batches(self) -> Iterable[Batch]: ...
@@ -76,7 +76,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-class TrainingEngine:
+class Trainer:
     def __init__(
         self,
         model: nn.Module,
@@ -89,7 +89,7 @@ class TrainingEngine:
         local_dir: Path,
         callbacks: list[Callback] | None = None,
         loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = causal_lm_loss,
-        checkpointer: Callable[[TrainingEngine], None] | None = None,
+        checkpointer: Callable[[Trainer], None] | None = None,
         checkpoint_interval: int = 0,
         tokens_per_byte: float | None = None,
     ) -> None:
