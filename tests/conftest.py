@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import DenyDeletes, free_port, train_tiny
+from tests.support import DenyDeletes, free_port, train_tiny
 
 from llm.training.trainer import Trainer
 

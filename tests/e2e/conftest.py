@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from e2e_services import Service, running_stack
+from tests.e2e.e2e_services import Service, running_stack
 
 from llm.checkpoint import LoadedModel, load_checkpoint
 

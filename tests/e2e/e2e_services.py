@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from support import stop_process
+from tests.support import stop_process
 
 from llm_common.logs import read_announcement
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_services import Service, running_stack
+from tests.e2e.e2e_services import Service, running_stack
 
 KEY = "sk-hostile-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

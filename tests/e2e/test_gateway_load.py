@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_services import Service, running_stack
-from support import free_port
+from tests.e2e.e2e_services import Service, running_stack
+from tests.support import free_port
 
 CLIENTS, LEAVERS_EVERY = 64, 4  # every 4th client disconnects: 16 of 64
 MAX_TOKENS, LEAVER_MAX_TOKENS = 8, 200
@@ -157,7 +157,7 @@ def test_a_frozen_engine_is_routed_around_within_seconds(
     import os
     import signal
 
-    from e2e_services import start, stop, wait_ready
+    from tests.e2e.e2e_services import start, stop, wait_ready
 
     args = ["--checkpoint", tiny_checkpoint, "--port", "0", "--threads", "1"]
     engines = [

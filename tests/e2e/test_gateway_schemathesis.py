@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_services import ENV, Service, running_stack
+from tests.e2e.e2e_services import ENV, Service, running_stack
 
 HERE = Path(__file__).resolve().parent
 MAX_EXAMPLES = 30

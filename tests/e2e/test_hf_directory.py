@@ -14,8 +14,8 @@ import openai
 import pytest
 import torch
 import transformers
-from e2e_services import Service, start, stop, wait_ready
-from support import chat_tokenizer
+from tests.e2e.e2e_services import Service, start, stop, wait_ready
+from tests.support import chat_tokenizer
 
 from llm.data.corpus import default_corpus
 

@@ -23,9 +23,10 @@ import helm_python as helm
 import httpx
 import pytest
 import yaml
-from e2e_services import Service, running_stack
 from prometheus_client.parser import text_string_to_metric_families
-from promql import (
+from tests.e2e.e2e_services import Service, running_stack
+from tests.integration.test_helm_chart import CHART, NAMESPACE, container, find, objects, render
+from tests.promql import (
     KUBE_STATE_METRICS,
     adapter_expressions,
     chart_expressions,
@@ -35,8 +36,7 @@ from promql import (
     metric_names,
     selectors,
 )
-from support import free_port, require_binary, stop_process
-from tests.integration.test_helm_chart import CHART, NAMESPACE, container, find, objects, render
+from tests.support import free_port, require_binary, stop_process
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 import torch
-from e2e_services import running_stack
-from support import free_port, long_context_loras
+from tests.e2e.e2e_services import running_stack
+from tests.support import free_port, long_context_loras
 
 from llm.checkpoint import load_checkpoint
 from llm.core.lora import apply_lora, unload_lora

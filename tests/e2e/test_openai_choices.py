@@ -11,7 +11,7 @@ from collections import defaultdict
 import openai
 import pytest
 import torch
-from e2e_services import Service
+from tests.e2e.e2e_services import Service
 
 from llm.checkpoint import LoadedModel
 from llm.inference import SamplingParams, generate

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from e2e_services import Service, start, stop, wait_ready
-from support import sharded_checkpoint_that_runs_code
+from tests.e2e.e2e_services import Service, start, stop, wait_ready
+from tests.support import sharded_checkpoint_that_runs_code
 
 from llm.checkpoint import LoadedModel
 from llm.inference import SamplingParams, generate

@@ -12,8 +12,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from e2e_services import Service
 from pydantic import BaseModel, ConfigDict, Field
+from tests.e2e.e2e_services import Service
 
 MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from e2e_services import Service
+from tests.e2e.e2e_services import Service
 
 from llm.checkpoint import LoadedModel
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 import torch
 import transformers
-from e2e_services import Service, start, stop, wait_ready
-from support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
+from tests.e2e.e2e_services import Service, start, stop, wait_ready
+from tests.support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
 
 NAME = "tiny-qwen"
 # Qwen2.5's template, cut to what tools need: tools in the system turn, calls as

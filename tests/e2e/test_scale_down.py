@@ -14,9 +14,9 @@ import urllib.request
 
 import httpx
 import pytest
-from e2e_services import start, stop, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
-from support import free_port
+from tests.e2e.e2e_services import start, stop, wait_ready
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import shrink, tiny_settings
+from tests.support import shrink, tiny_settings
 
 from llm.config import ModelConfig
 from llm.data.corpus import default_corpus

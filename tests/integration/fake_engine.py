@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from many import generate_many_aio
+from tests.integration.many import generate_many_aio
 
 from llm_common.proto import ENGINE_SERVICE
 from llm_common.proto.v1 import engine_pb2 as pb

@@ -10,7 +10,7 @@ from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
-from many import generate_many_sync
+from tests.integration.many import generate_many_sync
 
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc

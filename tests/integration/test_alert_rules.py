@@ -17,8 +17,8 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
-from support import require_binary
 from tests.integration.test_helm_chart import CHART, objects, render
+from tests.support import require_binary
 
 NS = "llm"
 E = f'namespace="{NS}",job="demo-llm-serve-engine"'

@@ -19,18 +19,8 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from crds import CRD
 from kubernetes.utils.quantity import parse_quantity
-from promql import (
-    KUBE_STATE_METRICS,
-    adapter_expressions,
-    chart_expressions,
-    code_metric_names,
-    dashboard_expressions,
-    grafana_values,
-    load_dashboard,
-    metric_names,
-)
+from tests.crds import CRD
 from tests.integration.test_helm_chart import (
     CHART,
     KUBE_VERSION,
@@ -41,6 +31,16 @@ from tests.integration.test_helm_chart import (
     render,
 )
 from tests.integration.test_helm_chart import merge as merge_values
+from tests.promql import (
+    KUBE_STATE_METRICS,
+    adapter_expressions,
+    chart_expressions,
+    code_metric_names,
+    dashboard_expressions,
+    grafana_values,
+    load_dashboard,
+    metric_names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATIONS = REPO / "docs" / "operations.md"

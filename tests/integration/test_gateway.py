@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from scripted_engine import MODEL, ScriptedEngine, scripted_engine
+from tests.integration.scripted_engine import MODEL, ScriptedEngine, scripted_engine
 
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings

@@ -9,8 +9,15 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from fake_engine import MODEL, NOT_SERVING, SERVING, FakeServer, fake_engines, wait_for
 from fastapi.testclient import TestClient
+from tests.integration.fake_engine import (
+    MODEL,
+    NOT_SERVING,
+    SERVING,
+    FakeServer,
+    fake_engines,
+    wait_for,
+)
 
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings

@@ -11,13 +11,13 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from fake_engine import MODEL, NOT_SERVING, SERVING, FakeServer, wait_for
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
+from tests.integration.fake_engine import MODEL, NOT_SERVING, SERVING, FakeServer, wait_for
 
 from llm_common.logs import JsonFormatter
 from llm_common.tracing import TraceContextFilter

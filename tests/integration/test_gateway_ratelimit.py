@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fake_engine import MODEL, FakeServer
 from fastapi.testclient import TestClient
-from support import free_port, stop_process
+from tests.integration.fake_engine import MODEL, FakeServer
+from tests.support import free_port, stop_process
 
 from llm_gateway.app import create_app
 from llm_gateway.ratelimit import duration

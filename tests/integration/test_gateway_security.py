@@ -19,9 +19,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fake_engine import MODEL, FakeEngine, FakeServer, PerCallFakeEngine, serve_gateway, wait_for
 from fastapi.testclient import TestClient
-from support import free_port, stop_process
+from tests.integration.fake_engine import (
+    MODEL,
+    FakeEngine,
+    FakeServer,
+    PerCallFakeEngine,
+    serve_gateway,
+    wait_for,
+)
+from tests.support import free_port, stop_process
 
 from llm_common.logs import read_announcement
 from llm_gateway.app import create_app

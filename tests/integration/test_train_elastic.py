@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import free_port
+from tests.support import free_port
 
 from llm.data.corpus import default_corpus
 

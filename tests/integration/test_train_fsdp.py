@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import free_port
+from tests.support import free_port
 
 from llm.checkpoint import (
     MANIFEST,

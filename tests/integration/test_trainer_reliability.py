@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import S3Proxy, free_port
+from tests.support import S3Proxy, free_port
 
 from llm import storage
 from llm.checkpoint import checkpoint_dir, is_committed, latest_checkpoint, load_checkpoint

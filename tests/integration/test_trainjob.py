@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from crds import CRD, CRD_DIR
+from tests.crds import CRD, CRD_DIR
 from tests.integration.test_pytorchjob import (
     KUBEFLOW,
     SETTINGS,

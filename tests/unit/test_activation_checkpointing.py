@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support import CPU, tiny_settings
-from test_trainer_paths import FAST, SMALL
+from tests.support import CPU, tiny_settings
+from tests.unit.test_trainer_paths import FAST, SMALL
 
 from llm.config import ModelConfig
 from llm.models.decoder import DecoderModel

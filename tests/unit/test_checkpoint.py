@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import sharded_checkpoint_that_runs_code
+from tests.support import sharded_checkpoint_that_runs_code
 
 from llm.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
 from llm.config import ModelConfig

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import train_tiny
+from tests.support import train_tiny
 
 from llm import storage
 from llm.training.lease import LEASE, RunLease, RunLeaseError

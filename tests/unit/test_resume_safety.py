@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import CPU, tiny_settings, train_tiny
+from tests.support import CPU, tiny_settings, train_tiny
 
 from llm import storage
 from llm.checkpoint import (

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
+from tests.support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
 
 from llm.config import ModelConfig
 from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer

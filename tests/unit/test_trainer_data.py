@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from support import CPU, tiny_settings
+from tests.support import CPU, tiny_settings
 
 from llm.checkpoint import (
     MANIFEST,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_trainer_data import train
+from tests.unit.test_trainer_data import train
 
 from llm.checkpoint import load_checkpoint
 from llm.training.distributed import compile_scope
@@ -102,7 +102,7 @@ def test_early_stopping_stops_without_improvement(tmp_path: Path) -> None:
 
 
 def test_fp16_on_cpu_and_missing_bitsandbytes_are_clear_errors(tmp_path: Path) -> None:
-    from support import tiny_settings
+    from tests.support import tiny_settings
 
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="precision=fp16 needs a GPU"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import train_tiny
+from tests.support import train_tiny
 
 from llm.checkpoint import (
     MANIFEST,

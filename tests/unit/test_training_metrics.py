@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
-from test_trainer_data import train
-from test_trainer_paths import FAST, SMALL
+from tests.unit.test_trainer_data import train
+from tests.unit.test_trainer_paths import FAST, SMALL
 
 from llm.training.trainer import val_tokens_per_byte
 

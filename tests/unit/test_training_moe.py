@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from support import CPU, tiny_settings
-from test_trainer_data import train
-from test_trainer_paths import FAST, SMALL, nan_on
+from tests.support import CPU, tiny_settings
+from tests.unit.test_trainer_data import train
+from tests.unit.test_trainer_paths import FAST, SMALL, nan_on
 
 from llm.models.decoder import DecoderModel
 from llm.training.data import build_data
@@ -163,7 +163,7 @@ def test_choice_bias_balances_the_experts(tmp_path: Path) -> None:
 def test_lora_fine_tunes_leave_the_router_bias_alone(tmp_path: Path) -> None:
     """An adapter is saved without the base's buffers: a LoRA run must not move the choice
     bias (the served base + adapter would route differently from the trained model)."""
-    from support import shrink, train_tiny
+    from tests.support import shrink, train_tiny
 
     from llm.checkpoint import load_checkpoint
     from llm.settings import load_settings
