@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_common import tool_calls
 from llm_common.proto.v1 import engine_pb2 as pb
-from llm_gateway import tool_calls
 from llm_gateway.schemas import EngineCall, Prompt
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}

@@ -1,4 +1,4 @@
-"""The gateway's tool call parsers on sample answers in each template family's format: a
+"""The tool call parsers on sample answers in each template family's format: a
 whole answer, and the same answer fed in two pieces at every split point (what a stream
 sends must add up to the whole answer's message); the engine's grammar forcing calls in
 each format, its markers written as special tokens where the vocabulary has them."""
@@ -19,10 +19,10 @@ from llm.data.tokenizers import HFTokenizer, SimpleCharacterTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, SamplingParams
 from llm.inference.grammar import Matcher, grammar_tokenizer, tool_call_format, tool_call_grammar
 from llm.models.decoder import DecoderModel
+from llm_common import tool_calls
 from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.tool_calls import Parser, accumulate, parse
 from llm_engine.validation import generation_spec
-from llm_gateway import tool_calls
-from llm_gateway.tool_calls import Parser, accumulate, parse
 
 WEATHER = ("get_weather", '{"city": "Paris", "unit": "C"}')
 TIME = ("get_time", "{}")

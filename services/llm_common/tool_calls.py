@@ -17,6 +17,11 @@ chat with tools; an engine that drops them (one from before) still has its `mist
 `llama3` calls read: an answer that opens with `[` (mistral) or `{` (llama3) is read as
 calls too, and is content again if it turns out not to be.
 
+Both sides of the engine API parse with this one parser: the engine fills a chat with
+tools' last `GenerateChunk` with its calls (`tool_calls`, `content`), and the gateway
+streams them as OpenAI deltas (it may send a chat to the engine as token ids, which carry
+no tools). Pure text parsing: no torch, so the gateway imports it too.
+
 `Parser.feed` takes the text as it is generated and returns what can be sent already:
 content (only text that could start a call marker, and whitespace, is held back), each
 call's name as soon as it is read, then its arguments piece by piece as the JSON arrives,
