@@ -30,6 +30,7 @@ from llm.checkpoint import LoadedModel
 from llm.inference.grammar import tool_call_format
 from llm.interop.peft import load_with_adapter
 from llm.models.decoder import DecoderModel
+from llm_common import tool_calls
 from llm_common.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
@@ -368,12 +369,16 @@ def _merge(
 
 
 class _Stream:
-    """One running generation as a stream relays it: its scheduler job, its span, and (sent
-    `whole`) the events held until its end."""
+    """One running generation as a stream relays it: its scheduler job, its span, (sent
+    `whole`) the events held until its end, and (a chat with tools) its answer's calls
+    parsed as the text arrives."""
 
     def __init__(self, job: GenerationRequest, span: Span, whole: bool) -> None:
         self.job, self.span, self.whole = job, span, whole
         self.held: list[Event] = []
+        fmt = job.spec.tool_call_format
+        self.tools = tool_calls.Parser(fmt) if fmt else None
+        self.tool_events: list[tool_calls.Event] = []
 
     def take(
         self, events: list[Event], decode: Callable[[list[int]], str]
@@ -386,7 +391,24 @@ class _Stream:
                 return None
             events, self.held = self.held, []
         chunk, failure = _merge(events, decode)
+        if self.tools is not None and failure is None:
+            self._parse(chunk)
         return chunk, failure, failure is not None or _finished(chunk, self.span)
+
+    def _parse(self, chunk: pb.GenerateChunk) -> None:
+        """Feed the chunk's text to the tool call parser; the last chunk gets the calls and
+        the content around them (the text stays in `text`, for callers from before)."""
+        assert self.tools is not None
+        self.tool_events += self.tools.feed(chunk.text)
+        if chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+            return
+        content, calls = tool_calls.accumulate(self.tool_events + self.tools.finish())
+        chunk.content = content or ""
+        for call in calls:
+            function = call["function"]
+            chunk.tool_calls.add(id=call["id"], name=function["name"], arguments=function["arguments"])  # fmt: skip
+        if calls and chunk.finish_reason == pb.FINISH_REASON_STOP:  # LENGTH stays: cut short
+            chunk.finish_reason = pb.FINISH_REASON_TOOL_CALLS
 
     def end(self, cancelled: bool) -> None:
         if cancelled:

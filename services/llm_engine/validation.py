@@ -58,8 +58,11 @@ class GenerationSpec:
     grammar: str | None = None  # constrains the output (llm.inference.grammar); None: free
     adapter: str = ""  # the LoRA adapter it runs with (the request's `model`); "": the base
     # A chat with tools: the special tokens that mark its calls (`[TOOL_CALLS]`, ...), whose
-    # text the output keeps even with skip_special_tokens, for the caller to parse calls.
+    # text the output keeps even with skip_special_tokens, for the calls to be parsed.
     tool_call_tokens: frozenset[int] = frozenset()
+    # A chat with tools: the format its answer's calls are parsed in (a
+    # `llm_common.tool_calls.FORMATS`); "": no tools, nothing parsed.
+    tool_call_format: str = ""
 
 
 def chat_messages(chat: pb.ChatMessages, field: str) -> list[dict[str, Any]]:
@@ -245,9 +248,8 @@ def generation_spec(
             "top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {request.top_logprobs}"
         )
 
-    tool_format, markers = "hermes", {}
-    if request.WhichOneof("input") == "chat" and request.chat.tools:
-        tool_format, markers = tool_call_syntax(tokenizer)
+    tools = request.WhichOneof("input") == "chat" and bool(request.chat.tools)
+    tool_format, markers = tool_call_syntax(tokenizer) if tools else ("hermes", {})
     grammar = structured_output(request, tool_format, markers)
     ids = prompt_ids(request, tokenizer, vocab_size)
     if not ids:
@@ -278,6 +280,7 @@ def generation_spec(
         ),
         grammar=grammar,
         tool_call_tokens=frozenset(markers.values()),
+        tool_call_format=tool_format if tools else "",
     )
 
 

@@ -1,20 +1,30 @@
 """Tool calling through the official openai client against `llm-serve` on a random Hugging
 Face model with a Qwen-style chat template (and Llama 3's and Mistral's v11 formats): the tools go through the template, a forced
 call is written by the engine's grammar (so its arguments match the function's schema
-even from random weights), and the tool's answer goes back through the template."""
+even from random weights), and the tool's answer goes back through the template. And the
+same over the engine's gRPC API: a chat with tools gets its calls parsed on its last
+chunk."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import jsonschema
 import openai
 import pytest
 import torch
 import transformers
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.e2e.e2e_services import Service, start, stop, wait_ready
 from tests.support import MISTRAL_SPECIALS, MISTRAL_V11_TEMPLATE, chat_tokenizer
+
+from llm_common import tool_calls
+from llm_common.proto.v1 import engine_pb2 as pb
+from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
 
 NAME = "tiny-qwen"
 # Qwen2.5's template, cut to what tools need: tools in the system turn, calls as
@@ -97,7 +107,8 @@ TEMPLATES = {"hermes": (TEMPLATE, ()), "llama3": (LLAMA3_TEMPLATE, ()),
 
 
 @pytest.fixture(scope="module", params=list(TEMPLATES))
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:  # fmt: skip
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:  # fmt: skip
+    """A random Hugging Face model whose chat template teaches one format's tool calls."""
     out = tmp_path_factory.mktemp("hf") / NAME
     tok = chat_tokenizer(*TEMPLATES[request.param])
     torch.manual_seed(0)
@@ -108,9 +119,14 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     )  # fmt: skip
     transformers.Qwen2ForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     service = start(
-        "llm_gateway.serve", ["--checkpoint", str(out), "--port", "0", "--threads", "1"],
+        "llm_gateway.serve", ["--checkpoint", str(model_dir), "--port", "0", "--threads", "1"],
         log, "gateway_listening",
     )  # fmt: skip
     try:
@@ -184,3 +200,131 @@ def test_unknown_named_tool_is_a_400(client: openai.OpenAI) -> None:
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )  # fmt: skip
     assert e.value.body["param"] == "tool_choice"
+
+
+# -- the engine's gRPC API --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:  # fmt: skip
+    """`llm-engine` alone on the same model, and a channel to it."""
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    service = start(
+        "llm_engine", ["--checkpoint", str(model_dir), "--port", "0", "--threads", "1"],
+        log, "engine_listening",
+    )  # fmt: skip
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        deadline = time.monotonic() + 60
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != serving:
+            assert time.monotonic() < deadline, "the engine did not load the model"
+            time.sleep(0.1)
+        yield channel
+    finally:
+        channel.close()
+        stop(service)
+
+
+def _chat(tools: list[dict], **kwargs: object) -> pb.GenerateRequest:
+    chat = pb.ChatMessages(
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES],
+        tools=[json.dumps(t) for t in tools],
+    )
+    return pb.GenerateRequest(chat=chat, **kwargs)
+
+
+def _generate(engine: grpc.Channel, request: pb.GenerateRequest) -> list[pb.GenerateChunk]:
+    return list(pb_grpc.EngineStub(engine).Generate(request, timeout=60))
+
+
+def _format(engine: grpc.Channel) -> str:
+    return pb_grpc.EngineStub(engine).ModelInfo(pb.ModelInfoRequest()).tool_call_format
+
+
+def _forced(names: list[str], parallel: bool, seed: int = 3) -> pb.GenerateRequest:
+    return _chat(
+        [WEATHER, TIME], sampling=pb.SamplingParams(temperature=0.9, seed=seed),
+        stopping=pb.StoppingCriteria(max_tokens=120),
+        structured_output=pb.StructuredOutput(
+            tool_calls=pb.ToolCallConstraint(names=names, parallel=parallel)
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("forced", ["named", "required"])
+def test_grpc_clients_get_the_calls_parsed_on_the_last_chunk(engine: grpc.Channel, forced: str) -> None:  # fmt: skip
+    """A forced call (so random weights write one) answered whole and streamed: the last
+    chunk carries the calls, arguments valid against the function's schema, and finish
+    reason TOOL_CALLS; `text` is still the raw answer (what clients from before read), and
+    the calls are what parsing it gives."""
+    fmt = _format(engine)
+    named = forced == "named"
+    request = _forced(["get_weather"] if named else [], parallel=not named)
+    streamed = _generate(engine, request)
+    request.whole = True
+    (whole,) = _generate(engine, request)
+    assert len(streamed) > 1 and all(not c.tool_calls and not c.HasField("content") for c in streamed[:-1])  # fmt: skip
+    last = streamed[-1]
+    text = "".join(c.text for c in streamed)
+    assert text == whole.text  # the same seed: the same answer
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    content, expected = tool_calls.parse(text, fmt)
+    for chunk in (last, whole):
+        assert chunk.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert chunk.HasField("content") and chunk.content == (content or "") == ""
+        assert chunk.tool_calls and len({c.id for c in chunk.tool_calls}) == len(chunk.tool_calls)
+        assert [(c.name, c.arguments) for c in chunk.tool_calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in expected
+        ]
+        for call in chunk.tool_calls:
+            assert call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    if forced == "named":
+        assert [c.name for c in whole.tool_calls] == ["get_weather"]
+
+
+def test_grpc_content_is_set_only_for_a_chat_with_tools(engine: grpc.Channel) -> None:
+    """Free text: a chat with tools ends with its content (no calls in a random model's
+    answer cut by max_tokens, finish reason LENGTH); a chat without tools is as before."""
+    fmt = _format(engine)
+    stopping = pb.StoppingCriteria(max_tokens=6, ignore_eos=True)
+    (free,) = _generate(engine, _chat([WEATHER], stopping=stopping, whole=True))
+    assert free.finish_reason == pb.FINISH_REASON_LENGTH and free.HasField("content")
+    assert free.content == (tool_calls.parse(free.text, fmt)[0] or "")
+    (plain,) = _generate(engine, _chat([], stopping=stopping, whole=True))
+    assert plain.finish_reason == pb.FINISH_REASON_LENGTH
+    assert not plain.HasField("content") and not plain.tool_calls and plain.text
+
+
+def test_a_client_from_before_reads_a_tool_call_answer(engine: grpc.Channel) -> None:
+    """An old client's GenerateChunk (a schema without `tool_calls`, `content` and
+    FINISH_REASON_TOOL_CALLS, its own pool) reads the same text and tokens as a new one,
+    and still sees which chunk is the last."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    schema = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(schema)
+    chunk = next(m for m in schema.message_type if m.name == "GenerateChunk")
+    fields = [f for f in chunk.field if f.name not in ("tool_calls", "content")]
+    del chunk.field[:]
+    chunk.field.extend(fields)
+    del chunk.oneof_decl[:]  # `optional content`'s synthetic oneof
+    reasons = next(e for e in schema.enum_type if e.name == "FinishReason")
+    values = [v for v in reasons.value if v.name != "FINISH_REASON_TOOL_CALLS"]
+    del reasons.value[:]
+    reasons.value.extend(values)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    old = message_factory.GetMessageClass(pool.FindMessageTypeByName("llm.engine.v1.GenerateChunk"))  # fmt: skip
+    assert "tool_calls" not in old.DESCRIPTOR.fields_by_name
+    generate = engine.unary_stream("/llm.engine.v1.Engine/Generate", response_deserializer=old.FromString)  # fmt: skip
+    request = _forced([], parallel=True, seed=4)
+    chunks = list(generate(request.SerializeToString(), timeout=60))
+    new = _generate(engine, request)
+    assert new[-1].tool_calls and new[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    # the same seed: the same answer (in chunks that may split it otherwise)
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in new)
+    assert [t for c in chunks for t in c.token_ids] == [t for c in new for t in c.token_ids]
+    assert [c.finish_reason != 0 for c in chunks] == [False] * (len(chunks) - 1) + [True]

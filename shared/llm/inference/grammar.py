@@ -63,7 +63,8 @@ def tool_call_format(chat_template: str) -> str:
     matches): `[TOOL_CALLS]` and `[ARGS]` -> `mistral_v11` (Mistral tokenizers v11 on, which
     write a call as `[TOOL_CALLS]name[ARGS]{...}`), `[TOOL_CALLS]` -> `mistral`,
     `<tool_call>` -> `hermes`, `<|python_tag|>` or a `"parameters": ` JSON call -> `llama3`;
-    "" when it shows none. The gateway parses a chat answer's calls in this format."""
+    "" when it shows none. A chat answer's calls are parsed in this format (by the engine
+    for its gRPC clients, and by the gateway for OpenAI's)."""
     if "[TOOL_CALLS]" in chat_template:
         return "mistral_v11" if "[ARGS]" in chat_template else "mistral"
     if "<tool_call>" in chat_template:
