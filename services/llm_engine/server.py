@@ -407,8 +407,6 @@ class _Stream:
         for call in calls:
             function = call["function"]
             chunk.tool_calls.add(id=call["id"], name=function["name"], arguments=function["arguments"])  # fmt: skip
-        if calls and chunk.finish_reason == pb.FINISH_REASON_STOP:  # LENGTH stays: cut short
-            chunk.finish_reason = pb.FINISH_REASON_TOOL_CALLS
 
     def end(self, cancelled: bool) -> None:
         if cancelled:

@@ -10,11 +10,10 @@ from llm_common import tool_calls
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_gateway.schemas import EngineCall, Prompt
 
-# TOOL_CALLS is a stop here: this gateway parses the calls itself (`_finish`), since it
-# may send a chat as token ids (no tools for the engine to parse with), and with
+# "tool_calls" is decided by this gateway's own parse of the text (`_finish`): it may send
+# a chat as token ids (no tools for the engine to parse with), and with
 # `tool_choice: "none"` calls stay text.
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
-           pb.FINISH_REASON_TOOL_CALLS: "stop"}  # fmt: skip
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 @dataclass

@@ -257,7 +257,7 @@ def _forced(names: list[str], parallel: bool, seed: int = 3) -> pb.GenerateReque
 def test_grpc_clients_get_the_calls_parsed_on_the_last_chunk(engine: grpc.Channel, forced: str) -> None:  # fmt: skip
     """A forced call (so random weights write one) answered whole and streamed: the last
     chunk carries the calls, arguments valid against the function's schema, and finish
-    reason TOOL_CALLS; `text` is still the raw answer (what clients from before read), and
+    reason STOP (as before); `text` is still the raw answer (what clients from before read), and
     the calls are what parsing it gives."""
     fmt = _format(engine)
     named = forced == "named"
@@ -272,7 +272,7 @@ def test_grpc_clients_get_the_calls_parsed_on_the_last_chunk(engine: grpc.Channe
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
     content, expected = tool_calls.parse(text, fmt)
     for chunk in (last, whole):
-        assert chunk.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert chunk.finish_reason == pb.FINISH_REASON_STOP
         assert chunk.HasField("content") and chunk.content == (content or "") == ""
         assert chunk.tool_calls and len({c.id for c in chunk.tool_calls}) == len(chunk.tool_calls)
         assert [(c.name, c.arguments) for c in chunk.tool_calls] == [
@@ -299,8 +299,8 @@ def test_grpc_content_is_set_only_for_a_chat_with_tools(engine: grpc.Channel) ->
 
 
 def test_a_client_from_before_reads_a_tool_call_answer(engine: grpc.Channel) -> None:
-    """An old client's GenerateChunk (a schema without `tool_calls`, `content` and
-    FINISH_REASON_TOOL_CALLS, its own pool) reads the same text and tokens as a new one,
+    """An old client's GenerateChunk (a schema without `tool_calls` and `content`, its
+    own pool) reads the same text and tokens as a new one,
     and still sees which chunk is the last."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -311,10 +311,6 @@ def test_a_client_from_before_reads_a_tool_call_answer(engine: grpc.Channel) -> 
     del chunk.field[:]
     chunk.field.extend(fields)
     del chunk.oneof_decl[:]  # `optional content`'s synthetic oneof
-    reasons = next(e for e in schema.enum_type if e.name == "FinishReason")
-    values = [v for v in reasons.value if v.name != "FINISH_REASON_TOOL_CALLS"]
-    del reasons.value[:]
-    reasons.value.extend(values)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(schema)
     old = message_factory.GetMessageClass(pool.FindMessageTypeByName("llm.engine.v1.GenerateChunk"))  # fmt: skip
@@ -323,8 +319,8 @@ def test_a_client_from_before_reads_a_tool_call_answer(engine: grpc.Channel) -> 
     request = _forced([], parallel=True, seed=4)
     chunks = list(generate(request.SerializeToString(), timeout=60))
     new = _generate(engine, request)
-    assert new[-1].tool_calls and new[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert new[-1].tool_calls and new[-1].finish_reason == pb.FINISH_REASON_STOP
     # the same seed: the same answer (in chunks that may split it otherwise)
     assert "".join(c.text for c in chunks) == "".join(c.text for c in new)
     assert [t for c in chunks for t in c.token_ids] == [t for c in new for t in c.token_ids]
-    assert [c.finish_reason != 0 for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [c.finish_reason for c in chunks] == [0] * (len(chunks) - 1) + [pb.FINISH_REASON_STOP]
