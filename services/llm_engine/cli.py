@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from llm_common.cli import parse_flags, resolve
+from llm_common.exposition import serve_metrics
 from llm_common.logs import announce, setup_logging
 from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
-from llm_engine.exposition import serve_metrics
 from llm_engine.server import start_engine
 from llm_engine.settings import EngineSettings
 

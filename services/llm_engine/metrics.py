@@ -1,6 +1,6 @@
 """The engine's Prometheus metrics (prometheus-client's default registry).
 
-Served on `/metrics` by `llm-engine --metrics-port` (`llm_engine.exposition`); the scheduler thread
+Served on `/metrics` by `llm-engine --metrics-port` (`llm_common.exposition`); the scheduler thread
 updates them (in an engine-core process, through the recorder that `llm_engine.core`
 replays here). The chart's autoscaler reads `llm_engine_queue_depth` and
 `llm_engine_active_slots / llm_engine_slots`; its alerts and dashboard read the rest

@@ -34,6 +34,7 @@ from llm_common import tool_calls
 from llm_common.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
+from llm_common.security import TokenInterceptor
 from llm_engine import metrics, tracing, validation
 from llm_engine.core import CoreOptions, EngineCore, ModelFacts, build
 from llm_engine.scheduler import (
@@ -46,7 +47,6 @@ from llm_engine.scheduler import (
     QueueFull,
     Scheduler,
 )
-from llm_engine.security import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ async def start_engine(
     tls: grpc.ServerCredentials | None = None,
 ) -> RunningEngine:
     """Bind and start the server (health NOT_SERVING, no model yet); port 0 picks a free one.
-    With `token`, every Engine RPC must carry it (`llm_engine.security`); with `tls`, the
+    With `token`, every Engine RPC must carry it (`llm_common.security`); with `tls`, the
     port speaks TLS only."""
     # so_reuseport=0: a second engine on a taken port must fail, not silently share it.
     server = grpc.aio.server(

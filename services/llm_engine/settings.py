@@ -119,7 +119,7 @@ class EngineSettings(BaseSettings):
 
     def server_options(self) -> dict[str, Any]:
         """The keyword arguments of `start_engine` these settings give (token, TLS)."""
-        from llm_engine.security import server_credentials
+        from llm_common.security import server_credentials
 
         tls = None
         if self.tls_cert is not None and self.tls_key is not None:

@@ -29,9 +29,9 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llm_common.cli import fail, parse_flags, resolve
+from llm_common.exposition import serve_metrics as serve_prometheus
 from llm_common.logs import announce, setup_logging
 from llm_common.tracing import add_trace_ids_to_logs, setup_tracing
-from llm_engine.exposition import serve_metrics as serve_prometheus
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
 

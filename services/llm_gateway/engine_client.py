@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llm_common.proto import ENGINE_SERVICE, MAX_MESSAGE_BYTES
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
-from llm_engine.security import bearer
+from llm_common.security import bearer
 
 log = logging.getLogger(__name__)
 

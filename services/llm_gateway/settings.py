@@ -223,7 +223,7 @@ class GatewaySettings(BaseSettings):
 
     def engine_security(self) -> dict[str, Any]:
         """The `EnginePool` keyword arguments for the engines' token and TLS."""
-        from llm_engine.security import channel_credentials
+        from llm_common.security import channel_credentials
 
         tls = None
         if self.engine_tls_ca is not None:

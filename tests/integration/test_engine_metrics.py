@@ -16,9 +16,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from tests.integration.test_engine import GREEDY
 from tests.support import free_port
 
+from llm_common.exposition import serve_metrics
 from llm_common.proto.v1 import engine_pb2 as pb
 from llm_common.proto.v1 import engine_pb2_grpc as pb_grpc
-from llm_engine.exposition import serve_metrics
 from llm_engine.server import start_engine as start_server
 
 LONG = pb.StoppingCriteria(ignore_eos=True)  # the whole context: runs until cancelled

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.integration.test_engine import GREEDY, start_engine
 
 from llm_common.proto.v1 import engine_pb2 as pb
-from llm_engine.security import bearer, channel_credentials
+from llm_common.security import bearer, channel_credentials
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
 
