@@ -52,6 +52,27 @@ def test_eager_kernel_matches_sdpa_with_gqa_window_and_alibi() -> None:
     )
 
 
+def test_a_decode_step_attends_by_kv_group_as_per_head() -> None:
+    """One query per head (a decode step) over GQA/MQA keys, with a per-row mask or an
+    ALiBi bias: the grouped form (a group's queries as rows over its K/V) gives the
+    per-head reference."""
+    torch.manual_seed(0)
+    for kv_heads, dv in ((2, 8), (1, 5)):
+        q, k, v = (
+            torch.randn(3, 6, 1, 8),
+            torch.randn(3, kv_heads, 12, 8),
+            torch.randn(3, kv_heads, 12, dv),
+        )
+        q_pos = torch.tensor([[11], [4], [7]])  # rows see 12, 5 and 8 keys
+        for mask in (
+            attention_mask(q_pos, torch.arange(12)),
+            attention_mask(q_pos, torch.arange(12), alibi_slopes=alibi_slopes(6)),
+        ):
+            torch.testing.assert_close(
+                attend(q, k, v, mask, 0.3), attend(q, k, v, mask, 0.3, eager=True), **TOL
+            )
+
+
 @torch.no_grad()
 def test_geglu_matches_gemma_mlp() -> None:
     cfg = transformers.GemmaConfig(
