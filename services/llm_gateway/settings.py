@@ -182,9 +182,9 @@ class GatewaySettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ...")
 
-    @field_validator("engine", mode="before")
+    @field_validator("engine", "admin_keys", mode="before")
     @classmethod
-    def _split_targets(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
@@ -196,13 +196,6 @@ class GatewaySettings(BaseSettings):
             return parse_keys(value)
         if isinstance(value, list):  # keys given in code
             return [{"key": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("admin_keys", mode="before")
-    @classmethod
-    def _split_admin_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
     def load_admin_keys(self) -> list[str]:
