@@ -172,14 +172,14 @@ class StepScheduler:
         for i, request in enumerate(self._prefilling):
             if budget == 0:
                 break
-            if request.prefilled == request.cached and self._reuses_later(request, i, out):
+            if request.prefilled == request.cached and self._waits_for_prefix(request, i, out):
                 continue
             n = min(budget, len(request.prompt_ids) - request.prefilled)
             out.prefills.append(PrefillChunk(request, request.prefilled, n))
             budget -= n
         return out
 
-    def _reuses_later(self, request: Request, position: int, out: SchedulerOutput) -> bool:
+    def _waits_for_prefix(self, request: Request, position: int, out: SchedulerOutput) -> bool:
         """Whether a request that has computed nothing of its prompt yet waits this step
         for a prefix an older prefilling request is computing (module doc, item 4). When
         the cache holds a longer prefix than it was admitted with (computed since), the
