@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from llm.core.attn import cpu_decode
 from llm.core.multi_lora import AdapterRows
 from llm.inference.sampling import Sampler
 from llm.inference.scheduler import PrefillChunk, Request, SchedulerOutput
@@ -129,6 +130,8 @@ class ModelRunner:
         self.pos = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
         self.adapter_rows = adapter_rows
         self.adapter_of = torch.zeros(n_slots + 1, dtype=torch.long, device=self.device)  # slot's
+        if self.device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
+            cpu_decode.enable()  # decode attention's own kernel; SDPA where it cannot build
         self.compiled = compile
         self.decode_width: dict[int, int] = {}  # a step's width -> the width run (tuned)
         self._decode = self._decode_eager

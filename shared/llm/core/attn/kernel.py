@@ -3,13 +3,16 @@
 The eager path is the textbook formula (scores in the input dtype, softmax in fp32, as
 HF's `eager_attention_forward`); it exists to check the fused kernel and to run what
 SDPA cannot (soft-capped scores, attention sinks). Both take the same mask convention
-(`llm.core.attn.masks`).
+(`llm.core.attn.masks`). A decode step on the CPU takes `llm.core.attn.cpu_decode`'s
+kernel instead of SDPA once the inference runner has enabled it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from llm.core.attn import cpu_decode
 
 
 def attend(
@@ -44,6 +47,12 @@ def attend(
     if not eager and softcap is None and sinks is None:
         b, heads, t, dk = q.shape
         kv_heads = k.shape[1]
+        if t == 1 and mask is not None and dropout == 0.0 and _cpu_kernel_takes(q, k, v, mask):
+            # A decode step on the CPU: one pass over each KV head's cache for its group.
+            out = cpu_decode.decode_attention(
+                q.reshape(b, kv_heads, heads // kv_heads, dk), k, v, mask[:, 0, 0], scale
+            )  # (B, Hkv, g, dv)
+            return out.reshape(b, heads, 1, v.shape[-1])
         if t == 1 and kv_heads != heads and mask is not None and dropout == 0.0:
             # A decode step: the g = heads/kv_heads queries of a KV group become g rows over
             # that group's keys and values, read once instead of once per head (17% less
@@ -79,3 +88,19 @@ def attend(
         probs = probs[..., :-1].to(q.dtype)  # the sink's share is dropped
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, v)  # (B, H, T, dv)
+
+
+def _cpu_kernel_takes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> bool:
+    """Whether a decode step goes to `cpu_decode`: enabled, float32 on the CPU, a boolean
+    mask shared by the heads (a per-head float bias, ALiBi, keeps SDPA)."""
+    return (
+        cpu_decode.enabled()
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and mask.dtype == torch.bool
+        and mask.shape[1] == 1
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+    )
