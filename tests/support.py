@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -57,6 +62,32 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serve_gateway(app: object) -> Iterator[str]:
+    """The app on a real uvicorn server on 127.0.0.1 in a thread (real HTTP connections,
+    so a client can really disconnect); yields its base URL."""
+    from llm_gateway.cli import HttpServer
+    from llm_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(engine=["127.0.0.1:1"], host="127.0.0.1", port=0)
+    server = HttpServer(app, settings)  # type: ignore[arg-type]
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    wait_for(lambda: server.server.started, 10, "the gateway to start")
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        thread.join(15)
 
 
 def shrink(preset: str) -> dict[str, object]:

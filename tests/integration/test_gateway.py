@@ -1,7 +1,7 @@
 """The gateway app in-process: request validation, auth, and engine status -> HTTP mapping.
 
 The engine side is a real gRPC server on 127.0.0.1 whose servicer answers with the status
-a test asks for (scripted_engine.py; the model-backed engine is exercised in test_engine.py
+a test asks for (engine_double.py; the model-backed engine is exercised in test_engine.py
 and tests/e2e).
 """
 
@@ -13,21 +13,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tests.integration.scripted_engine import MODEL, ScriptedEngine, scripted_engine
+from tests.integration.engine_double import MODEL, FakeServer
 
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
 
 
-@pytest.fixture(scope="module")
-def stub_engine() -> Iterator[tuple[int, ScriptedEngine]]:
-    with scripted_engine() as engine:
-        yield engine
-
-
 @pytest.fixture
-def client(stub_engine: tuple[int, ScriptedEngine]) -> Iterator[TestClient]:
-    settings = GatewaySettings(engine=f"127.0.0.1:{stub_engine[0]}", request_timeout_s=1.0)
+def client(fake: FakeServer) -> Iterator[TestClient]:
+    settings = GatewaySettings(engine=f"127.0.0.1:{fake.port}", request_timeout_s=1.0)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         yield c
 
@@ -162,10 +156,8 @@ def test_mid_stream_engine_error_is_reported_in_band(client: TestClient) -> None
     assert "[DONE]" not in events
 
 
-def test_requests_map_onto_the_engine_api(
-    client: TestClient, stub_engine: tuple[int, ScriptedEngine]
-) -> None:
-    servicer = stub_engine[1]
+def test_requests_map_onto_the_engine_api(client: TestClient, fake: FakeServer) -> None:
+    servicer = fake.engine
     body = chat(
         messages=[{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         max_tokens=9, max_completion_tokens=7, stop="END", seed=-1, temperature=0.5, top_p=0.9,
@@ -182,7 +174,8 @@ def test_requests_map_onto_the_engine_api(
     assert sent.request_id.startswith("chatcmpl-")
     reply = response.json()
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
-    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    # The engine double tokenizes the conversation to its text "sab" and an end of turn.
+    assert reply["usage"] == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
 
     client.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3]})
     assert list(servicer.last.token_ids.ids) == [1, 2, 3]
@@ -190,10 +183,8 @@ def test_requests_map_onto_the_engine_api(
     assert servicer.last.sampling.temperature == pytest.approx(1.0)
 
 
-def test_logit_bias_and_best_of_map_onto_engine_calls(
-    client: TestClient, stub_engine: tuple[int, ScriptedEngine]
-) -> None:
-    servicer = stub_engine[1]
+def test_logit_bias_and_best_of_map_onto_engine_calls(client: TestClient, fake: FakeServer) -> None:
+    servicer = fake.engine
     reply = client.post("/v1/chat/completions", json=chat(logit_bias={"5": -100, "7": 2.5}))
     assert reply.status_code == 200, reply.text
     assert dict(servicer.last.sampling.logit_bias) == {5: -100.0, 7: 2.5}
@@ -209,8 +200,8 @@ def test_logit_bias_and_best_of_map_onto_engine_calls(
     assert body["usage"]["prompt_tokens"] == 2  # the prompt, once
 
 
-def test_api_keys(stub_engine: tuple[int, ScriptedEngine]) -> None:
-    settings = GatewaySettings(engine=f"127.0.0.1:{stub_engine[0]}", api_keys=["k1", "k2"])
+def test_api_keys(fake: FakeServer) -> None:
+    settings = GatewaySettings(engine=f"127.0.0.1:{fake.port}", api_keys=["k1", "k2"])
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200  # probes need no key
         assert c.get("/v1/models").status_code == 401

@@ -10,14 +10,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from fastapi.testclient import TestClient
-from tests.integration.fake_engine import (
-    MODEL,
-    NOT_SERVING,
-    SERVING,
-    FakeServer,
-    fake_engines,
-    wait_for,
-)
+from tests.integration.engine_double import MODEL, NOT_SERVING, SERVING, FakeServer, fake_engines
+from tests.support import wait_for
 
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings

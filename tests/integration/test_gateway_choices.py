@@ -1,4 +1,4 @@
-"""The gateway app in-process against a scripted engine: `n` and several prompts fan out to
+"""The gateway app in-process against the engine double: `n` and several prompts fan out to
 one engine call per choice, logprobs come back in chat's and the legacy completions format,
 echo shows the prompt (and scores it), usage counts each prompt once."""
 
@@ -11,28 +11,22 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tests.integration.scripted_engine import MODEL, ScriptedEngine, scripted_engine
+from tests.integration.engine_double import MODEL, FakeEngine, FakeServer
 
 from llm_gateway.app import create_app
 from llm_gateway.settings import GatewaySettings
 
 
-@pytest.fixture(scope="module")
-def stub_engine() -> Iterator[tuple[int, ScriptedEngine]]:
-    with scripted_engine() as engine:
-        yield engine
+@pytest.fixture
+def engine(fake: FakeServer) -> FakeEngine:
+    fake.engine.requests.clear()
+    fake.engine.tokenized.clear()
+    return fake.engine
 
 
 @pytest.fixture
-def engine(stub_engine: tuple[int, ScriptedEngine]) -> ScriptedEngine:
-    stub_engine[1].requests.clear()
-    stub_engine[1].tokenized.clear()
-    return stub_engine[1]
-
-
-@pytest.fixture
-def client(stub_engine: tuple[int, ScriptedEngine]) -> Iterator[TestClient]:
-    settings = GatewaySettings(engine=f"127.0.0.1:{stub_engine[0]}", request_timeout_s=1.0)
+def client(fake: FakeServer) -> Iterator[TestClient]:
+    settings = GatewaySettings(engine=f"127.0.0.1:{fake.port}", request_timeout_s=1.0)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         yield c
 
@@ -46,14 +40,14 @@ def events(response: httpx.Response) -> list[dict]:
 
 
 def test_n_choices_are_engine_calls_with_consecutive_seeds(
-    client: TestClient, engine: ScriptedEngine
+    client: TestClient, engine: FakeEngine
 ) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3, "seed": 7,
             "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2}  # fmt: skip
     reply = client.post("/v1/chat/completions", json=body).json()
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
     assert all(c["message"]["content"] == "ok" for c in reply["choices"])
-    # The prompt is counted once, the completions of every choice.
+    # The prompt is counted once (h, i and the end of the turn), the completions of every choice.
     assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     sent = sorted(engine.requests, key=lambda r: r.request_id)
     assert [r.request_id for r in sent] == [f"{reply['id']}-{i}" for i in range(3)]
@@ -62,7 +56,7 @@ def test_n_choices_are_engine_calls_with_consecutive_seeds(
     assert (s.top_k, s.min_p, s.repetition_penalty) == (5, pytest.approx(0.1), pytest.approx(1.2))
 
 
-def test_each_prompt_has_n_choices_in_order(client: TestClient, engine: ScriptedEngine) -> None:
+def test_each_prompt_has_n_choices_in_order(client: TestClient, engine: FakeEngine) -> None:
     body = {"model": MODEL, "prompt": ["say:A", "say:BB"], "n": 2, "seed": -1, "max_tokens": 3}
     reply = client.post("/v1/completions", json=body).json()
     got = [(c["index"], c["text"]) for c in reply["choices"]]
@@ -77,10 +71,10 @@ def test_each_prompt_has_n_choices_in_order(client: TestClient, engine: Scripted
 
 
 def test_a_prompt_is_tokenized_once_for_its_choices_and_checked_before_any_is_built(
-    client: TestClient, engine: ScriptedEngine
+    client: TestClient, engine: FakeEngine
 ) -> None:
     """n copies of a long text are neither built nor tokenized n times: one Tokenize call,
-    then a 400 naming the input (the scripted model's context is 64 tokens)."""
+    then a 400 naming the input (the engine double's context is 64 tokens)."""
     long = "ab" * 5000
     for path, body, param in [
         ("/v1/completions", {"prompt": long}, "prompt"),
@@ -118,7 +112,7 @@ def test_streamed_choices_are_tagged_by_index(client: TestClient) -> None:
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
-def test_chat_top_logprobs(client: TestClient, engine: ScriptedEngine) -> None:
+def test_chat_top_logprobs(client: TestClient, engine: FakeEngine) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
             "top_logprobs": 2}  # fmt: skip
     reply = client.post("/v1/chat/completions", json=body).json()
@@ -137,7 +131,7 @@ def test_chat_top_logprobs(client: TestClient, engine: ScriptedEngine) -> None:
 
 
 def test_completion_logprobs_with_echo_in_the_legacy_format(
-    client: TestClient, engine: ScriptedEngine
+    client: TestClient, engine: FakeEngine
 ) -> None:
     body = {"model": MODEL, "prompt": "say:!", "echo": True, "logprobs": 1, "max_tokens": 1}
     choice = client.post("/v1/completions", json=body).json()["choices"][0]
@@ -167,7 +161,7 @@ def test_completion_logprobs_with_echo_in_the_legacy_format(
 
 
 def test_echo_of_token_ids_scores_the_prompt_without_generating(
-    client: TestClient, engine: ScriptedEngine
+    client: TestClient, engine: FakeEngine
 ) -> None:
     """What lm-eval-harness sends: token-id prompts, echo, logprobs, max_tokens=0."""
     h, i, j = (ord(c) for c in "hij")
@@ -204,9 +198,7 @@ def test_one_refused_choice_fails_the_request_without_waiting(client: TestClient
     assert time.monotonic() - started < 0.9
 
 
-def test_many_prompts_run_at_most_16_calls_at_once(
-    client: TestClient, engine: ScriptedEngine
-) -> None:
+def test_many_prompts_run_at_most_16_calls_at_once(client: TestClient, engine: FakeEngine) -> None:
     """A batch of prompts (an evaluation harness's) does not fill the engine's queue alone."""
     deadline = time.monotonic() + 5  # an earlier test's cancelled "slow" may still sleep
     while engine.active and time.monotonic() < deadline:

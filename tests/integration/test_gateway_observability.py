@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
-from tests.integration.fake_engine import MODEL, NOT_SERVING, SERVING, FakeServer, wait_for
+from tests.integration.engine_double import MODEL, NOT_SERVING, SERVING, FakeServer
+from tests.support import wait_for
 
 from llm_common.logs import JsonFormatter
 from llm_common.tracing import TraceContextFilter
@@ -26,13 +27,6 @@ from llm_gateway.settings import GatewaySettings
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    server = FakeServer("a")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -144,6 +138,7 @@ def test_metrics(fake: FakeServer) -> None:
     assert metric(text, requests, route="unmatched", method="GET", status="404") == 1
     assert metric(text, "llm_gateway_request_duration_seconds_count", route=route) == 5
     assert metric(text, "llm_gateway_time_to_first_token_seconds_count", route=route) == 1
+    # The engine double's "hi" conversation is 3 tokens: h, i and the end of the turn.
     assert metric(text, "llm_gateway_tokens_total", type="prompt") == 4 * 3
     assert metric(text, "llm_gateway_tokens_total", type="completion") == 4 * 1
     assert metric(text, "llm_gateway_engine_healthy", engine=engine) == 1

@@ -3,8 +3,8 @@ the defaults, 429 with Retry-After and OpenAI's x-ratelimit-* headers (on succes
 tokens held up front and settled with usage, and, with a Redis URL, counts shared by gateway
 replicas, against a real redis-server process.
 
-The engine is a fake grpc.aio server (fake_engine.py): every generation uses 3 prompt tokens
-and 1 completion token. The gateways run in-process.
+The engine is the engine double (engine_double.py): a generation of "hi" uses 2 prompt
+tokens, one per character, and 1 completion token. The gateways run in-process.
 """
 
 from __future__ import annotations
@@ -20,21 +20,14 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from tests.integration.fake_engine import MODEL, FakeServer
+from tests.integration.engine_double import MODEL, FakeServer
 from tests.support import free_port, stop_process
 
 from llm_gateway.app import create_app
 from llm_gateway.ratelimit import duration
 from llm_gateway.settings import GatewaySettings, KeyLimits
 
-USED = 3 + 1  # the fake engine's usage per generation
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    server = FakeServer("a")
-    yield server
-    server.stop()
+USED = len("hi") + 1  # the engine double's usage per generation of "hi"
 
 
 def gateway(fake: FakeServer, **settings: object) -> TestClient:
@@ -105,7 +98,7 @@ def test_tokens_are_held_up_front_and_settled_with_usage(fake: FakeServer) -> No
         held = completion(c, max_tokens=90)
         assert held.status_code == 200
         assert limits(held, "tokens")[:2] == (100, 100 - 91)
-        # Once settled, the key was charged its usage (4), not 91: 91 fit again.
+        # Once settled, the key was charged its usage (USED), not 91: 91 fit again.
         again = completion(c, max_tokens=90)
         assert again.status_code == 200
         assert limits(again, "tokens")[1] in (100 - USED - 91, 100 - USED - 91 + 1)  # refill
@@ -114,15 +107,16 @@ def test_tokens_are_held_up_front_and_settled_with_usage(fake: FakeServer) -> No
         assert failed.status_code == 400
         ok = completion(c, max_tokens=90)
         assert ok.status_code == 200, ok.text
-        refused = completion(c, max_tokens=99)  # 3 x 4 used: 100 more do not fit
+        refused = completion(c, max_tokens=99)  # 3 x USED used: 100 more do not fit
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["type"] == "tokens" and refused.headers["retry-after"]
         too_large = completion(c, max_tokens=150)
         assert too_large.status_code == 429 and "retry-after" not in too_large.headers
         assert "Request too large" in too_large.json()["error"]["message"]
-        # n choices hold max_tokens each, the prompt once: 1 + 3 * 30.
-        n3 = completion(c, max_tokens=30, n=3, prompt="h")
-        assert n3.status_code == 429 and "requested 91" in n3.json()["error"]["message"]
+        # n choices hold max_tokens each, the prompt once: 1 + 3 * 32, more than the
+        # 100 - 3 x USED left.
+        n3 = completion(c, max_tokens=32, n=3, prompt="h")
+        assert n3.status_code == 429 and "requested 97" in n3.json()["error"]["message"]
 
 
 def test_default_limits_apply_without_keys(fake: FakeServer) -> None:
@@ -222,7 +216,7 @@ def test_replicas_sharing_redis_count_together(fake: FakeServer, redis_url: str)
         assert third.status_code == 200 and limits(third, "requests")[:2] == (3, 0)
         refused = completion(b, key)
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
-        # Tokens too: each holds 1 + 5 and settles to 4; the third does not fit in 10.
+        # Tokens too: each holds 1 + 5 and settles to USED; the third does not fit in 10.
         assert completion(a, "sk-t", max_tokens=5).status_code == 200
         assert completion(b, "sk-t", max_tokens=5).status_code == 200
         assert completion(a, "sk-t", max_tokens=5).status_code == 429

@@ -2,7 +2,7 @@
 the loopback default without keys, the body size limit, the per-request timeout, 429 with
 Retry-After, and cancellation of the engine call when the HTTP client goes away.
 
-The engine is a fake grpc.aio server (fake_engine.py); the gateway runs in-process, on a
+The engine is the engine double (engine_double.py); the gateway runs in-process, on a
 real uvicorn server where a test needs real connections, or as the `llm-gateway` process.
 """
 
@@ -20,15 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tests.integration.fake_engine import (
-    MODEL,
-    FakeEngine,
-    FakeServer,
-    PerCallFakeEngine,
-    serve_gateway,
-    wait_for,
-)
-from tests.support import free_port, stop_process
+from tests.integration.engine_double import MODEL, FakeEngine, FakeServer, PerCallFakeEngine
+from tests.support import free_port, serve_gateway, stop_process, wait_for
 
 from llm_common.logs import read_announcement
 from llm_gateway.app import create_app
@@ -36,13 +29,6 @@ from llm_gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO / "services")])}
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeServer]:
-    server = FakeServer("a")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["multiplexed", "per-call engine"])
