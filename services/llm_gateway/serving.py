@@ -139,6 +139,24 @@ class Arrivals:
             lease.release()
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events whose engine streams are freed however the response ends. The
+    generator frees them in its `finally` once it has started; a client that left before
+    the first event was sent cancels the response before the generator starts, and a
+    generator that never started runs no `finally`, so the response frees them too."""
+
+    def __init__(self, events: AsyncIterator[bytes], leases: list[Lease]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self.leases = leases
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for lease in self.leases:  # idempotent: a no-op where the generator did it
+                lease.release()
+
+
 class Serving:
     """What both generation endpoints do; a subclass's `create` picks the response format."""
 
@@ -162,8 +180,7 @@ class Serving:
         finally:
             watch.stop()
         self.metrics.first_token.labels(request.url.path).observe(time.monotonic() - started)
-        events = self.stream_generator(job, streams)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return EventStream(self.stream_generator(job, streams), [lease for lease, _ in streams])
 
     async def prepare(
         self, request: Request, body: GenerateBody, fmt: ResponseFormat, echo: bool,

@@ -8,6 +8,7 @@ real uvicorn server where a test needs real connections, or as the `llm-gateway`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -179,6 +180,53 @@ def test_client_disconnect_cancels_the_engine_call(
         # server stops at once instead of waiting out its graceful shutdown
         started = time.monotonic()
     assert time.monotonic() - started < 5
+
+
+def test_a_client_gone_before_the_first_event_still_frees_the_engine_streams(
+    either_fake: FakeServer,
+) -> None:
+    """The client leaves after every choice has started but before the response does: the
+    disconnect cancels the response while it sends its head (Starlette, ASGI 2.3), before
+    its body generator has run, and a generator that never ran runs no clean-up."""
+    engine = either_fake.engine
+    cancelled = engine.cancelled
+    body = json.dumps(completion("tokens:500", stream=True, n=2)).encode()
+    sent: list[dict] = []
+
+    async def leave_at_once() -> None:
+        calls = 0
+
+        async def receive() -> dict:
+            # The body; then the handler's watch while choices start, which sees nothing
+            # (it is cancelled once they have); then the response's: the client is gone.
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            if calls == 2:
+                await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            await asyncio.sleep(0)  # a server may yield in send (uvicorn: flow control)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": "",
+        }  # fmt: skip
+        await client.app(scope, receive, send)
+
+    with TestClient(create_app(settings(either_fake))) as client:
+        client.portal.call(leave_at_once)
+        wait_for(
+            lambda: engine.cancelled == cancelled + 2 and engine.active == 0,
+            what="the engine calls to be cancelled",
+        )
+    assert not any(m.get("body") for m in sent)  # no event was sent: the case under test
 
 
 def gateway_env(**env: str) -> dict[str, str]:
