@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -130,15 +130,34 @@ def parse_args(argv: Sequence[str]) -> SubmitSettings:
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["training.max_steps=5", ...]` -> `{"training": {"max_steps": "5"}}` (pydantic coerces)."""
+    """`["training.max_steps=5", ...]` -> `{"training": {"max_steps": "5"}}` (pydantic coerces).
+    A list field's value is its items, comma-separated or as JSON, as `llm-train`'s own
+    flags take it: `finetune.targets=q_proj,v_proj`."""
     tree: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         section, dot, field = key.partition(".")
         if not (sep and dot and section and field):
             raise ValueError(f"--set {pair!r}: expected SECTION.FIELD=VALUE")
-        tree.setdefault(section, {})[field.replace("-", "_")] = value
+        field = field.replace("-", "_")
+        items = _items(section, field, value)
+        tree.setdefault(section, {})[field] = value if items is None else items
     return tree
+
+
+def _items(section: str, field: str, value: str) -> list[Any] | None:
+    """The items of a list field's value; None for any other field (or an unknown one,
+    which the settings then name)."""
+    part = TrainerSettings.model_fields.get(section)
+    info = getattr(part.annotation, "model_fields", {}).get(field) if part else None
+    if info is None or get_origin(info.annotation) not in (list, tuple, set, frozenset):
+        return None
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--set {section}.{field}: not a JSON list: {e}") from None
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def env_value(value: Any) -> str:

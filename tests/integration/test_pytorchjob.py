@@ -147,6 +147,14 @@ def test_dry_run_job_is_valid_and_carries_the_settings(capsys, monkeypatch, crd_
     assert "LLM_TRAINING__BATCH_SIZE" not in names  # defaults stay out of the manifest
 
 
+def test_a_list_setting_takes_its_items_comma_separated_or_as_json(capsys, monkeypatch):
+    for value in ("q_proj,v_proj", '["q_proj", "v_proj"]', " q_proj , v_proj,"):
+        job = dry_run(capsys, *SETTINGS, "--set", f"finetune.targets={value}")
+        assert trainer_settings_from(job, monkeypatch).finetune.targets == ("q_proj", "v_proj")
+    assert submit.main([*SUBMIT, *SETTINGS, "--set", "finetune.targets=[q_proj", "--dry-run"]) == 2
+    assert "finetune.targets: not a JSON list" in capsys.readouterr().err
+
+
 def test_settings_from_the_environment_and_yaml_reach_the_job(
     capsys, monkeypatch, tmp_path, crd_schema
 ):
