@@ -2,14 +2,13 @@
 
 A decode step's attention reads every cached key and value of every row once and does
 little arithmetic with them, so it is bound by memory bandwidth. SDPA's CPU kernel runs
-it as small matrix products of a few query rows each and streams the cache at 12-17 GB/s
-on a 2-core box where a plain pass over it reaches 25-30; `decode_attention.cpp` makes
-one pass over a KV head's keys and one over its values for all the queries of its group,
-1.1-1.3x faster per layer on the serving benchmark's shapes (`benchmarks/decode_attention.py`,
-numbers in docs/benchmarks.md).
+it as small matrix products of a few query rows each and streams the cache well below
+the rate a plain pass over it reaches; `decode_attention.cpp` makes one pass over a KV
+head's keys and one over its values for all the queries of its group
+(`benchmarks/decode_attention.py` compares the two; docs/benchmarks.md has the numbers).
 
 `enable()` compiles the C++ source with torch's extension builder (a C++ compiler and
-Python's headers are needed, as for `torch.compile` on the CPU; about 20 s once, then
+Python's headers are needed, as for `torch.compile` on the CPU; built once, then
 cached by torch in `TORCH_EXTENSIONS_DIR`, one build per CPU kind since it targets the
 machine it runs on). Without a compiler `enable()` returns False and attention keeps
 SDPA. `llm.core.attn.kernel.attend` takes the kernel for a CPU float32 decode step with a

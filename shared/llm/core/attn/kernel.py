@@ -55,8 +55,8 @@ def attend(
             return out.reshape(b, heads, 1, v.shape[-1])
         if t == 1 and kv_heads != heads and mask is not None and dropout == 0.0:
             # A decode step: the g = heads/kv_heads queries of a KV group become g rows over
-            # that group's keys and values, read once instead of once per head (17% less
-            # time at 1,000 cached positions on the CPU; docs/benchmarks.md).
+            # that group's keys and values, read once instead of once per head
+            # (docs/benchmarks.md).
             g = heads // kv_heads
             if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, 1, L) by group
                 mask = mask.reshape(b, kv_heads, g, mask.shape[-1])
