@@ -179,9 +179,11 @@ def test_list_flags_repeat(monkeypatch) -> None:
     limits = gateway.load_key_limits()
     assert list(limits) == ["k1", "k2"] and limits["k2"].rpm == 3
     assert gateway.load_admin_keys() == ["root"]
-    # A trainer override keeps its commas: it is one SECTION.FIELD=VALUE.
+    # A trainer override keeps its commas: it is one SECTION.FIELD=VALUE, whose list field
+    # then takes the items.
     args = submit.parse_args(["--image", "i", "--set", "finetune.targets=q_proj,v_proj"])
-    assert submit.overrides(args.set) == {"finetune": {"targets": "q_proj,v_proj"}}
+    assert args.set == ["finetune.targets=q_proj,v_proj"]
+    assert submit.overrides(args.set) == {"finetune": {"targets": ["q_proj", "v_proj"]}}
 
 
 @pytest.mark.parametrize(
