@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-fast lint format proto clean
+.PHONY: install kernels demo test test-fast lint format proto clean
 
 # A new top-level package needs a reinstall too: the editable install maps packages by name.
 $(STAMP): pyproject.toml $(wildcard shared/*/__init__.py services/*/__init__.py)
@@ -18,13 +18,18 @@ $(STAMP): pyproject.toml $(wildcard shared/*/__init__.py services/*/__init__.py)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The CPU decode-attention kernel, built once (then found in torch's extension cache) before
+# anything times an engine's start; without a C++ compiler it warns and attention keeps SDPA.
+kernels: $(STAMP)
+	$(BIN)/python -c "from llm.core.attn import cpu_decode; cpu_decode.enable()"
+
+demo: kernels
 	$(BIN)/python deploy/local/demo.py
 
-test: $(STAMP)
+test: kernels
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: kernels
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)

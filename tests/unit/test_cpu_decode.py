@@ -58,6 +58,12 @@ def test_a_row_with_every_key_masked_gets_zeros_and_spoils_no_other() -> None:
     torch.testing.assert_close(out[:1], reference(q[:1], k[:1], v[:1], mask[:1], 0.5), **TOL)
 
 
+def test_shapes_that_do_not_match_are_refused_naming_them() -> None:
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    with pytest.raises(RuntimeError, match="do not match"):
+        cpu_decode.decode_attention(q, k, v, torch.ones(1, 6, dtype=torch.bool), 0.5)
+
+
 def _calls_kernel(fn) -> bool:
     with torch.profiler.profile() as prof:
         fn()
@@ -76,6 +82,8 @@ def test_attend_takes_the_kernel_for_a_cpu_decode_step_and_sdpa_otherwise() -> N
     alibi = attention_mask(q_pos, torch.arange(12), alibi_slopes=torch.rand(6))  # per head
     assert not _calls_kernel(lambda: attend(q, k, v, alibi, 0.3))
     assert not _calls_kernel(lambda: attend(q.double(), k.double(), v.double(), mask, 0.3))
+    shared = mask[:1]  # one mask broadcast over the rows
+    assert not _calls_kernel(lambda: attend(q, k, v, shared, 0.3))
     prefill = attention_mask(torch.arange(10, 12)[None].repeat(3, 1), torch.arange(12))
     q2 = torch.randn(3, 6, 2, 16)
     assert not _calls_kernel(lambda: attend(q2, k, v, prefill, 0.3))

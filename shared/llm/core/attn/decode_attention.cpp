@@ -17,6 +17,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k, v need unit last stride");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), Dk = q.size(3);
   const int64_t L = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H &&
+                  k.size(3) == Dk && v.size(2) == L && mask.size(0) == B && mask.size(1) == L,
+              "decode_attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+              " and mask ", mask.sizes(), " do not match");
   const auto qc = q.contiguous();
   auto out = torch::empty({B, H, G, Dv}, q.options());
   const float* qp = qc.data_ptr<float>();

@@ -100,6 +100,7 @@ def _cpu_kernel_takes(
         and q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and mask.dtype == torch.bool
+        and mask.shape[0] == q.shape[0]  # not one row's mask broadcast over the batch
         and mask.shape[1] == 1
         and k.stride(-1) == 1
         and v.stride(-1) == 1
