@@ -47,23 +47,21 @@ def attend(
     if not eager and softcap is None and sinks is None:
         b, heads, t, dk = q.shape
         kv_heads = k.shape[1]
-        if t == 1 and mask is not None and dropout == 0.0 and _cpu_kernel_takes(q, k, v, mask):
-            # A decode step on the CPU: one pass over each KV head's cache for its group.
-            out = cpu_decode.decode_attention(
-                q.reshape(b, kv_heads, heads // kv_heads, dk), k, v, mask[:, 0, 0], scale
-            )  # (B, Hkv, g, dv)
-            return out.reshape(b, heads, 1, v.shape[-1])
-        if t == 1 and kv_heads != heads and mask is not None and dropout == 0.0:
+        decode = t == 1 and mask is not None and dropout == 0.0
+        own_kernel = decode and _cpu_kernel_takes(q, k, v, mask)
+        if own_kernel or (decode and kv_heads != heads):
             # A decode step: the g = heads/kv_heads queries of a KV group become g rows over
-            # that group's keys and values, read once instead of once per head
-            # (docs/benchmarks.md).
+            # that group's keys and values, read once instead of once per head; on the CPU
+            # by our own kernel, one pass over each head's cache (docs/benchmarks.md).
             g = heads // kv_heads
-            if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, 1, L) by group
-                mask = mask.reshape(b, kv_heads, g, mask.shape[-1])
-            out = F.scaled_dot_product_attention(
-                q.reshape(b, kv_heads, g, dk), k, v, attn_mask=mask, scale=scale
-            )  # (B, Hkv, g, dv)
-            return out.reshape(b, heads, 1, v.shape[-1])
+            grouped = q.reshape(b, kv_heads, g, dk)
+            if own_kernel:
+                out = cpu_decode.decode_attention(grouped, k, v, mask[:, 0, 0], scale)
+            else:
+                if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, 1, L) by group
+                    mask = mask.reshape(b, kv_heads, g, mask.shape[-1])
+                out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+            return out.reshape(b, heads, 1, v.shape[-1])  # out: (B, Hkv, g, dv)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale,
             enable_gqa=True,
