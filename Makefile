@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml $(wildcard shared/*/__init__.py services/*/__init__.py)
 
 install: $(STAMP)
 
-# The CPU decode-attention kernel, built once (then found in torch's extension cache) before
-# anything times an engine's start; without a C++ compiler it warns and attention keeps SDPA.
+# The CPU decode-step kernels (attention, linears), built once (then found in torch's
+# extension cache) before anything times an engine's start; without a C++ compiler it
+# warns and the model keeps torch's kernels.
 kernels: $(STAMP)
-	$(BIN)/python -c "from llm.core.attn import cpu_decode; cpu_decode.enable()"
+	$(BIN)/python -c "from llm.core import cpu_kernels; cpu_kernels.enable()"
 
 demo: kernels
 	$(BIN)/python deploy/local/demo.py

@@ -27,9 +27,11 @@ chunk length, cache length), on the CPU with inductor's freezing, which packs th
 for its GEMM kernels (the weights are then held twice). Calls have at least two rows (a
 lone prompt chunk is cut in two; a decode step or a one-token chunk gets an extra row
 that writes into a scratch cache row past the slots), so a single stream never needs graphs of its own; `warmup` compiles the rest (the
-whole cache attended) before the first request, so none compiles mid-traffic. Eager on
-the CPU, decode steps and short prefill chunks compute their linear layers as `W @ x^T`
-(`FewRowLinears`).
+whole cache attended) before the first request, so none compiles mid-traffic. On the
+CPU in float32, decode steps run the engine's own kernels (`llm.core.cpu_kernels`):
+attention, and linear layers on weights packed when the runner is made (so the weights
+must not change while it serves them); eager, short prefill chunks compute their
+linear layers as `W @ x^T` (`FewRowLinears`).
 
 With several LoRA adapters on the model (`llm.core.multi_lora`, `adapter_rows`), every
 call also takes the adapter index of each of its rows, gathered from the index of each
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from llm.core.attn import cpu_decode
+from llm.core import cpu_kernels
 from llm.core.multi_lora import AdapterRows
 from llm.inference.sampling import Sampler
 from llm.inference.scheduler import PrefillChunk, Request, SchedulerOutput
@@ -98,6 +100,16 @@ class FewRowLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _with_decode_linears(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` run with the packed linear layers on `cpu_kernels.small_linear`."""
+
+    def call(*args: object) -> torch.Tensor:
+        with cpu_kernels.decode_linears():
+            return fn(*args)
+
+    return call
+
+
 def _compiled(fn: Callable[..., torch.Tensor], cpu: bool) -> Callable[..., torch.Tensor]:
     """`fn` compiled with dynamic shapes. On the CPU with inductor's freezing, which treats
     the weights as constants and packs them for its GEMMs, and its C++ wrapper, which runs
@@ -130,16 +142,23 @@ class ModelRunner:
         self.pos = torch.zeros(n_slots + 1, 1, dtype=torch.long, device=self.device)
         self.adapter_rows = adapter_rows
         self.adapter_of = torch.zeros(n_slots + 1, dtype=torch.long, device=self.device)  # slot's
+        # On the CPU in float32, the decode step's own kernels (attention, and linears on
+        # weights packed here: `llm.core.cpu_kernels`); torch's where they cannot build.
+        self.packed = 0
         if self.device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
-            cpu_decode.enable()  # decode attention's own kernel; SDPA where it cannot build
+            self.packed = cpu_kernels.pack_linears(model)
         self.compiled = compile
         self.decode_width: dict[int, int] = {}  # a step's width -> the width run (tuned)
-        self._decode = self._decode_eager
-        self._prefill_call = self._prefill_eager
-        if compile:
-            cpu = self.device.type == "cpu"
-            self._decode = _compiled(self._decode_graph, cpu)
-            self._prefill_call = _compiled(self._prefill_graph, cpu)
+        self._set_calls(compile)
+
+    def _set_calls(self, compile: bool) -> None:
+        cpu = self.device.type == "cpu"
+        decode = _compiled(self._decode_graph, cpu) if compile else self._decode_eager
+        if self.packed:  # every decode call, warmup's too: compiled with the flag it runs with
+            self._decode = _with_decode_linears(decode)
+        else:
+            self._decode = decode
+        self._prefill_call = _compiled(self._prefill_graph, cpu) if compile else self._prefill_eager
 
     def assign(self, request: Request) -> None:
         """Load an admitted request's sampling parameters into its slot."""
@@ -162,7 +181,7 @@ class ModelRunner:
             except Exception as e:  # inductor/dynamo raise many kinds: all mean "cannot compile"
                 log.warning("compile failed, running eager: %s: %s", type(e).__name__, e)
                 self.compiled = False
-                self._decode, self._prefill_call = self._decode_eager, self._prefill_eager
+                self._set_calls(compile=False)
                 self.pos.zero_()
         if self.device.type == "cpu":
             self.tune_decode_widths()

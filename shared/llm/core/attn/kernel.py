@@ -3,8 +3,8 @@
 The eager path is the textbook formula (scores in the input dtype, softmax in fp32, as
 HF's `eager_attention_forward`); it exists to check the fused kernel and to run what
 SDPA cannot (soft-capped scores, attention sinks). Both take the same mask convention
-(`llm.core.attn.masks`). A decode step on the CPU takes `llm.core.attn.cpu_decode`'s
-kernel instead of SDPA once the inference runner has enabled it.
+(`llm.core.attn.masks`). A decode step on the CPU takes `llm.core.cpu_kernels`'
+attention kernel instead of SDPA once the inference runner has enabled it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm.core.attn import cpu_decode
+from llm.core import cpu_kernels
 
 
 def attend(
@@ -56,7 +56,7 @@ def attend(
             g = heads // kv_heads
             grouped = q.reshape(b, kv_heads, g, dk)
             if own_kernel:
-                out = cpu_decode.decode_attention(grouped, k, v, mask[:, 0, 0], scale)
+                out = cpu_kernels.decode_attention(grouped, k, v, mask[:, 0, 0], scale)
             else:
                 if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, 1, L) by group
                     mask = mask.reshape(b, kv_heads, g, mask.shape[-1])
@@ -91,10 +91,10 @@ def attend(
 def _cpu_kernel_takes(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> bool:
-    """Whether a decode step goes to `cpu_decode`: enabled, float32 on the CPU, a boolean
+    """Whether a decode step goes to `cpu_kernels`: enabled, float32 on the CPU, a boolean
     mask shared by the heads (a per-head float bias, ALiBi, keeps SDPA)."""
     return (
-        cpu_decode.enabled()
+        cpu_kernels.enabled()
         and q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and mask.dtype == torch.bool

@@ -1,4 +1,4 @@
-// One decode step's attention on the CPU, fp32 (llm.core.attn.cpu_decode): the query rows
+// One decode step's attention on the CPU, fp32 (llm.core.cpu_kernels): the query rows
 // of a KV head's group attend over that head's cached keys and values, read once for all.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
