@@ -73,6 +73,26 @@ def test_a_decode_step_attends_by_kv_group_as_per_head() -> None:
             )
 
 
+def test_a_prefill_chunk_after_a_cache_attends_by_kv_group_as_per_head() -> None:
+    """Several queries per head at per-row positions (a prompt chunk after cached tokens)
+    over GQA/MQA keys, with a per-row mask, one mask for every row, or an ALiBi bias:
+    the grouped form (a group's queries x positions as rows) gives the per-head
+    reference."""
+    torch.manual_seed(0)
+    for kv_heads in (2, 1):
+        q = torch.randn(3, 6, 4, 8)
+        k, v = torch.randn(3, kv_heads, 12, 8), torch.randn(3, kv_heads, 12, 8)
+        q_pos = torch.tensor([[8, 9, 10, 11], [2, 3, 4, 5], [5, 6, 7, 8]])
+        for mask in (
+            attention_mask(q_pos, torch.arange(12)),
+            attention_mask(q_pos[:1], torch.arange(12)),  # broadcast over the rows
+            attention_mask(q_pos, torch.arange(12), alibi_slopes=alibi_slopes(6)),
+        ):
+            torch.testing.assert_close(
+                attend(q, k, v, mask, 0.3), attend(q, k, v, mask, 0.3, eager=True), **TOL
+            )
+
+
 @torch.no_grad()
 def test_geglu_matches_gemma_mlp() -> None:
     cfg = transformers.GemmaConfig(

@@ -49,19 +49,22 @@ def attend(
         kv_heads = k.shape[1]
         decode = t == 1 and mask is not None and dropout == 0.0
         own_kernel = decode and _cpu_kernel_takes(q, k, v, mask)
-        if own_kernel or (decode and kv_heads != heads):
-            # A decode step: the g = heads/kv_heads queries of a KV group become g rows over
-            # that group's keys and values, read once instead of once per head; on the CPU
-            # by our own kernel, one pass over each head's cache (docs/benchmarks.md).
+        if own_kernel or (mask is not None and dropout == 0.0 and kv_heads != heads):
+            # The g = heads/kv_heads queries of a KV group become g*T rows over that
+            # group's keys and values, read once instead of once per head (SDPA's
+            # `enable_gqa` compiles to copies of them, one per head); a decode step on the
+            # CPU by our own kernel, one pass over each head's cache (docs/benchmarks.md).
             g = heads // kv_heads
-            grouped = q.reshape(b, kv_heads, g, dk)
+            grouped = q.reshape(b, kv_heads, g * t, dk)
             if own_kernel:
                 out = cpu_kernels.decode_attention(grouped, k, v, mask[:, 0, 0], scale)
             else:
-                if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, 1, L) by group
-                    mask = mask.reshape(b, kv_heads, g, mask.shape[-1])
+                if mask.shape[1] != 1:  # a per-head bias (ALiBi): (B, H, T, L) by group
+                    mask = mask.reshape(mask.shape[0], kv_heads, g * t, mask.shape[-1])
+                elif t > 1:  # the rows of each query of the group see the same keys
+                    mask = mask.repeat(1, 1, g, 1)
                 out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
-            return out.reshape(b, heads, 1, v.shape[-1])  # out: (B, Hkv, g, dv)
+            return out.reshape(b, heads, t, v.shape[-1])  # out: (B, Hkv, g*T, dv)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale,
             enable_gqa=True,
