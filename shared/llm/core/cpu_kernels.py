@@ -59,9 +59,10 @@ def enable() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
+        sources = [source.read_text() for source in _SOURCES]
         extension = load_inline(
-            f"llm_cpu_kernels_{_cpu_kind()}",
-            cpp_sources=[source.read_text() for source in _SOURCES],
+            f"llm_cpu_kernels_{_build_kind(sources)}",
+            cpp_sources=sources,
             functions=["decode_attention", "pack_linear_weight", "small_linear_group"],
             # -ffast-math lets the compiler vectorize exp and the reductions; it is not
             # passed to the linker, so the process's floating-point mode stays as it is.
@@ -83,10 +84,10 @@ def enable() -> bool:
     return True
 
 
-def _cpu_kind() -> str:
+def _build_kind(sources: list[str]) -> str:
     """A short digest of this CPU's model and flags and of the sources: a build for one
     CPU (`-march=native`) is never loaded on another from a shared cache directory."""
-    text = platform.machine() + "".join(source.read_text() for source in _SOURCES)
+    text = platform.machine() + "".join(sources)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("model name", "flags")):

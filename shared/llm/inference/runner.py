@@ -154,10 +154,9 @@ class ModelRunner:
     def _set_calls(self, compile: bool) -> None:
         cpu = self.device.type == "cpu"
         decode = _compiled(self._decode_graph, cpu) if compile else self._decode_eager
-        if self.packed:  # every decode call, warmup's too: compiled with the flag it runs with
-            self._decode = _with_decode_linears(decode)
-        else:
-            self._decode = decode
+        # Every decode call with the packed linears, warmup's too: compiled with the flag
+        # it runs with.
+        self._decode = _with_decode_linears(decode) if self.packed else decode
         self._prefill_call = _compiled(self._prefill_graph, cpu) if compile else self._prefill_eager
 
     def assign(self, request: Request) -> None:

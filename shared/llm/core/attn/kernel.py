@@ -47,9 +47,9 @@ def attend(
     if not eager and softcap is None and sinks is None:
         b, heads, t, dk = q.shape
         kv_heads = k.shape[1]
-        decode = t == 1 and mask is not None and dropout == 0.0
-        own_kernel = decode and _cpu_kernel_takes(q, k, v, mask)
-        if own_kernel or (mask is not None and dropout == 0.0 and kv_heads != heads):
+        masked = mask is not None and dropout == 0.0  # inference over a cache
+        own_kernel = masked and t == 1 and _cpu_kernel_takes(q, k, v, mask)
+        if own_kernel or (masked and kv_heads != heads):
             # The g = heads/kv_heads queries of a KV group become g*T rows over that
             # group's keys and values, read once instead of once per head (SDPA's
             # `enable_gqa` compiles to copies of them, one per head); a decode step on the
