@@ -211,6 +211,26 @@ def test_eviction_spares_the_only_copy_of_a_prefix() -> None:
     assert again.cached == 16 and again.slot == 0
 
 
+def test_with_every_slot_free_eviction_still_spares_the_only_copy_of_a_prefix() -> None:
+    # A burst of requests that all ended in one step: no slot is busy, and each free slot
+    # loses something. The lowest (slot 0) holds the only copy of a 4-block prefix; slots
+    # 1 and 2 share theirs and lose one block of their own each.
+    s = StepScheduler(n_slots=3, max_seq_len=256, block_size=16)
+    a, b = [5] * 64, [6] * 64
+    reqs = [_request(a + [1] * 20, max_new=1), _request(b + [2] * 20, max_new=1)]
+    reqs.append(_request(b + [3] * 20, max_new=1))
+    for r in reqs:
+        s.add(r)
+    while s.active:
+        _run_step(s)
+    fresh = _request([9] * 20, max_new=1)
+    s.add(fresh)
+    assert fresh.slot == 1  # one block lost and no wider than slot 0 by more than one
+    again = _request(a + [7] * 20)
+    s.add(again)
+    assert again.cached == 64 and again.slot == 0
+
+
 def test_disabled_prefix_caching_reuses_nothing() -> None:
     s = StepScheduler(n_slots=2, max_seq_len=128, block_size=16, prefix_caching=False)
     for _ in range(2):

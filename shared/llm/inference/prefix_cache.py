@@ -11,13 +11,14 @@ When a request is admitted, `admit` finds the longest run of leading blocks of i
 held by any slot, running or free, and picks its slot:
 
 - a free slot that holds that run already: the request reuses it in place;
-- else a free slot below the batch's current width (decode steps run over the slots up
-  to the highest busy one: a sparse batch would compute idle rows), or the lowest free
-  slot when none is below it; of those, the one holding the fewest blocks that no other
-  slot holds (a request's own suffix, not the only copy of a shared prefix), the least
-  recently used on a tie. The run is copied into it
-  from the slot holding it (a copy of a few MB, against a prefill that costs the model's
-  full FLOPs per token).
+- else the free slot that costs least: the blocks that no other slot holds, which
+  overwriting it loses (a request's own suffix, not the only copy of a shared prefix),
+  plus one for each slot it widens the batch by (decode steps run over the slots up to
+  the highest busy one: a sparse batch computes idle rows); the narrower, then the least
+  recently used, on a tie. When every slot is free (all of a burst of requests ended
+  together), the only copy of a long prefix is kept over a narrow batch. The run is
+  copied into it from the slot holding it (a copy of a few MB, against a prefill that
+  costs the model's full FLOPs per token).
 
 At least the prompt's last token is always computed (its logits give the first new
 token), and requests that score their prompt reuse nothing. A slot's blocks from the
@@ -98,13 +99,15 @@ class PrefixCache:
             if in_place:  # a free slot holds the whole run: reuse it where it is
                 return Placement(in_place[0], len(path) * self.block_size)
             source = min(holders)
-        # Else the free slot below the busy width that loses the fewest blocks (then the
-        # least recently used), or, when none is below it, the lowest free slot that loses
-        # none, else the lowest. The run is copied into it.
-        dense = [s for s in free if s < busy_width]
-        if not dense:
-            dense = [min([s for s in free if not self._lost_blocks(s)] or free)]
-        slot = min(dense, key=lambda s: (self._lost_blocks(s), self._last_used[s], s))
+
+        # Else the free slot that costs least: the blocks overwriting it loses, plus one
+        # per slot it widens the decode steps by; then the narrower, the least recently
+        # used. The run is copied into it.
+        def cost(s: int) -> tuple[int, int, int, int]:
+            wider = max(0, s + 1 - busy_width)
+            return self._lost_blocks(s) + wider, wider, self._last_used[s], s
+
+        slot = min(free, key=cost)
         return Placement(slot, len(path) * self.block_size, source)
 
     def assign(self, placement: Placement, tokens: Sequence[int], adapter: int = 0) -> None:
