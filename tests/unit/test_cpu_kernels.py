@@ -36,8 +36,16 @@ def reference(q, k, v, mask, scale):  # q (B, Hkv, G, dk), mask (B, L)
 
 @pytest.mark.parametrize(
     "batch, kv_heads, groups, dk, dv, length",
-    [(3, 2, 3, 64, 64, 70), (1, 4, 1, 32, 32, 5), (2, 1, 8, 24, 16, 33), (4, 2, 2, 48, 48, 1)],
-)  # GQA, MHA (one query per head), MQA with dv != dk (MLA's latent), one key
+    [
+        (3, 2, 3, 64, 64, 70),
+        (1, 4, 1, 32, 32, 5),
+        (2, 1, 8, 24, 16, 33),
+        (4, 2, 2, 48, 48, 1),
+        (2, 2, 8, 128, 128, 40),
+        (1, 2, 7, 64, 64, 33),
+    ],
+)  # GQA, MHA (one query per head), MQA with dv != dk (MLA's latent), one key; head dims
+# 64 and 128 take the register-blocked path, with groups larger than one block of queries
 def test_the_kernel_gives_the_reference_over_a_cache_view(
     batch: int, kv_heads: int, groups: int, dk: int, dv: int, length: int
 ) -> None:
