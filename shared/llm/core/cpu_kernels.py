@@ -39,7 +39,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("kernels") / n for n in ("decode_attention.cpp", "small_linear.cpp")]  # fmt: skip
+_KERNELS = Path(__file__).with_name("kernels")
+_SOURCES = [_KERNELS / n for n in ("decode_attention.cpp", "small_linear.cpp")]
+_HEADERS = [_KERNELS / "vector.h"]  # included by the sources
 _extension: ModuleType | None = None
 _failed = False
 _decode_linears = False  # linear layers packed by `pack_linears` call `small_linear`
@@ -60,9 +62,11 @@ def enable() -> bool:
         from torch.utils.cpp_extension import load_inline
 
         sources = [source.read_text() for source in _SOURCES]
+        headers = [header.read_text() for header in _HEADERS]
         extension = load_inline(
-            f"llm_cpu_kernels_{_build_kind(sources)}",
+            f"llm_cpu_kernels_{_build_kind(sources + headers)}",
             cpp_sources=sources,
+            extra_include_paths=[str(_KERNELS)],
             functions=["decode_attention", "pack_linear_weight", "small_linear_group"],
             # -ffast-math lets the compiler vectorize exp and the reductions; it is not
             # passed to the linker, so the process's floating-point mode stays as it is.

@@ -9,31 +9,21 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
+
+#include "vector.h"
 
 namespace llm_attention {
 
 #if defined(__AVX512F__)
-constexpr int VL = 16;  // floats per vector register
 constexpr int ACCS = 24;  // vector accumulators the values' pass keeps in registers
 #else
-constexpr int VL = 8;
 constexpr int ACCS = 12;
 #endif
-typedef float vec __attribute__((vector_size(VL * sizeof(float))));
 typedef int ivec __attribute__((vector_size(VL * sizeof(int))));
 
 constexpr float NINF = -std::numeric_limits<float>::infinity();
-
-static inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 static inline float hsum(vec v) {
   float s = 0.f;

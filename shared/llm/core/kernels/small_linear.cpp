@@ -7,26 +7,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
+
+#include "vector.h"
 
 #if defined(__AVX512F__)
 #define LLM_ROWS 8
-constexpr int VL = 16;  // floats per vector register
 #else
 #define LLM_ROWS 4
-constexpr int VL = 8;
 #endif
 constexpr int NV = 2;         // vectors of outputs per group
 constexpr int GW = VL * NV;   // outputs per packed group
-typedef float vec __attribute__((vector_size(VL * sizeof(float))));
-
-static inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 int64_t small_linear_group() { return GW; }
 
