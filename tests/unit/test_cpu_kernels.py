@@ -5,6 +5,7 @@ torch.compile, and torch's kernels stay where they cannot be built."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -58,6 +59,27 @@ def test_the_kernel_gives_the_reference_over_a_cache_view(
     mask[:, 0] = True  # every row sees a key
     out = cpu_kernels.decode_attention(q, k, v, mask, 0.2)
     torch.testing.assert_close(out, reference(q, k, v, mask, 0.2), **TOL)
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's thread count for one test, restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5], indirect=True)
+def test_every_head_is_computed_once_however_many_threads_share_them(threads: int) -> None:
+    # 7 rows x 3 KV heads: 21 items in uneven shares, the ones left taken from the backs
+    # of the others' shares (kernels/parallel.h)
+    torch.manual_seed(threads)
+    q, k, v = torch.randn(7, 3, 2, 64), torch.randn(7, 3, 20, 64), torch.randn(7, 3, 20, 64)
+    mask = torch.rand(7, 20) > 0.2
+    mask[:, 0] = True
+    out = cpu_kernels.decode_attention(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, reference(q, k, v, mask, 0.3), **TOL)
 
 
 def test_a_row_with_every_key_masked_gets_zeros_and_spoils_no_other() -> None:
@@ -150,6 +172,17 @@ def test_small_linear_gives_f_linear_for_any_number_of_rows(rows: int, bias: boo
     out = cpu_kernels.small_linear(x, packed, b)
     assert out.shape == (rows, 2, 3 * group)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5], indirect=True)
+def test_every_group_of_outputs_is_computed_once_however_many_threads_share_them(
+    threads: int,
+) -> None:
+    torch.manual_seed(threads)
+    group = cpu_kernels.linear_group()
+    weight, bias, x = torch.randn(11 * group, 24), torch.randn(11 * group), torch.randn(6, 24)
+    out = cpu_kernels.small_linear(x, cpu_kernels.pack_linear_weight(weight), bias)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), **TOL)
 
 
 def test_a_weight_that_does_not_fill_whole_groups_or_a_wrong_input_is_refused() -> None:

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / n for n in ("decode_attention.cpp", "small_linear.cpp")]
-_HEADERS = [_KERNELS / "vector.h"]  # included by the sources
+_HEADERS = [_KERNELS / n for n in ("parallel.h", "vector.h")]  # included by the sources
 _extension: ModuleType | None = None
 _failed = False
 _decode_linears = False  # linear layers packed by `pack_linears` call `small_linear`

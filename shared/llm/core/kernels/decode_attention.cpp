@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
 #include "vector.h"
 
 namespace llm_attention {
@@ -196,17 +197,19 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float sc = static_cast<float>(scale);
   auto score = Dk == 64 ? scores<64> : Dk == 128 ? scores<128> : scores<0>;
   auto value = Dv == 64 ? values<64> : Dv == 128 ? values<128> : values_any;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * L), inv(G);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const Head head{qp + bh * G * Dk, kp + b * k.stride(0) + h * k.stride(1),
-                      vp + b * v.stride(0) + h * v.stride(1), mp + b * mask.stride(0),
-                      op + bh * G * Dv, G, L, Dk, Dv, k.stride(2), v.stride(2), mask.stride(1)};
-      score(head, sc, s.data());
-      softmax_rows(s.data(), G, L, inv.data());
-      value(head, s.data(), inv.data());
-    }
+  std::vector<std::vector<float>> scratch(std::min<int64_t>(at::get_num_threads(), B * H));
+  parallel_items(B * H, [&](int64_t bh, int64_t worker) {
+    std::vector<float>& buffer = scratch[worker];  // the scores (G, L), then 1 / sums (G)
+    buffer.resize(G * (L + 1));
+    float* s = buffer.data();
+    float* inv = s + G * L;
+    const int64_t b = bh / H, h = bh % H;
+    const Head head{qp + bh * G * Dk, kp + b * k.stride(0) + h * k.stride(1),
+                    vp + b * v.stride(0) + h * v.stride(1), mp + b * mask.stride(0),
+                    op + bh * G * Dv, G, L, Dk, Dv, k.stride(2), v.stride(2), mask.stride(1)};
+    score(head, sc, s);
+    softmax_rows(s, G, L, inv);
+    value(head, s, inv);
   });
   return out;
 }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "parallel.h"
 #include "vector.h"
 
 #if defined(__AVX512F__)
@@ -96,13 +97,11 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const float* wp = pc.data_ptr<float>();
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / GW, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const float* w = wp + g * K * GW;
-      for (int64_t m0 = 0; m0 < M; m0 += LLM_ROWS) {
-        const int64_t r = std::min<int64_t>(LLM_ROWS, M - m0);
-        TILES[r](xp + m0 * K, K, w, K, yp + m0 * N + g * GW, N, bp ? bp + g * GW : nullptr);
-      }
+  parallel_items(N / GW, [&](int64_t g, int64_t) {
+    const float* w = wp + g * K * GW;
+    for (int64_t m0 = 0; m0 < M; m0 += LLM_ROWS) {
+      const int64_t r = std::min<int64_t>(LLM_ROWS, M - m0);
+      TILES[r](xp + m0 * K, K, w, K, yp + m0 * N + g * GW, N, bp ? bp + g * GW : nullptr);
     }
   });
   return y.view(sizes);
