@@ -22,6 +22,7 @@ static void parallel_items(int64_t n, const F& f) {
     for (int64_t i = 0; i < n; ++i) f(i, 0);
     return;
   }
+  TORCH_CHECK(n < (int64_t(1) << 32), "parallel_items: ", n, " items do not fit the shares' 32 bits");
   // Share w is the items [front, back) of bounds[w], packed as front << 32 | back.
   std::vector<std::atomic<uint64_t>> bounds(workers);
   for (int64_t w = 0; w < workers; ++w)
