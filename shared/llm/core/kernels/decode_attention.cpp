@@ -197,7 +197,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float sc = static_cast<float>(scale);
   auto score = Dk == 64 ? scores<64> : Dk == 128 ? scores<128> : scores<0>;
   auto value = Dv == 64 ? values<64> : Dv == 128 ? values<128> : values_any;
-  std::vector<std::vector<float>> scratch(std::min<int64_t>(at::get_num_threads(), B * H));
+  std::vector<std::vector<float>> scratch(at::get_num_threads());  // one per worker (parallel.h)
   parallel_items(B * H, [&](int64_t bh, int64_t worker) {
     std::vector<float>& buffer = scratch[worker];  // the scores (G, L), then 1 / sums (G)
     buffer.resize(G * (L + 1));
