@@ -39,6 +39,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from llm.checkpoint import CheckpointError, load_checkpoint
 from llm.config import ModelConfig
+from llm.core.openmp import release_openmp_threads
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference.adapters import AdapterSet
 from llm_engine import metrics
@@ -135,6 +136,10 @@ def build(options: CoreOptions) -> tuple[Scheduler, ModelFacts]:
         cache_bytes=cache,
         lora_adapters=scheduler.lora_adapters if adapters is not None else None,
     )
+    # This thread is done with the model: the scheduler thread runs every later step. Kept,
+    # this thread's OpenMP workers would make the scheduler thread's workers sleep between
+    # parallel regions (`llm.core.openmp`).
+    release_openmp_threads()
     return scheduler, facts
 
 

@@ -4,8 +4,11 @@ cancels reach it, and its death fails every request as UNAVAILABLE and ends the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,3 +171,37 @@ def test_the_core_exits_when_the_engine_process_dies(tiny_checkpoint: str, tmp_p
         while _alive(pid):
             assert time.monotonic() < deadline, "the engine core outlived the engine"
             time.sleep(0.05)
+
+
+_BUILD = r"""
+import json, os, sys, time
+import torch
+from llm_engine.core import CoreOptions, build
+
+def tasks():  # the threads, once a worker given back has exited (the count holds 50 ms)
+    count = len(os.listdir("/proc/self/task"))
+    for _ in range(100):
+        time.sleep(0.05)
+        now = len(os.listdir("/proc/self/task"))
+        if now == count:
+            break
+        count = now
+    return count
+
+torch.set_num_threads(2)
+torch.ones(1 << 22).mul_(2)  # this thread's OpenMP workers, as a large model's load starts them
+build(CoreOptions(sys.argv[1], n_slots=2, max_queue=2))
+held = tasks()
+torch.ones(1 << 22).mul_(2)
+print(json.dumps([held, tasks()]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp is torch's Linux runtime")
+def test_build_leaves_the_loading_thread_without_openmp_workers(tiny_checkpoint: str) -> None:
+    """The scheduler thread's parallel regions spin-wait only while no other thread holds
+    OpenMP workers (`llm.core.openmp`): `build` gives the loading thread's back."""
+    out = subprocess.run([sys.executable, "-c", _BUILD, tiny_checkpoint], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    held, after_work = json.loads(out.stdout.splitlines()[-1])
+    assert after_work == held + 1  # a parallel region here had to start a worker again
