@@ -26,7 +26,7 @@ _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t; libgomp frees the pool for either k
 @functools.cache
 def _libgomp() -> ctypes.CDLL | None:
     """The libgomp this process has loaded (torch's own copy), or None: not Linux, or
-    another runtime (LLVM's and Intel's do not throttle their waits this way)."""
+    another OpenMP runtime (what this module does is for libgomp's per-thread pools)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
