@@ -199,8 +199,9 @@ print(json.dumps([held, tasks()]))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp is torch's Linux runtime")
 def test_build_leaves_the_loading_thread_without_openmp_workers(tiny_checkpoint: str) -> None:
-    """The scheduler thread's parallel regions spin-wait only while no other thread holds
-    OpenMP workers (`llm.core.openmp`): `build` gives the loading thread's back."""
+    """The scheduler thread's OpenMP workers spin between parallel regions only while the
+    process holds no more OpenMP threads than CPUs (`llm.core.openmp`): `build` gives the
+    loading thread's workers back."""
     out = subprocess.run([sys.executable, "-c", _BUILD, tiny_checkpoint], capture_output=True,
                          text=True, check=True)  # fmt: skip
     held, after_work = json.loads(out.stdout.splitlines()[-1])

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 _SCRIPT = r"""
-import json, os, sys, time
+import json, os, time
 import torch
 from llm.core.openmp import release_openmp_threads
 
