@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from llm.core.openmp import release_openmp_threads
 from llm.data.tokenizers import BaseTokenizer
 from llm.inference import BatchGenerator, IncrementalDecoder, Request, TokenEvent
 from llm.inference.adapters import AdapterSet
@@ -218,6 +219,11 @@ class Scheduler:
                 loras = adapters.read(name, directory)  # off the scheduler thread
         except (OSError, ValueError, KeyError, NotImplementedError) as e:
             raise AdapterError("invalid", f"cannot load LoRA adapter {name!r}: {e}") from None
+        finally:
+            # The caller's thread (a server's worker thread, kept for later calls) is done
+            # with torch: OpenMP workers it started reading a large adapter would make the
+            # scheduler thread's workers sleep between parallel regions (`llm.core.openmp`).
+            release_openmp_threads()
         self._control(lambda: self._install(name, loras, path))
         log.info("lora_loaded", extra={"lora_name": name, "lora_path": path})
 

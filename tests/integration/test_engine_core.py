@@ -206,3 +206,50 @@ def test_build_leaves_the_loading_thread_without_openmp_workers(tiny_checkpoint:
                          text=True, check=True)  # fmt: skip
     held, after_work = json.loads(out.stdout.splitlines()[-1])
     assert after_work == held + 1  # a parallel region here had to start a worker again
+
+
+_LOAD_LORA = r"""
+import json, os, sys, time
+import torch
+from llm.checkpoint import load_checkpoint
+from llm.core.lora import apply_lora
+from llm.interop.peft import save_adapter
+from llm_engine.core import CoreOptions, build
+
+def tasks():  # the threads, once a worker given back has exited (the count holds 50 ms)
+    count = len(os.listdir("/proc/self/task"))
+    for _ in range(100):
+        time.sleep(0.05)
+        now = len(os.listdir("/proc/self/task"))
+        if now == count:
+            break
+        count = now
+    return count
+
+checkpoint, adapter = sys.argv[1], sys.argv[2]
+model = load_checkpoint(checkpoint).model
+apply_lora(model, ["all-linear"], r=2, alpha=4)
+save_adapter(model, adapter)
+torch.set_num_threads(2)
+scheduler, _ = build(CoreOptions(checkpoint, n_slots=2, max_queue=2, enable_lora=True))
+scheduler.start()
+torch.ones(1 << 22).mul_(2)  # this thread's OpenMP workers, as reading a large adapter starts them
+held = tasks()
+scheduler.load_lora("a", adapter)  # a server calls it on a worker thread it keeps
+after = tasks()
+scheduler.stop()
+print(json.dumps([held, after]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp is torch's Linux runtime")
+def test_loading_a_lora_adapter_leaves_the_calling_thread_without_openmp_workers(
+    tiny_checkpoint: str, tmp_path: Path
+) -> None:
+    """Adapters are read on the caller's thread, not the scheduler's; a server's worker
+    thread lives on, so its OpenMP workers would stay (`llm.core.openmp`)."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_LORA, tiny_checkpoint,
+                          str(tmp_path / "adapter")], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    held, after = json.loads(out.stdout.splitlines()[-1])
+    assert after == held - 1  # the one worker of this thread's two exited
