@@ -173,7 +173,8 @@ def test_the_core_exits_when_the_engine_process_dies(tiny_checkpoint: str, tmp_p
             time.sleep(0.05)
 
 
-_BUILD = r"""
+# The prelude of the OpenMP scripts below, each run in a process of its own.
+_THREADS = r"""
 import json, os, sys, time
 import torch
 from llm_engine.core import CoreOptions, build
@@ -187,6 +188,11 @@ def tasks():  # the threads, once a worker given back has exited (the count hold
             break
         count = now
     return count
+"""
+
+_BUILD = (
+    _THREADS
+    + r"""
 
 torch.set_num_threads(2)
 torch.ones(1 << 22).mul_(2)  # this thread's OpenMP workers, as a large model's load starts them
@@ -195,6 +201,7 @@ held = tasks()
 torch.ones(1 << 22).mul_(2)
 print(json.dumps([held, tasks()]))
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp is torch's Linux runtime")
@@ -208,23 +215,12 @@ def test_build_leaves_the_loading_thread_without_openmp_workers(tiny_checkpoint:
     assert after_work == held + 1  # a parallel region here had to start a worker again
 
 
-_LOAD_LORA = r"""
-import json, os, sys, time
-import torch
+_LOAD_LORA = (
+    _THREADS
+    + r"""
 from llm.checkpoint import load_checkpoint
 from llm.core.lora import apply_lora
 from llm.interop.peft import save_adapter
-from llm_engine.core import CoreOptions, build
-
-def tasks():  # the threads, once a worker given back has exited (the count holds 50 ms)
-    count = len(os.listdir("/proc/self/task"))
-    for _ in range(100):
-        time.sleep(0.05)
-        now = len(os.listdir("/proc/self/task"))
-        if now == count:
-            break
-        count = now
-    return count
 
 checkpoint, adapter = sys.argv[1], sys.argv[2]
 model = load_checkpoint(checkpoint).model
@@ -240,6 +236,7 @@ after = tasks()
 scheduler.stop()
 print(json.dumps([held, after]))
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp is torch's Linux runtime")
